@@ -1,0 +1,151 @@
+//! In-process communicator: one thread per rank, crossbeam channels between them.
+//!
+//! Used by the fast equivalence tests: the engine runs unchanged, without mpiexec. A rank
+//! that fails calls [`LocalComm::poison`]; every other rank's wait then returns
+//! [`Error::PeerFailed`] within one polling interval instead of hanging.
+
+use super::{Communicator, Tag};
+use crate::error::{Error, Result};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use partitioner::Rank;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Msg {
+    from: Rank,
+    tag: Tag,
+    data: Vec<u8>,
+}
+
+const NOBODY: usize = usize::MAX;
+
+/// One rank's end of an in-process group.
+pub struct LocalComm {
+    rank: Rank,
+    peers: Vec<Sender<Msg>>,
+    inbox: Receiver<Msg>,
+    /// Messages that arrived before they were asked for, in arrival order.
+    early: Vec<Msg>,
+    failed: Arc<AtomicUsize>,
+}
+
+impl LocalComm {
+    /// Creates the communicators of an `n`-rank group; hand one to each thread.
+    pub fn group(n: usize) -> Vec<LocalComm> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded()).unzip();
+        let failed = Arc::new(AtomicUsize::new(NOBODY));
+        rxs.into_iter()
+            .enumerate()
+            .map(|(r, inbox)| LocalComm {
+                rank: Rank(r),
+                peers: txs.clone(),
+                inbox,
+                early: Vec::new(),
+                failed: failed.clone(),
+            })
+            .collect()
+    }
+
+    /// Marks this rank as failed so that peers stop waiting for it.
+    pub fn poison(&self) {
+        let _ =
+            self.failed
+                .compare_exchange(NOBODY, self.rank.0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn check_peers(&self) -> Result<()> {
+        match self.failed.load(Ordering::SeqCst) {
+            NOBODY => Ok(()),
+            r => Err(Error::PeerFailed(Rank(r))),
+        }
+    }
+}
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn send(&mut self, to: Rank, tag: Tag, data: Vec<u8>) -> Result<()> {
+        let peer = self.peers.get(to.0).ok_or_else(|| {
+            Error::Comm(format!("no rank {to} in a group of {}", self.peers.len()))
+        })?;
+        peer.send(Msg {
+            from: self.rank,
+            tag,
+            data,
+        })
+        .map_err(|_| Error::Comm(format!("rank {to} has exited")))
+    }
+
+    fn recv(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
+        if let Some(i) = self
+            .early
+            .iter()
+            .position(|m| m.from == from && m.tag == tag)
+        {
+            return Ok(self.early.remove(i).data);
+        }
+        loop {
+            match self.inbox.recv_timeout(Duration::from_millis(20)) {
+                Ok(m) if m.from == from && m.tag == tag => return Ok(m.data),
+                Ok(m) => self.early.push(m),
+                Err(RecvTimeoutError::Timeout) => self.check_peers()?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Comm("all peers have exited".into()))
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_order_tags_and_all_reduce() {
+        let comms = LocalComm::group(3);
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    let r = c.rank().0;
+                    if r == 0 {
+                        c.send(Rank(1), Tag(7), vec![7]).unwrap();
+                        c.send(Rank(1), Tag(9), vec![9]).unwrap();
+                    }
+                    if r == 1 {
+                        assert_eq!(c.recv(Rank(0), Tag(9)).unwrap(), vec![9]);
+                        assert_eq!(c.recv(Rank(0), Tag(7)).unwrap(), vec![7]);
+                    }
+                    let mut v = [r as f64, 1.0];
+                    c.all_reduce_sum(&mut v).unwrap();
+                    assert_eq!(v, [3.0, 3.0]);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_failed_peer_unblocks_waiters() {
+        let mut comms = LocalComm::group(2);
+        let c1 = comms.pop().unwrap();
+        let mut c0 = comms.pop().unwrap();
+        c1.poison();
+        let err = c0.recv(Rank(1), Tag(1)).unwrap_err();
+        assert!(matches!(err, Error::PeerFailed(Rank(1))), "{err}");
+    }
+}

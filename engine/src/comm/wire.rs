@@ -1,0 +1,172 @@
+//! Wire format for tensors and small numeric messages.
+//!
+//! A tensor message is a fixed header followed by the raw, contiguous, little-endian
+//! element bytes: `magic u32 | dtype u8 | ndim u8 | 0u16 | microbatch u32 | dims i64 × ndim`.
+//! The receiver states what it expects (dtype, shape, microbatch) and every mismatch —
+//! including a truncated or oversized payload — is a typed [`Error::Wire`], never a panic.
+
+use crate::error::{Error, Result};
+use partitioner::Rank;
+use tch::{Device, Kind, Tensor};
+
+const MAGIC: u32 = 0x5354_5231; // "STR1"
+const FIXED: usize = 12;
+
+fn kind_code(kind: Kind) -> Option<u8> {
+    Some(match kind {
+        Kind::Float => 0,
+        Kind::Double => 1,
+        Kind::Half => 2,
+        Kind::BFloat16 => 3,
+        Kind::Int64 => 4,
+        _ => return None,
+    })
+}
+
+fn code_kind(code: u8) -> Option<Kind> {
+    Some(match code {
+        0 => Kind::Float,
+        1 => Kind::Double,
+        2 => Kind::Half,
+        3 => Kind::BFloat16,
+        4 => Kind::Int64,
+        _ => return None,
+    })
+}
+
+/// What a receiver expects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expect {
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+    pub microbatch: usize,
+}
+
+/// Serialises `t` (any device; copied to host) tagged with `microbatch`.
+pub fn encode_tensor(t: &Tensor, microbatch: usize) -> Result<Vec<u8>> {
+    let kind = t.f_kind().map_err(Error::torch("wire encode"))?;
+    let code = kind_code(kind)
+        .ok_or_else(|| Error::Comm(format!("cannot send tensors of kind {kind:?}")))?;
+    let t = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(Error::torch("wire encode"))?;
+    let dims = t.size();
+    let numel = t.numel();
+    let nbytes = numel * kind.elt_size_in_bytes();
+    let mut out = Vec::with_capacity(FIXED + 8 * dims.len() + nbytes);
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(code);
+    out.push(dims.len() as u8);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(microbatch as u32).to_le_bytes());
+    for d in &dims {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    let start = out.len();
+    out.resize(start + nbytes, 0);
+    t.f_copy_data_u8(&mut out[start..], numel)
+        .map_err(Error::torch("wire encode"))?;
+    Ok(out)
+}
+
+/// Parses a tensor message from `from`, checking it against `expect`.
+pub fn decode_tensor(bytes: &[u8], from: Rank, expect: &Expect) -> Result<Tensor> {
+    let bad = |got: String| Error::Wire {
+        from,
+        expected: format!(
+            "{:?} {:?} for microbatch {}",
+            expect.kind, expect.shape, expect.microbatch
+        ),
+        got,
+    };
+    if bytes.len() < FIXED || u32::from_le_bytes(bytes[0..4].try_into().unwrap()) != MAGIC {
+        return Err(bad(format!(
+            "{} bytes without a tensor header",
+            bytes.len()
+        )));
+    }
+    let kind = code_kind(bytes[4]).ok_or_else(|| bad(format!("dtype code {}", bytes[4])))?;
+    let ndim = bytes[5] as usize;
+    let mb = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let dims_end = FIXED + 8 * ndim;
+    if bytes.len() < dims_end {
+        return Err(bad(format!("truncated header ({} bytes)", bytes.len())));
+    }
+    let dims: Vec<i64> = (0..ndim)
+        .map(|i| i64::from_le_bytes(bytes[FIXED + 8 * i..FIXED + 8 * i + 8].try_into().unwrap()))
+        .collect();
+    if kind != expect.kind || dims != expect.shape || mb != expect.microbatch {
+        return Err(bad(format!("{kind:?} {dims:?} for microbatch {mb}")));
+    }
+    let numel: i64 = dims.iter().product();
+    let payload = &bytes[dims_end..];
+    if payload.len() != numel as usize * kind.elt_size_in_bytes() {
+        return Err(bad(format!(
+            "{} payload bytes for {numel} elements",
+            payload.len()
+        )));
+    }
+    Tensor::f_from_data_size(payload, &dims, kind).map_err(Error::torch("wire decode"))
+}
+
+/// Little-endian f64s.
+pub fn encode_f64s(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Parses exactly `n` f64s sent by `from`.
+pub fn decode_f64s(bytes: &[u8], from: Rank, n: usize) -> Result<Vec<f64>> {
+    if bytes.len() != 8 * n {
+        return Err(Error::Wire {
+            from,
+            expected: format!("{n} f64 values"),
+            got: format!("{} bytes", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_mismatches() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([2, 3]);
+        let bytes = encode_tensor(&t, 5).unwrap();
+        let ok = Expect {
+            kind: Kind::Float,
+            shape: vec![2, 3],
+            microbatch: 5,
+        };
+        let back = decode_tensor(&bytes, Rank(1), &ok).unwrap();
+        assert!(back.equal(&t));
+        let wrong_shape = Expect {
+            shape: vec![3, 2],
+            ..ok.clone()
+        };
+        let e = decode_tensor(&bytes, Rank(1), &wrong_shape)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rank 1") && e.contains("[3, 2]") && e.contains("[2, 3]"),
+            "{e}"
+        );
+        let wrong_mb = Expect {
+            microbatch: 4,
+            ..ok.clone()
+        };
+        assert!(decode_tensor(&bytes, Rank(1), &wrong_mb).is_err());
+        assert!(decode_tensor(&bytes[..bytes.len() - 1], Rank(1), &ok).is_err());
+        assert!(decode_tensor(&[1, 2, 3], Rank(1), &ok).is_err());
+        let wrong_kind = Expect {
+            kind: Kind::Double,
+            ..ok
+        };
+        assert!(decode_tensor(&bytes, Rank(1), &wrong_kind).is_err());
+    }
+}

@@ -1,0 +1,575 @@
+//! YAML experiment configs: parsing with unknown keys rejected by name, validation with
+//! one-line errors that name the field and the fix, and resolution of the data path and
+//! the vocabulary.
+//!
+//! Path rule: `train.data` is resolved against the directory that holds the config file;
+//! `output.dir` is resolved against the current working directory (where you launch).
+//! The resolved config written to the run directory holds absolute paths.
+//!
+//! Invariant: a [`Config`] returned by [`Config::load`] is fully validated: its layout
+//! is plannable, its data file exists and its vocabulary covers the data.
+
+use crate::data::{CharVocab, DataSource};
+use crate::error::{Error, Result};
+use partitioner::{ModelShape, Plan, ScheduleKind};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A positive integer in a config; zero or negative values are rejected with the field
+/// name and the fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Count(pub usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Count, D::Error> {
+        let v = i64::deserialize(d)?;
+        if v < 1 {
+            return Err(de::Error::custom(format!(
+                "must be a positive integer, got {v}; fix: set it to 1 or more"
+            )));
+        }
+        Ok(Count(v as usize))
+    }
+}
+
+impl std::ops::Deref for Count {
+    type Target = usize;
+    fn deref(&self) -> &usize {
+        &self.0
+    }
+}
+
+/// `model.vocab`: a number, or `auto` to use the data's character set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Vocab {
+    #[default]
+    Auto,
+    Fixed(usize),
+}
+
+impl Serialize for Vocab {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Vocab::Auto => s.serialize_str("auto"),
+            Vocab::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Vocab {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Vocab, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if n >= 2 => Ok(Vocab::Fixed(n as usize)),
+            Raw::S(s) if s == "auto" => Ok(Vocab::Auto),
+            _ => Err(de::Error::custom(
+                "must be `auto` or an integer of at least 2; fix: write `vocab: auto` to take it from the data",
+            )),
+        }
+    }
+}
+
+/// `model`: the transformer's shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub vocab: Vocab,
+    pub seq_len: Count,
+    pub d_model: Count,
+    pub n_heads: Count,
+    pub n_layers: Count,
+    pub d_ff: Count,
+}
+
+/// `parallel`: the layout and the schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    pub pp: Count,
+    #[serde(default = "one")]
+    pub tp: Count,
+    #[serde(default = "one")]
+    pub dp: Count,
+    pub microbatches: Count,
+    pub micro_batch_size: Count,
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+}
+
+fn one() -> Count {
+    Count(1)
+}
+fn default_schedule() -> String {
+    "gpipe".into()
+}
+
+/// Learning-rate schedule after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    Cosine,
+}
+
+/// `train`: optimisation and data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: Count,
+    pub lr: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Path to a text file (character-level), or `random` for seeded random tokens.
+    pub data: String,
+    /// Evaluate every this many steps (and at the first and last step); 0 disables.
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Validation microbatches per evaluation (default: `parallel.microbatches`).
+    #[serde(default)]
+    pub eval_microbatches: Option<Count>,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Floor of the cosine schedule (default lr / 10).
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    /// Clip the global gradient norm to this value (none by default).
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// libtorch intra-op threads per rank.
+    #[serde(default = "one")]
+    pub threads: Count,
+    /// Print a progress line every this many steps.
+    #[serde(default = "ten")]
+    pub log_every: Count,
+}
+
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.95
+}
+fn ten() -> Count {
+    Count(10)
+}
+
+/// `output`: where the run directory goes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    pub dir: String,
+}
+
+/// A whole experiment file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub parallel: ParallelConfig,
+    pub train: TrainConfig,
+    pub output: OutputConfig,
+    /// Where the config was read from (not a YAML key).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// Schedules the engine can run today.
+pub const SUPPORTED_SCHEDULES: &[&str] = &["gpipe", "1f1b"];
+
+impl Config {
+    /// Reads, parses, validates and resolves a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            field: "(file)".into(),
+            problem: format!("cannot read the config: {e}"),
+            fix: "pass the path of an existing YAML file, e.g. configs/demo.yaml".into(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates YAML `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let shown = path.display().to_string();
+        let de = serde_yaml::Deserializer::from_str(text);
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.to_string();
+            // serde_yaml appends " at line L column C"; keep the location, drop the noise.
+            let (problem, location) = match msg.find(" at line ") {
+                Some(i) => (msg[..i].to_string(), msg[i + 1..].to_string()),
+                None => (msg.clone(), String::new()),
+            };
+            let is_syntax = !(problem.starts_with("unknown field")
+                || problem.starts_with("missing field")
+                || problem.starts_with("invalid type")
+                || problem.starts_with("invalid value")
+                || problem.contains("fix:")
+                || problem.starts_with("unknown variant"));
+            if is_syntax {
+                let loc = inner.location();
+                return Error::ConfigSyntax {
+                    path: shown.clone(),
+                    line: loc.as_ref().map_or(0, |l| l.line()),
+                    column: loc.as_ref().map_or(0, |l| l.column()),
+                    message: problem,
+                };
+            }
+            let field = if field == "." {
+                "(top level)".to_string()
+            } else {
+                field
+            };
+            let fix = if problem.contains("fix:") {
+                String::new()
+            } else if problem.starts_with("unknown field") {
+                "remove or rename the key; configs/README.md lists every key".to_string()
+            } else if problem.starts_with("missing field") {
+                "add the key; configs/README.md lists every key and its meaning".to_string()
+            } else {
+                "use the type shown in configs/README.md".to_string()
+            };
+            let (problem, fix) = match problem.split_once("; fix: ") {
+                Some((p, f)) => (p.to_string(), f.to_string()),
+                None => (problem, fix),
+            };
+            let problem = if location.is_empty() {
+                problem
+            } else {
+                format!("{problem} ({location})")
+            };
+            Error::Config {
+                path: shown.clone(),
+                field,
+                problem,
+                fix,
+            }
+        })?;
+        cfg.source = path.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn field_error(&self, field: &str, problem: String, fix: String) -> Error {
+        Error::Config {
+            path: self.source.display().to_string(),
+            field: field.into(),
+            problem,
+            fix,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let p = &self.parallel;
+        if *p.tp != 1 {
+            return Err(self.field_error(
+                "parallel.tp",
+                format!("tensor parallelism (tp = {}) is not supported yet", *p.tp),
+                "set parallel.tp: 1".into(),
+            ));
+        }
+        if *p.dp != 1 {
+            return Err(self.field_error(
+                "parallel.dp",
+                format!("data parallelism (dp = {}) is not supported yet", *p.dp),
+                "set parallel.dp: 1".into(),
+            ));
+        }
+        if !SUPPORTED_SCHEDULES.contains(&p.schedule.as_str()) {
+            let known = ["interleaved-1f1b", "zb-h1"].contains(&p.schedule.as_str());
+            return Err(self.field_error(
+                "parallel.schedule",
+                if known {
+                    format!("`{}` is not supported yet", p.schedule)
+                } else {
+                    format!("unknown schedule `{}`", p.schedule)
+                },
+                format!("use one of: {}", SUPPORTED_SCHEDULES.join(", ")),
+            ));
+        }
+        if *p.microbatches > 4096 {
+            return Err(self.field_error(
+                "parallel.microbatches",
+                format!("{} is more than the supported 4096", *p.microbatches),
+                "use at most 4096 microbatches per step".into(),
+            ));
+        }
+        let t = &self.train;
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(self.field_error(
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+                "set e.g. train.lr: 1.0e-3".into(),
+            ));
+        }
+        for (field, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(self.field_error(
+                    field,
+                    format!("must be in [0, 1), got {v}"),
+                    format!("set e.g. {field}: 0.9"),
+                ));
+            }
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(self.field_error(
+                "train.weight_decay",
+                format!("must be ≥ 0, got {}", t.weight_decay),
+                "set e.g. train.weight_decay: 0.1".into(),
+            ));
+        }
+        if let Some(c) = t.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(self.field_error(
+                    "train.grad_clip",
+                    format!("must be positive, got {c}"),
+                    "set e.g. train.grad_clip: 1.0, or remove the key".into(),
+                ));
+            }
+        }
+        if let Some(m) = t.min_lr {
+            if !(m.is_finite() && m >= 0.0 && m <= t.lr) {
+                return Err(self.field_error(
+                    "train.min_lr",
+                    format!("must be in [0, train.lr = {}], got {m}", t.lr),
+                    "lower train.min_lr or remove it".into(),
+                ));
+            }
+        }
+        if self.output.dir.trim().is_empty() {
+            return Err(self.field_error(
+                "output.dir",
+                "is empty".into(),
+                "set output.dir: runs/<name>".into(),
+            ));
+        }
+        // Data, vocabulary and the plan.
+        let source = self.data_source()?;
+        let shape = self.shape_with(&source)?;
+        Plan::balanced(&shape, *p.pp, *p.microbatches, *p.micro_batch_size, 4).map_err(|e| {
+            Error::Plan {
+                path: self.source.display().to_string(),
+                source: e,
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The schedule family named by `parallel.schedule`.
+    pub fn schedule_kind(&self) -> ScheduleKind {
+        match self.parallel.schedule.as_str() {
+            "1f1b" => ScheduleKind::OneFOneB,
+            _ => ScheduleKind::Gpipe,
+        }
+    }
+
+    /// World size: pp · tp · dp.
+    pub fn world_size(&self) -> usize {
+        *self.parallel.pp * *self.parallel.tp * *self.parallel.dp
+    }
+
+    /// Absolute path of the data file (None for `random`).
+    pub fn data_path(&self) -> Option<PathBuf> {
+        if self.train.data == "random" {
+            return None;
+        }
+        let p = Path::new(&self.train.data);
+        if p.is_absolute() {
+            return Some(p.to_path_buf());
+        }
+        let base = self
+            .source
+            .parent()
+            .filter(|b| !b.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let joined = base.join(p);
+        Some(std::path::absolute(&joined).unwrap_or(joined))
+    }
+
+    /// Where the data comes from; checks that the file exists and is usable.
+    pub fn data_source(&self) -> Result<DataSource> {
+        match self.data_path() {
+            None => match self.model.vocab {
+                Vocab::Fixed(v) => Ok(DataSource::Random { vocab: v }),
+                Vocab::Auto => Err(self.field_error(
+                    "model.vocab",
+                    "`auto` needs a text file, but train.data is `random`".into(),
+                    "set model.vocab to a number (e.g. 64) for random tokens".into(),
+                )),
+            },
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(self.field_error(
+                        "train.data",
+                        format!("file not found: {} (relative paths resolve against the config's directory)", path.display()),
+                        "point train.data at an existing text file, or use `random`".into(),
+                    ));
+                }
+                let vocab = CharVocab::from_file(&path)?;
+                let min_len = 2 * (*self.model.seq_len + 1);
+                if vocab.len_tokens < min_len {
+                    return Err(self.field_error(
+                        "train.data",
+                        format!(
+                            "{} has {} characters, too few for model.seq_len = {}",
+                            path.display(),
+                            vocab.len_tokens,
+                            *self.model.seq_len
+                        ),
+                        format!(
+                            "use a file of at least {} characters or a smaller seq_len",
+                            min_len * 10
+                        ),
+                    ));
+                }
+                Ok(DataSource::Chars { path, vocab })
+            }
+        }
+    }
+
+    fn shape_with(&self, source: &DataSource) -> Result<ModelShape> {
+        let vocab = match (self.model.vocab, source) {
+            (Vocab::Fixed(v), DataSource::Chars { vocab, .. }) if v < vocab.chars.len() => {
+                return Err(self.field_error(
+                    "model.vocab",
+                    format!(
+                        "{v} is smaller than the {} distinct characters in the data",
+                        vocab.chars.len()
+                    ),
+                    format!("set model.vocab: auto, or at least {}", vocab.chars.len()),
+                ))
+            }
+            (Vocab::Fixed(v), _) => v,
+            (Vocab::Auto, DataSource::Chars { vocab, .. }) => vocab.chars.len(),
+            (Vocab::Auto, DataSource::Random { vocab }) => *vocab,
+        };
+        Ok(ModelShape {
+            vocab,
+            seq_len: *self.model.seq_len,
+            d_model: *self.model.d_model,
+            n_heads: *self.model.n_heads,
+            n_layers: *self.model.n_layers,
+            d_ff: *self.model.d_ff,
+        })
+    }
+
+    /// The model shape, with `vocab: auto` resolved from the data.
+    pub fn shape(&self) -> Result<ModelShape> {
+        self.shape_with(&self.data_source()?)
+    }
+
+    /// The pipeline plan for this config.
+    pub fn plan(&self) -> Result<Plan> {
+        let p = &self.parallel;
+        Plan::balanced(
+            &self.shape()?,
+            *p.pp,
+            *p.microbatches,
+            *p.micro_batch_size,
+            4,
+        )
+        .map_err(|e| Error::Plan {
+            path: self.source.display().to_string(),
+            source: e,
+        })
+    }
+
+    /// The output directory, resolved against the current working directory.
+    pub fn output_dir(&self) -> PathBuf {
+        let p = PathBuf::from(&self.output.dir);
+        std::path::absolute(&p).unwrap_or(p)
+    }
+
+    /// The config with absolute paths and the resolved vocabulary, as YAML.
+    pub fn resolved_yaml(&self) -> Result<String> {
+        let mut c = self.clone();
+        if let Some(p) = self.data_path() {
+            c.train.data = p.display().to_string();
+        }
+        c.output.dir = self.output_dir().display().to_string();
+        c.model.vocab = Vocab::Fixed(self.shape()?.vocab);
+        serde_yaml::to_string(&c).map_err(|e| Error::Comm(format!("serialising config: {e}")))
+    }
+
+    /// Tokens processed per optimizer step (over all data-parallel replicas).
+    pub fn tokens_per_step(&self) -> usize {
+        let p = &self.parallel;
+        *p.dp * *p.microbatches * *p.micro_batch_size * *self.model.seq_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+model: {vocab: 32, seq_len: 8, d_model: 16, n_heads: 2, n_layers: 4, d_ff: 32}
+parallel: {pp: 2, microbatches: 4, micro_batch_size: 2}
+train: {steps: 3, lr: 1.0e-3, seed: 1, data: random}
+output: {dir: /tmp/strata-test}
+";
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("x.yaml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = Config::parse(GOOD, Path::new("x.yaml")).unwrap();
+        assert_eq!(c.world_size(), 2);
+        assert_eq!(c.shape().unwrap().vocab, 32);
+        assert_eq!(c.plan().unwrap().stages.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_field_and_fix() {
+        let e = err(&GOOD.replace("d_ff: 32", "d_ff: 32, dff: 3"));
+        assert!(
+            e.contains("model.dff") || e.contains("model: unknown field `dff`"),
+            "{e}"
+        );
+        assert!(e.contains("fix:"), "{e}");
+        let e = err(&GOOD.replace("microbatches: 4", "microbatches: 0"));
+        assert!(
+            e.contains("parallel.microbatches") && e.contains("positive"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("pp: 2", "pp: 5"));
+        assert!(
+            e.contains("parallel.pp = 5") && e.contains("model.n_layers = 4"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("data: random", "data: nope.txt"));
+        assert!(e.contains("train.data") && e.contains("not found"), "{e}");
+        let e = err(&GOOD.replace("pp: 2,", "pp: 2, tp: 2,"));
+        assert!(
+            e.contains("parallel.tp") && e.contains("not supported yet"),
+            "{e}"
+        );
+        let e = err("model: [1, 2\n");
+        assert!(e.contains("YAML syntax error at line"), "{e}");
+        for e in [e] {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+}

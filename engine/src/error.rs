@@ -1,0 +1,84 @@
+//! The engine's one error type. User-input problems (config, data, flags) are separate
+//! variants from runtime failures so that the launcher can map them to exit code 2, and
+//! each message is one line naming the field and the fix.
+
+use partitioner::Rank;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Errors from configuring, planning and running a job.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The YAML file does not parse.
+    #[error("{path}: YAML syntax error at line {line}, column {column}: {message}; fix: correct the YAML at that line (indentation, `key: value`, quoting)")]
+    ConfigSyntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A config field is missing, unknown, mistyped or has a bad value.
+    #[error("{path}: {field}: {problem}; fix: {fix}")]
+    Config {
+        path: String,
+        field: String,
+        problem: String,
+        fix: String,
+    },
+    /// The model or layout cannot be planned (the message names the field).
+    #[error("{path}: {source}")]
+    Plan {
+        path: String,
+        #[source]
+        source: partitioner::Error,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A libtorch call failed.
+    #[error("libtorch error in {context}: {source}")]
+    Torch {
+        context: String,
+        #[source]
+        source: tch::TchError,
+    },
+    /// A tensor message from another rank did not have the expected header.
+    #[error("bad message from rank {from}: expected {expected}, got {got}")]
+    Wire {
+        from: Rank,
+        expected: String,
+        got: String,
+    },
+    /// The transport failed.
+    #[error("communication error: {0}")]
+    Comm(String),
+    /// Another rank failed, so this one stops.
+    #[error("rank {0} failed; stopping")]
+    PeerFailed(Rank),
+    /// A fault injected on purpose (STRATA_FAIL_AT), used to test failure handling.
+    #[error("injected failure at step {step} (STRATA_FAIL_AT)")]
+    Injected { step: usize },
+}
+
+impl Error {
+    /// True when the error comes from user input (config, data path, flags): exit code 2.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::ConfigSyntax { .. } | Error::Config { .. } | Error::Plan { .. }
+        )
+    }
+
+    /// Wraps a libtorch error with what was being done.
+    pub fn torch(context: impl Into<String>) -> impl FnOnce(tch::TchError) -> Error {
+        let context = context.into();
+        move |source| Error::Torch { context, source }
+    }
+}
+
+/// Result alias for the engine.
+pub type Result<T> = std::result::Result<T, Error>;

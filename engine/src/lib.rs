@@ -1,0 +1,20 @@
+//! Strata's engine: pipeline stages of a GPT on libtorch, exchanging activations and
+//! gradients over a [`comm::Communicator`] (MPI, or in-process channels for tests), driven
+//! by schedules validated in the partitioner.
+//!
+//! Invariant: no global state. The communicator, config and model are passed explicitly;
+//! the only process-wide setting touched is libtorch's intra-op thread count.
+
+pub mod comm;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod executor;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod trainer;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use trainer::{train, RunOptions, RunSummary};

@@ -1,0 +1,363 @@
+//! The GPT-style decoder on libtorch, built one pipeline stage at a time.
+//!
+//! Layers: `embed` (token + learned position embedding), `block.i` (pre-LayerNorm causal
+//! multi-head self-attention and GELU MLP, each with a residual), and `head` (final
+//! LayerNorm, untied LM head, mean cross-entropy). Linear weights are stored `[in, out]`
+//! and applied as `Y = XA + b`, the Megatron convention that lets tensor parallelism slice
+//! `A = [A1 .. Ap]` by columns (or rows) without transposes.
+//!
+//! Invariant: every parameter's initial value is a pure function of
+//! (seed, layer name, parameter name) — see [`init_param`] — so a layer is bit-identical
+//! whether it lives on stage 0 or stage 3, and every layout starts from the same model.
+
+use crate::error::{Error, Result};
+use crate::rng::{hash_str, Rng};
+use partitioner::{LayerKind, ModelShape};
+use tch::{Kind, Reduction, Tensor};
+
+/// Standard deviation of the normal initialisation (GPT-2).
+const INIT_STD: f64 = 0.02;
+const LN_EPS: f64 = 1e-5;
+
+/// How a parameter is initialised.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal(f64),
+}
+
+/// A named trainable tensor (`block.3.attn.qkv.weight`).
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    /// Whether weight decay applies (matrices and embeddings, not biases or norms).
+    pub decay: bool,
+}
+
+/// Creates the initial value of `layer.name` with `shape`, deterministically from `seed`.
+pub fn init_param(
+    seed: u64,
+    layer: LayerKind,
+    name: &str,
+    shape: &[usize],
+    init: Init,
+) -> Result<Tensor> {
+    let numel: usize = shape.iter().product();
+    let values: Vec<f32> = match init {
+        Init::Zeros => vec![0.0; numel],
+        Init::Ones => vec![1.0; numel],
+        Init::Normal(std) => {
+            let mut rng = Rng::from_key(&[seed, hash_str(&layer.name()), hash_str(name)]);
+            (0..numel).map(|_| (rng.normal() * std) as f32).collect()
+        }
+    };
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::f_from_slice(&values)
+        .and_then(|t| t.f_reshape(dims.as_slice()))
+        .map(|t| t.set_requires_grad(true))
+        .map_err(Error::torch(format!(
+            "initialising {}.{name}",
+            layer.name()
+        )))
+}
+
+/// Collects a layer's parameters while building it.
+struct Builder<'a> {
+    seed: u64,
+    layer: LayerKind,
+    params: &'a mut Vec<Param>,
+}
+
+impl Builder<'_> {
+    fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = init_param(self.seed, self.layer, name, shape, init)?;
+        self.params.push(Param {
+            name: format!("{}.{name}", self.layer.name()),
+            tensor: t.shallow_clone(),
+            decay: shape.len() >= 2,
+        });
+        Ok(t)
+    }
+
+    fn linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        std: f64,
+        bias: bool,
+    ) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.param(&format!("{name}.weight"), &[d_in, d_out], Init::Normal(std))?,
+            bias: if bias {
+                Some(self.param(&format!("{name}.bias"), &[d_out], Init::Zeros)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn norm(&mut self, name: &str, d: usize) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.param(&format!("{name}.weight"), &[d], Init::Ones)?,
+            bias: self.param(&format!("{name}.bias"), &[d], Init::Zeros)?,
+        })
+    }
+}
+
+/// Maps a libtorch error to [`Error::Torch`] naming the operation.
+trait Ctx<T> {
+    fn ctx(self, what: &str) -> Result<T>;
+}
+
+impl<T> Ctx<T> for std::result::Result<T, tch::TchError> {
+    fn ctx(self, what: &str) -> Result<T> {
+        self.map_err(Error::torch(what))
+    }
+}
+
+/// `Y = XA + b` with `A` stored `[in, out]`.
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.f_matmul(&self.weight).ctx("linear")?;
+        match &self.bias {
+            Some(b) => y.f_add(b).ctx("linear bias"),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = self.weight.size()[0];
+        x.f_layer_norm([d], Some(&self.weight), Some(&self.bias), LN_EPS, false)
+            .ctx("layer_norm")
+    }
+}
+
+/// Token + position embedding: `h = E[tokens] + P[0..s]`.
+#[derive(Debug)]
+struct Embedding {
+    wte: Tensor,
+    wpe: Tensor,
+}
+
+/// Pre-LN block: `x = x + Attn(LN1(x)); x = x + MLP(LN2(x))`.
+#[derive(Debug)]
+struct Block {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    n_heads: i64,
+}
+
+/// Final LayerNorm, LM head `[d, V]` (no bias) and the loss.
+#[derive(Debug)]
+struct Head {
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+}
+
+#[derive(Debug)]
+enum Layer {
+    Embedding(Embedding),
+    Block(Block),
+    Head(Head),
+}
+
+/// What flows into a stage.
+pub enum StageInput<'a> {
+    /// Token ids `[b, s]` (first stage).
+    Tokens(&'a Tensor),
+    /// Hidden states `[b, s, d]` from the previous stage.
+    Hidden(&'a Tensor),
+}
+
+/// What flows out of a stage.
+pub enum StageOutput {
+    /// Hidden states `[b, s, d]` for the next stage.
+    Hidden(Tensor),
+    /// Mean cross-entropy over the microbatch's tokens (last stage).
+    Loss(Tensor),
+}
+
+/// The layers of one pipeline stage and their parameters.
+#[derive(Debug)]
+pub struct StageModel {
+    layers: Vec<Layer>,
+    params: Vec<Param>,
+    shape: ModelShape,
+}
+
+impl StageModel {
+    /// Builds the given layers of a model of `shape`, initialised from `seed`.
+    pub fn new(shape: &ModelShape, layers: &[LayerKind], seed: u64) -> Result<StageModel> {
+        let (d, f, v, s) = (shape.d_model, shape.d_ff, shape.vocab, shape.seq_len);
+        let resid_std = INIT_STD / (2.0 * shape.n_layers as f64).sqrt();
+        let mut params = Vec::new();
+        let mut built = Vec::with_capacity(layers.len());
+        for &layer in layers {
+            let mut b = Builder {
+                seed,
+                layer,
+                params: &mut params,
+            };
+            built.push(match layer {
+                LayerKind::Embedding => Layer::Embedding(Embedding {
+                    wte: b.param("wte", &[v, d], Init::Normal(INIT_STD))?,
+                    wpe: b.param("wpe", &[s, d], Init::Normal(INIT_STD))?,
+                }),
+                LayerKind::Block(_) => Layer::Block(Block {
+                    ln1: b.norm("ln1", d)?,
+                    qkv: b.linear("attn.qkv", d, 3 * d, INIT_STD, true)?,
+                    proj: b.linear("attn.proj", d, d, resid_std, true)?,
+                    ln2: b.norm("ln2", d)?,
+                    fc1: b.linear("mlp.fc1", d, f, INIT_STD, true)?,
+                    fc2: b.linear("mlp.fc2", f, d, resid_std, true)?,
+                    n_heads: shape.n_heads as i64,
+                }),
+                LayerKind::Head => Layer::Head(Head {
+                    ln_f: b.norm("ln_f", d)?,
+                    lm_head: b.param("lm_head.weight", &[d, v], Init::Normal(INIT_STD))?,
+                }),
+            });
+        }
+        Ok(StageModel {
+            layers: built,
+            params,
+            shape: *shape,
+        })
+    }
+
+    /// The stage's parameters, in layer order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Number of scalar parameters on this stage.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.tensor.numel()).sum()
+    }
+
+    /// Runs the stage. `targets` (`[b, s]` token ids) are needed iff the stage has the head.
+    pub fn forward(&self, input: StageInput<'_>, targets: Option<&Tensor>) -> Result<StageOutput> {
+        let mut x = match input {
+            StageInput::Tokens(t) => t.shallow_clone(),
+            StageInput::Hidden(h) => h.shallow_clone(),
+        };
+        for layer in &self.layers {
+            match layer {
+                Layer::Embedding(e) => {
+                    let seq = x.size().get(1).copied().unwrap_or(0);
+                    let pos = e.wpe.f_narrow(0, 0, seq).ctx("position embedding")?;
+                    x = Tensor::f_embedding(&e.wte, &x, -1, false, false)
+                        .ctx("token embedding")?
+                        .f_add(&pos)
+                        .ctx("embedding add")?;
+                }
+                Layer::Block(b) => x = b.forward(&x)?,
+                Layer::Head(h) => {
+                    let targets =
+                        targets.ok_or_else(|| Error::Comm("the head needs targets".into()))?;
+                    let logits = h.lm_head_logits(&x)?;
+                    let v = self.shape.vocab as i64;
+                    let loss = logits
+                        .f_view([-1, v])
+                        .ctx("logits view")?
+                        .f_cross_entropy_loss::<Tensor>(
+                            &targets.f_view([-1]).ctx("targets view")?,
+                            None,
+                            Reduction::Mean,
+                            -100,
+                            0.0,
+                        )
+                        .ctx("cross entropy")?;
+                    return Ok(StageOutput::Loss(loss));
+                }
+            }
+        }
+        Ok(StageOutput::Hidden(x))
+    }
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let size = x.size();
+        let (b, s, d) = match size.as_slice() {
+            [b, s, d] => (*b, *s, *d),
+            _ => {
+                return Err(Error::Comm(format!(
+                    "block input must be [b, s, d], got {size:?}"
+                )))
+            }
+        };
+        let hd = d / self.n_heads;
+        let h = self.ln1.forward(x)?;
+        let qkv = self.qkv.forward(&h)?;
+        let parts = qkv.f_split(d, -1).ctx("qkv split")?;
+        let heads = |t: &Tensor| -> Result<Tensor> {
+            t.f_view([b, s, self.n_heads, hd])
+                .and_then(|t| t.f_transpose(1, 2))
+                .ctx("split heads")
+        };
+        let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
+        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, true, None, false,
+        )
+        .ctx("attention")?
+        .f_transpose(1, 2)
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view([b, s, d]))
+        .ctx("merge heads")?;
+        let x = x.f_add(&self.proj.forward(&y)?).ctx("attention residual")?;
+        let h = self.ln2.forward(&x)?;
+        let h = self.fc1.forward(&h)?.f_gelu("none").ctx("gelu")?;
+        x.f_add(&self.fc2.forward(&h)?).ctx("mlp residual")
+    }
+}
+
+impl Head {
+    fn lm_head_logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(x)?.f_matmul(&self.lm_head).ctx("lm head")
+    }
+}
+
+/// Converts row-major token ids into a `[rows, seq_len]` tensor.
+pub fn tokens_tensor(ids: &[i64], rows: usize, seq_len: usize) -> Result<Tensor> {
+    Tensor::f_from_slice(ids)
+        .and_then(|t| t.f_view([rows as i64, seq_len as i64]))
+        .map_err(Error::torch("token tensor"))
+}
+
+/// Sum of squares of every parameter gradient on this stage (0 for missing grads).
+pub fn grad_sq_norm(params: &[Param]) -> Result<f64> {
+    let mut total = 0.0;
+    for p in params {
+        let g = p.tensor.grad();
+        if g.defined() {
+            total += g
+                .f_square()
+                .and_then(|t| t.f_sum(Kind::Double))
+                .and_then(|t| t.f_double_value(&[]))
+                .map_err(Error::torch("gradient norm"))?;
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,337 @@
+//! The training loop of one rank: builds its stage from the plan, runs the validated
+//! schedule every step, clips and applies AdamW, evaluates, and (on rank 0) writes the run
+//! directory: `config.yaml`, `plan.json` and `metrics.jsonl`.
+//!
+//! Invariants: every rank derives the same plan, schedule and batches from the config
+//! alone (nothing but activations, gradients and metrics crosses ranks); rank 0 is the
+//! only writer of the run directory; rank `r` runs pipeline stage `r`.
+
+use crate::comm::{wire, Communicator, Tag};
+use crate::config::{Config, LrSchedule};
+use crate::data::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::executor::{run_actions, StagePeers, StepData, StepStats};
+use crate::model::{grad_sq_norm, tokens_tensor, StageModel};
+use crate::optim::{scale_grads, AdamW, AdamWConfig};
+use partitioner::{Plan, Rank, Schedule, ScheduleKind};
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// Knobs that are not part of the experiment config.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Fail on purpose at (rank, step), to test failure handling.
+    pub fail_at: Option<(Rank, usize)>,
+    /// Print progress lines (rank 0).
+    pub verbose: bool,
+    /// Write the run directory (rank 0).
+    pub write_outputs: bool,
+}
+
+/// What rank 0 saw over the run (other ranks return empty vectors).
+#[derive(Clone, Debug, Default)]
+pub struct RunSummary {
+    pub losses: Vec<f64>,
+    pub val_losses: Vec<(usize, f64)>,
+    pub tokens_per_s: Vec<f64>,
+}
+
+/// Per-rank numbers reported to rank 0 every step.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct RankMetrics {
+    rank: usize,
+    compute_s: f64,
+    wait_s: f64,
+    step_s: f64,
+    bubble: f64,
+    peak_stash: usize,
+    peak_rss_mib: f64,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Serialize)]
+struct StepRecord {
+    step: usize,
+    loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+    lr: f64,
+    tokens_per_s: f64,
+    step_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grad_norm: Option<f64>,
+    ranks: Vec<RankMetrics>,
+}
+
+const REPORT_LEN: usize = 8;
+
+fn lr_at(cfg: &Config, step: usize) -> f64 {
+    let t = &cfg.train;
+    if t.warmup_steps > 0 && step <= t.warmup_steps {
+        return t.lr * step as f64 / t.warmup_steps as f64;
+    }
+    match t.lr_schedule {
+        LrSchedule::Constant => t.lr,
+        LrSchedule::Cosine => {
+            let min_lr = t.min_lr.unwrap_or(t.lr / 10.0);
+            let span = (*t.steps).saturating_sub(t.warmup_steps).max(1) as f64;
+            let progress = ((step - t.warmup_steps.min(step)) as f64 / span).min(1.0);
+            min_lr + 0.5 * (t.lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Peak resident memory of this process in MiB (Linux; 0 elsewhere).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs the whole training job on this rank. `comm` spans the pipeline (world = pp).
+pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Result<RunSummary> {
+    let plan = cfg.plan()?;
+    let world = comm.size();
+    if world != cfg.world_size() {
+        return Err(Error::Config {
+            path: cfg.source.display().to_string(),
+            field: "parallel".into(),
+            problem: format!(
+                "the job has {world} ranks but pp·tp·dp = {}",
+                cfg.world_size()
+            ),
+            fix: format!(
+                "launch with {} ranks (strata launch does this)",
+                cfg.world_size()
+            ),
+        });
+    }
+    tch::set_num_threads(*cfg.train.threads as i32);
+    let rank = comm.rank();
+    let stage = &plan.stages[rank.0];
+    let shape = plan.model;
+    let (m, mbs, seq) = (
+        *cfg.parallel.microbatches,
+        *cfg.parallel.micro_batch_size,
+        shape.seq_len,
+    );
+    let eval_m = cfg.train.eval_microbatches.map_or(m, |c| *c);
+    let peers = StagePeers {
+        prev: (rank.0 > 0).then(|| Rank(rank.0 - 1)),
+        next: (rank.0 + 1 < world).then(|| Rank(rank.0 + 1)),
+    };
+    let model = StageModel::new(&shape, &stage.layers, cfg.train.seed)?;
+    let dataset = Dataset::load(&cfg.data_source()?, cfg.train.seed)?;
+    let schedule = Schedule::build(cfg.schedule_kind(), world, m)
+        .and_then(|s| s.lower())
+        .map_err(|e| Error::Plan {
+            path: cfg.source.display().to_string(),
+            source: e,
+        })?;
+    let eval_schedule = Schedule::build(ScheduleKind::ForwardOnly, world, eval_m)
+        .and_then(|s| s.lower())
+        .map_err(|e| Error::Plan {
+            path: cfg.source.display().to_string(),
+            source: e,
+        })?;
+    let mut optim = AdamW::new(
+        model.params(),
+        AdamWConfig {
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: 1e-8,
+            weight_decay: cfg.train.weight_decay,
+        },
+    )?;
+    let is_root = rank.0 == 0;
+    let last = Rank(world - 1);
+    let mut metrics_file = if is_root && opts.write_outputs {
+        Some(prepare_run_dir(cfg, &plan)?)
+    } else {
+        None
+    };
+    if is_root && opts.verbose {
+        println!(
+            "strata: {} params over {} stages, {} x {} sequences of {} tokens per step, schedule {}",
+            plan.total_params, world, m, mbs, seq, cfg.parallel.schedule
+        );
+    }
+    let hidden_shape = vec![mbs as i64, seq as i64, shape.d_model as i64];
+    let make_data = |split: Split, step: u64, microbatches: usize| -> Result<StepData> {
+        let mut tokens = Vec::new();
+        let mut targets = Vec::new();
+        for mb in 0..microbatches {
+            if peers.prev.is_none() || peers.next.is_none() {
+                let (x, y) = dataset.batch(split, step, mb * mbs, mbs, seq);
+                if peers.prev.is_none() {
+                    tokens.push(tokens_tensor(&x, mbs, seq)?);
+                }
+                if peers.next.is_none() {
+                    targets.push(tokens_tensor(&y, mbs, seq)?);
+                }
+            }
+        }
+        Ok(StepData {
+            tokens,
+            targets,
+            hidden_shape: hidden_shape.clone(),
+            microbatches,
+        })
+    };
+
+    let mut summary = RunSummary::default();
+    let steps = *cfg.train.steps;
+    for step in 1..=steps {
+        let t0 = Instant::now();
+        if opts.fail_at == Some((rank, step)) {
+            return Err(Error::Injected { step });
+        }
+        let lr = lr_at(cfg, step);
+        let data = make_data(Split::Train, step as u64, m)?;
+        let stats = run_actions(&schedule.ranks[rank.0], &model, comm, peers, &data, true)?;
+        let grad_norm = match cfg.train.grad_clip {
+            Some(clip) => {
+                let mut sq = [grad_sq_norm(model.params())?];
+                comm.all_reduce_sum(&mut sq)?;
+                let norm = sq[0].sqrt();
+                if norm > clip {
+                    scale_grads(model.params(), clip / (norm + 1e-6))?;
+                }
+                Some(norm)
+            }
+            None => None,
+        };
+        optim.step(model.params(), lr)?;
+        let evaluate = step == 1
+            || step == steps
+            || (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0);
+        let val_sum = if evaluate {
+            let data = make_data(Split::Val, 0, eval_m)?;
+            run_actions(
+                &eval_schedule.ranks[rank.0],
+                &model,
+                comm,
+                peers,
+                &data,
+                false,
+            )?
+            .loss_sum
+        } else {
+            0.0
+        };
+        let mine = report(rank, &stats, t0.elapsed().as_secs_f64(), val_sum);
+        if !is_root {
+            comm.send(Rank(0), Tag::plain(Tag::METRICS), wire::encode_f64s(&mine))?;
+            continue;
+        }
+        let mut reports = vec![mine];
+        for r in 1..world {
+            let bytes = comm.recv(Rank(r), Tag::plain(Tag::METRICS))?;
+            reports.push(
+                wire::decode_f64s(&bytes, Rank(r), REPORT_LEN)?
+                    .try_into()
+                    .unwrap(),
+            );
+        }
+        let step_s = t0.elapsed().as_secs_f64();
+        let loss = reports[last.0][1] / m as f64;
+        let val_loss = evaluate.then(|| reports[last.0][7] / eval_m as f64);
+        let record = StepRecord {
+            step,
+            loss,
+            val_loss,
+            lr,
+            tokens_per_s: cfg.tokens_per_step() as f64 / step_s,
+            step_s,
+            grad_norm,
+            ranks: reports.iter().map(rank_metrics).collect(),
+        };
+        summary.losses.push(loss);
+        summary.tokens_per_s.push(record.tokens_per_s);
+        if let Some(v) = val_loss {
+            summary.val_losses.push((step, v));
+        }
+        if let Some((file, path)) = metrics_file.as_mut() {
+            let line = serde_json::to_string(&record).map_err(|e| Error::Comm(e.to_string()))?;
+            writeln!(file, "{line}")
+                .and_then(|_| file.flush())
+                .map_err(io_err(path))?;
+        }
+        if opts.verbose
+            && (step == 1
+                || step == steps
+                || step % *cfg.train.log_every == 0
+                || val_loss.is_some())
+        {
+            let val = val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
+            let bubble = record.ranks.iter().map(|r| r.bubble).fold(0.0, f64::max);
+            println!(
+                "step {step:>5} | loss {loss:.4}{val} | lr {lr:.2e} | {:>8.0} tok/s | {step_s:.3} s | max bubble {:.1}%",
+                record.tokens_per_s,
+                bubble * 100.0
+            );
+        }
+    }
+    comm.flush()?;
+    Ok(summary)
+}
+
+/// Packs this rank's step numbers for rank 0.
+fn report(rank: Rank, s: &StepStats, step_s: f64, val_sum: f64) -> [f64; REPORT_LEN] {
+    [
+        rank.0 as f64,
+        s.loss_sum,
+        s.compute_s,
+        s.wait_s,
+        step_s,
+        s.peak_stash as f64,
+        peak_rss_mib(),
+        val_sum,
+    ]
+}
+
+fn rank_metrics(r: &[f64; REPORT_LEN]) -> RankMetrics {
+    RankMetrics {
+        rank: r[0] as usize,
+        compute_s: r[2],
+        wait_s: r[3],
+        step_s: r[4],
+        bubble: if r[4] > 0.0 {
+            (1.0 - r[2] / r[4]).max(0.0)
+        } else {
+            0.0
+        },
+        peak_stash: r[5] as usize,
+        peak_rss_mib: r[6],
+    }
+}
+
+/// Creates the run directory with `config.yaml` and `plan.json`; returns metrics.jsonl.
+fn prepare_run_dir(cfg: &Config, plan: &Plan) -> Result<(std::fs::File, std::path::PathBuf)> {
+    let dir = cfg.output_dir();
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let cfg_path = dir.join("config.yaml");
+    std::fs::write(&cfg_path, cfg.resolved_yaml()?).map_err(io_err(&cfg_path))?;
+    let plan_path = dir.join("plan.json");
+    let json = serde_json::to_string_pretty(plan).map_err(|e| Error::Comm(e.to_string()))?;
+    std::fs::write(&plan_path, json + "\n").map_err(io_err(&plan_path))?;
+    let metrics = dir.join("metrics.jsonl");
+    let file = std::fs::File::create(&metrics).map_err(io_err(&metrics))?;
+    Ok((file, metrics))
+}
