@@ -40,6 +40,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found: install a Rust toolchain (1.80 or newer, e.g. with rustup) and re-run"
+  exit 2
+fi
+
 # ---------------------------------------------------------------- torch venv
 if [ ! -f "$STAMP" ]; then
   log "installing torch==$TORCH_VERSION into $VENV (about 4.6 GB, first run only)"

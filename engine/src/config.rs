@@ -27,7 +27,7 @@ impl<'de> Deserialize<'de> for Count {
         let v = i64::deserialize(d)?;
         if v < 1 {
             return Err(de::Error::custom(format!(
-                "must be a positive integer, got {v}; fix: set it to 1 or more"
+                "must be a positive integer, got {v}"
             )));
         }
         Ok(Count(v as usize))
@@ -212,49 +212,54 @@ impl Config {
         let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
+            let loc = inner.location();
             let msg = inner.to_string();
-            // serde_yaml appends " at line L column C"; keep the location, drop the noise.
-            let (problem, location) = match msg.find(" at line ") {
-                Some(i) => (msg[..i].to_string(), msg[i + 1..].to_string()),
-                None => (msg.clone(), String::new()),
-            };
-            let is_syntax = !(problem.starts_with("unknown field")
-                || problem.starts_with("missing field")
-                || problem.starts_with("invalid type")
-                || problem.starts_with("invalid value")
-                || problem.contains("fix:")
-                || problem.starts_with("unknown variant"));
-            if is_syntax {
-                let loc = inner.location();
+            // serde_yaml prefixes its own (coarser) path and appends " at line L column C".
+            let msg = msg.find(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+            const SEMANTIC: [&str; 7] = [
+                "unknown field",
+                "missing field",
+                "invalid type",
+                "invalid value",
+                "unknown variant",
+                "duplicate field",
+                "must be",
+            ];
+            let Some(start) = SEMANTIC.iter().filter_map(|m| msg.find(m)).min() else {
                 return Error::ConfigSyntax {
                     path: shown.clone(),
                     line: loc.as_ref().map_or(0, |l| l.line()),
                     column: loc.as_ref().map_or(0, |l| l.column()),
-                    message: problem,
+                    message: msg.to_string(),
                 };
-            }
+            };
+            let problem = &msg[start..];
             let field = if field == "." {
                 "(top level)".to_string()
             } else {
                 field
             };
-            let fix = if problem.contains("fix:") {
-                String::new()
-            } else if problem.starts_with("unknown field") {
-                "remove or rename the key; configs/README.md lists every key".to_string()
-            } else if problem.starts_with("missing field") {
-                "add the key; configs/README.md lists every key and its meaning".to_string()
-            } else {
-                "use the type shown in configs/README.md".to_string()
-            };
             let (problem, fix) = match problem.split_once("; fix: ") {
                 Some((p, f)) => (p.to_string(), f.to_string()),
-                None => (problem, fix),
+                None if problem.starts_with("unknown field") => (
+                    problem.to_string(),
+                    "remove or rename the key; configs/README.md lists every key".to_string(),
+                ),
+                None if problem.starts_with("missing field") => (
+                    problem.to_string(),
+                    "add the key; configs/README.md lists every key and its meaning".to_string(),
+                ),
+                None if problem.starts_with("must be a positive integer") => {
+                    (problem.to_string(), format!("set {field} to 1 or more"))
+                }
+                None => (
+                    problem.to_string(),
+                    format!("give {field} the type shown in configs/README.md"),
+                ),
             };
-            let problem = if location.is_empty() {
-                problem
-            } else {
-                format!("{problem} ({location})")
+            let problem = match loc {
+                Some(l) => format!("{problem} (line {}, column {})", l.line(), l.column()),
+                None => problem,
             };
             Error::Config {
                 path: shown.clone(),
@@ -568,8 +573,6 @@ output: {dir: /tmp/strata-test}
         );
         let e = err("model: [1, 2\n");
         assert!(e.contains("YAML syntax error at line"), "{e}");
-        for e in [e] {
-            assert!(!e.contains('\n'), "one line: {e}");
-        }
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 }

@@ -60,6 +60,8 @@ struct StepRecord {
     lr: f64,
     tokens_per_s: f64,
     step_s: f64,
+    /// Seconds of the whole step on rank 0, evaluation and metrics gathering included.
+    wall_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     grad_norm: Option<f64>,
     ranks: Vec<RankMetrics>,
@@ -218,6 +220,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
             None => None,
         };
         optim.step(model.params(), lr)?;
+        let train_s = t0.elapsed().as_secs_f64();
         let evaluate = step == 1
             || step == steps
             || (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0);
@@ -235,7 +238,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         } else {
             0.0
         };
-        let mine = report(rank, &stats, t0.elapsed().as_secs_f64(), val_sum);
+        let mine = report(rank, &stats, train_s, val_sum);
         if !is_root {
             comm.send(Rank(0), Tag::plain(Tag::METRICS), wire::encode_f64s(&mine))?;
             continue;
@@ -249,7 +252,9 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
                     .unwrap(),
             );
         }
-        let step_s = t0.elapsed().as_secs_f64();
+        // Ranks start a step at different times but are chained by the pipeline, so the
+        // step takes as long as the slowest rank's training part (evaluation excluded).
+        let step_s = reports.iter().map(|r| r[4]).fold(0.0, f64::max);
         let loss = reports[last.0][1] / m as f64;
         let val_loss = evaluate.then(|| reports[last.0][7] / eval_m as f64);
         let record = StepRecord {
@@ -259,6 +264,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
             lr,
             tokens_per_s: cfg.tokens_per_step() as f64 / step_s,
             step_s,
+            wall_s: t0.elapsed().as_secs_f64(),
             grad_norm,
             ranks: reports.iter().map(rank_metrics).collect(),
         };

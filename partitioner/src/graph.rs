@@ -58,7 +58,7 @@ impl ModelShape {
                 });
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::BadModel {
                 field: "d_model",
                 value: self.d_model,

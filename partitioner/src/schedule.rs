@@ -220,46 +220,24 @@ impl Schedule {
                         Some((r, step)),
                     ));
                 }
-                match a.kind {
-                    ActionKind::Forward => {
-                        if !fwd.insert(a.mb) {
-                            return Err(self.invalid(
-                                format!("rank {r} step {step}: second forward {a}"),
-                                Some((r, step)),
-                            ));
-                        }
+                let problem = match a.kind {
+                    ActionKind::Forward if !fwd.insert(a.mb) => Some("second forward"),
+                    ActionKind::Backward if !self.is_training() => {
+                        Some("backward in a forward-only schedule")
                     }
-                    ActionKind::Backward => {
-                        if !self.is_training() {
-                            return Err(self.invalid(
-                                format!(
-                                    "rank {r} step {step}: backward {a} in a forward-only schedule"
-                                ),
-                                Some((r, step)),
-                            ));
-                        }
-                        if !fwd.contains(&a.mb) {
-                            return Err(self.invalid(
-                                format!("rank {r} step {step}: {a} before its forward"),
-                                Some((r, step)),
-                            ));
-                        }
-                        if !bwd.insert(a.mb) {
-                            return Err(self.invalid(
-                                format!("rank {r} step {step}: second backward {a}"),
-                                Some((r, step)),
-                            ));
-                        }
+                    ActionKind::Backward if !fwd.contains(&a.mb) => {
+                        Some("backward before its forward")
                     }
-                    _ if !self.lowered => {
-                        return Err(self.invalid(
-                            format!(
-                                "rank {r} step {step}: communication {a} in an unlowered schedule"
-                            ),
-                            Some((r, step)),
-                        ));
-                    }
-                    _ => {}
+                    ActionKind::Backward if !bwd.insert(a.mb) => Some("second backward"),
+                    ActionKind::Forward | ActionKind::Backward => None,
+                    _ if !self.lowered => Some("communication in an unlowered schedule"),
+                    _ => None,
+                };
+                if let Some(problem) = problem {
+                    return Err(self.invalid(
+                        format!("rank {r} step {step}: {a}: {problem}"),
+                        Some((r, step)),
+                    ));
                 }
             }
             if fwd.len() != self.microbatches {
@@ -624,7 +602,7 @@ mod tests {
         let mut s = Schedule::build(ScheduleKind::OneFOneB, 2, 2).unwrap();
         s.ranks[1].swap(0, 1); // 1B0 before 1F0
         let msg = s.validate().unwrap_err().to_string();
-        assert!(msg.contains("before its forward"), "{msg}");
+        assert!(msg.contains("1B0: backward before its forward"), "{msg}");
         assert!(msg.contains("[1B0]") && msg.contains("<< here"), "{msg}");
     }
 

@@ -1,1 +1,188 @@
-//! placeholder
+//! Helpers for Strata's end-to-end tests: tiny configs, running the `strata` binary with a
+//! time limit (so a hang fails the test instead of stalling CI), reading metrics, and
+//! running the engine in-process on the local (crossbeam) transport.
+
+use engine::comm::local::LocalComm;
+use engine::{Config, RunOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `target/<profile>/strata`, next to the test executable's `deps/` directory.
+pub fn strata_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("strata");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build --release -p launcher` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("strata-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny GPT on seeded random tokens.
+pub fn tiny_config(pp: usize, schedule: &str, steps: usize, out: &Path) -> String {
+    format!(
+        "model: {{vocab: 64, seq_len: 16, d_model: 32, n_heads: 4, n_layers: 4, d_ff: 64}}
+parallel: {{pp: {pp}, tp: 1, dp: 1, microbatches: 4, micro_batch_size: 2, schedule: {schedule}}}
+train: {{steps: {steps}, lr: 1.0e-2, seed: 7, data: random, eval_every: 0, log_every: 1}}
+output: {{dir: {}}}
+",
+        out.display()
+    )
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// What a finished (or killed) command produced.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code; None if it was killed by a signal or the time limit.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+/// Runs `strata args...` with extra environment, killing it after `limit`.
+pub fn run_strata(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_with_limit(cmd, limit)
+}
+
+/// Runs a command, killing it (and failing `timed_out`) after `limit`.
+pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = start.elapsed();
+    Run {
+        code: status.code(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        elapsed,
+        timed_out,
+    }
+}
+
+/// Losses of every step in `dir/metrics.jsonl`.
+pub fn read_losses(dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Runs a config in-process, one thread per rank on the local transport; returns rank 0's
+/// per-step losses.
+pub fn run_local(cfg: &Config) -> Vec<f64> {
+    let comms = LocalComm::group(cfg.world_size());
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|mut comm| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let opts = RunOptions::default();
+                let result = engine::train(&cfg, &mut comm, &opts);
+                if result.is_err() {
+                    comm.poison();
+                }
+                result
+            })
+        })
+        .collect();
+    let mut losses = None;
+    for (r, h) in handles.into_iter().enumerate() {
+        let summary = h
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        if r == 0 {
+            losses = Some(summary.losses);
+        }
+    }
+    losses.unwrap()
+}
+
+/// Asserts two loss curves agree: step 1 within `first_rel` and every step within
+/// `all_rel`, relative.
+pub fn assert_losses_match(
+    reference: &[f64],
+    other: &[f64],
+    first_rel: f64,
+    all_rel: f64,
+    what: &str,
+) {
+    assert_eq!(reference.len(), other.len(), "{what}: step counts differ");
+    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-12);
+    assert!(
+        rel(reference[0], other[0]) <= first_rel,
+        "{what}: step 1 {} vs {}",
+        reference[0],
+        other[0]
+    );
+    for (i, (a, b)) in reference.iter().zip(other).enumerate() {
+        assert!(
+            rel(*a, *b) <= all_rel,
+            "{what}: step {} loss {a} vs {b}",
+            i + 1
+        );
+    }
+}

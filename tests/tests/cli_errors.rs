@@ -1,0 +1,125 @@
+//! Bad input gets a one-line error naming the field and the fix, exit code 2, and never a
+//! panic or a hang.
+
+use std::time::Duration;
+use strata_tests::{repo_root, run_strata, scratch, tiny_config, write, Run};
+
+fn launch_text(name: &str, text: &str, env: &[(&str, &str)]) -> Run {
+    let dir = scratch(name);
+    let cfg = write(&dir, "cfg.yaml", text);
+    run_strata(
+        &["launch", cfg.to_str().unwrap()],
+        env,
+        Duration::from_secs(60),
+    )
+}
+
+fn assert_clean_error(run: &Run, needles: &[&str]) {
+    assert!(!run.timed_out, "hung");
+    assert_eq!(
+        run.code,
+        Some(2),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let err = run.stderr.trim_end();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("strata: error: "), "{err}");
+    assert!(err.contains("fix:"), "no fix in: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+}
+
+fn good(name: &str) -> String {
+    tiny_config(2, "gpipe", 2, &scratch(name).join("run"))
+}
+
+#[test]
+fn yaml_syntax_error() {
+    // An unterminated flow mapping on line 2.
+    let text = good("syn").replace("schedule: gpipe}", "schedule: gpipe");
+    assert_clean_error(
+        &launch_text("syntax", &text, &[]),
+        &["YAML syntax error at line"],
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let text = good("unk").replace("d_ff: 64", "d_ff: 64, dropout: 0.1");
+    assert_clean_error(
+        &launch_text("unknown", &text, &[]),
+        &["model", "unknown field `dropout`"],
+    );
+}
+
+#[test]
+fn pp_larger_than_layers() {
+    let text = good("pp").replace("pp: 2", "pp: 5");
+    assert_clean_error(
+        &launch_text("pp", &text, &[]),
+        &["parallel.pp = 5", "model.n_layers = 4"],
+    );
+}
+
+#[test]
+fn missing_data_file() {
+    let text = good("data").replace("data: random", "data: no/such/file.txt");
+    assert_clean_error(
+        &launch_text("data", &text, &[]),
+        &["train.data", "file not found", "no/such/file.txt"],
+    );
+}
+
+#[test]
+fn non_positive_microbatches() {
+    for bad in ["0", "-3"] {
+        let text = good("mb").replace("microbatches: 4", &format!("microbatches: {bad}"));
+        assert_clean_error(
+            &launch_text("mb", &text, &[]),
+            &["parallel.microbatches", "positive"],
+        );
+    }
+}
+
+#[test]
+fn unsupported_layout_says_not_supported_yet() {
+    let text = good("tp").replace("tp: 1", "tp: 2");
+    assert_clean_error(
+        &launch_text("tp", &text, &[]),
+        &["parallel.tp", "not supported yet"],
+    );
+}
+
+#[test]
+fn mpiexec_missing_from_path() {
+    let run = launch_text("nompi", &good("nompi"), &[("PATH", "/nonexistent")]);
+    assert_clean_error(&run, &["mpiexec", "not found on PATH"]);
+}
+
+#[test]
+fn plan_prints_table_and_json() {
+    let cfg = repo_root().join("configs/gpt-tiny.yaml");
+    let run = run_strata(
+        &["plan", cfg.to_str().unwrap()],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("embed, block.0-3") && run.stdout.contains("block.4-7, head"),
+        "{}",
+        run.stdout
+    );
+    let run = run_strata(
+        &["plan", cfg.to_str().unwrap(), "--json"],
+        &[],
+        Duration::from_secs(30),
+    );
+    let plan: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(plan["model"]["vocab"], 65);
+    assert_eq!(plan["stages"].as_array().unwrap().len(), 2);
+}
