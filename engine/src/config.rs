@@ -102,6 +102,9 @@ pub struct ParallelConfig {
     pub micro_batch_size: Count,
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// Model chunks per rank for interleaved schedules (pp · v chunks, round-robin).
+    #[serde(default = "one")]
+    pub virtual_stages: Count,
 }
 
 fn one() -> Count {

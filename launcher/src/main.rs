@@ -4,14 +4,13 @@
 //! missing mpiexec) — always with a one-line message naming the field and the fix.
 
 mod launch;
+mod plan_cmd;
 
 use clap::{Parser, Subcommand};
 use engine::comm::mpi::MpiComm;
 use engine::comm::Communicator;
 use engine::{Config, RunOptions};
-use launch::LaunchError;
-use partitioner::schedule::simulate;
-use partitioner::{ActionKind, Rank, Schedule};
+use partitioner::Rank;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -55,7 +54,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan { config, json } => plan(&config, json),
+        Command::Plan { config, json } => plan_cmd::plan(&config, json),
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
         Command::Worker { config } => return worker(&config),
     };
@@ -66,47 +65,6 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-fn plan(path: &Path, json: bool) -> Result<(), LaunchError> {
-    let cfg = Config::load(path)?;
-    let plan = cfg.plan()?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&plan).expect("plan serialises")
-        );
-        return Ok(());
-    }
-    print!("{}", plan.table());
-    // Predicted bubble from simulating the configured schedule with the cost model.
-    let schedule = Schedule::build(cfg.schedule_kind(), plan.pp, plan.microbatches)
-        .and_then(|s| s.lower())
-        .map_err(|e| engine::Error::Plan {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-    let sim = simulate(&schedule, |a| {
-        let s = &plan.stages[a.stage.0];
-        match a.kind {
-            ActionKind::Forward => s.fwd_flops,
-            ActionKind::Backward => s.bwd_flops,
-            _ => 0.0,
-        }
-    })
-    .map_err(|e| engine::Error::Plan {
-        path: path.display().to_string(),
-        source: e,
-    })?;
-    let bubbles: Vec<String> = (0..plan.pp)
-        .map(|r| format!("{:.1}%", 100.0 * sim.bubble(r)))
-        .collect();
-    println!(
-        "schedule {}: predicted bubble per stage (FLOP-weighted simulation): {}",
-        cfg.parallel.schedule,
-        bubbles.join(", ")
-    );
-    Ok(())
 }
 
 /// One MPI rank. Any error aborts the whole job (MPI_Abort), naming this rank.
