@@ -1,43 +1,154 @@
-//! The layer graph of a GPT-style decoder and the cost of each layer.
+//! The layer graph of a decoder-only transformer and the per-device cost of each layer.
+//!
+//! Two architectures ([`Arch`]):
+//! * `gpt` (GPT-2 style): LayerNorm (weight and bias), GELU MLP, learned position
+//!   embedding, biased linears, fused QKV with `n_kv_heads = n_heads`.
+//! * `llama` (LLaMA style): RMSNorm (weight only), SwiGLU MLP (`gate`, `fc1` = up,
+//!   `fc2` = down), rotary positions (no position parameters), no biases, and grouped-query
+//!   attention: `n_kv_heads` key/value heads shared by `n_heads / n_kv_heads` query heads.
 //!
 //! The graph is a chain: `embed`, `block.0` … `block.{n-1}`, `head`. The embedding always
-//! comes first and the head (final LayerNorm, LM head and loss) last, so any contiguous
-//! split puts them on the first and last stage.
+//! comes first and the head (final norm, LM head and loss) last, so any contiguous split
+//! puts them on the first and last stage.
 //!
-//! Costs, for micro-batch size `b`, sequence length `s`, model width `d`, MLP width `f`,
-//! `h` heads, vocabulary `V` and `e` bytes per element (4 for fp32). A matmul of
-//! `[m, k] x [k, n]` costs `2mkn` FLOPs; element-wise work is ignored except where noted.
+//! Notation: micro-batch size `b`, sequence length `s`, model width `d`, MLP width `f`,
+//! `h` query heads, `d_kv = n_kv_heads · d / h`, vocabulary `V` (padded up to a multiple
+//! of `tp`, see [`crate::tp`]), `e` bytes per element (4 for fp32) and tensor-parallel
+//! degree `t`. A matmul of `[m, k] × [k, n]` costs `2mkn` FLOPs; element-wise work is
+//! ignored except where noted. Every cost is **per device**: the part that Megatron-style
+//! tensor parallelism shards is divided by `t`, the rest (norms, row-parallel biases,
+//! position embeddings, norm inputs) is replicated.
 //!
-//! | layer | forward FLOPs | parameters |
-//! |-------|---------------|------------|
-//! | embed | `bsd` (adding positions) | `Vd + sd` |
-//! | block | `2bs(3d² + d² + 2df) + 4bs²d` = QKV + out-proj + MLP + (QKᵀ and AV) | `4d² + 2df + 9d + f` |
-//! | head  | `2bsdV` | `dV + 2d` |
+//! | layer | forward FLOPs (÷ t) | parameters (sharded ÷ t + replicated) |
+//! |-------|---------------------|---------------------------------------|
+//! | gpt embed | `bsd` (adding positions; replicated) | `Vd/t + sd` |
+//! | gpt block | `2bs(3d² + d² + 2df) + 4bs²d` = QKV + out-proj + MLP + (QKᵀ and AV) | `(4d² + 2df + 3d + f)/t + 6d` |
+//! | gpt head  | `2bsdV` | `dV/t + 2d` |
+//! | llama embed | 0 (a gather) | `Vd/t` |
+//! | llama block | `2bs(d² + 2d·d_kv + d² + 3df) + 4bs²d` = Q + KV + out-proj + SwiGLU + attention | `(2d² + 2d·d_kv + 3df)/t + 2d` |
+//! | llama head  | `2bsdV` | `dV/t + d` |
 //!
 //! Backward FLOPs are twice the forward FLOPs (gradients w.r.t. inputs and weights).
 //!
-//! Activation bytes stashed per microbatch (what autograd keeps for backward):
-//! block `e·bs(9d + 2f) + e·bhs²` (inputs of each matmul and norm, the MLP's pre- and
-//! post-GELU, and the attention probabilities); embed `e·bsd`; head `e·bs(2d + V)`.
+//! Memory per parameter: `e` bytes of weight, `e` bytes of gradient, and AdamW state of
+//! two fp32 moments (8 bytes) plus an fp32 master copy (4 bytes) when `e < 4`.
+//!
+//! Activation bytes stashed per microbatch (what autograd keeps for backward), as
+//! replicated + sharded (÷ t) parts:
+//! * gpt block: `e·bs·5d` (both norms' inputs and outputs, a residual) + `e·bs(4d + 2f) +
+//!   e·bhs²` (Q, K, V, attention output, pre- and post-GELU, attention probabilities):
+//!   `e·bs(9d + 2f) + e·bhs²` at `t = 1`;
+//! * llama block: `e·bs·4d` + `e·bs(2d + 2d_kv + 3f) + e·bhs²` (Q, K, V, attention
+//!   output, gate, up and their product, probabilities);
+//! * embed `e·bsd`; head `e·bs·2d + e·bsV/t`.
+//!
 //! Bytes sent to the next stage: `e·bsd` for embed and blocks, none for the head.
+//! Tensor-parallel all-reduce payload per microbatch (only when `t > 1`): block `4·e·bsd`
+//! (two in forward, two in backward), embed `e·bsd`, head `12bs + e·bsd` (vocab-parallel
+//! cross-entropy's max, sum and target-logit reductions in fp32, and the input gradient).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// The concrete shape of a GPT-style model (vocab already resolved).
+/// The transformer family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// GPT-2 style: LayerNorm, GELU MLP, learned positions.
+    #[default]
+    Gpt,
+    /// LLaMA style: RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention.
+    Llama,
+}
+
+impl Arch {
+    /// The config spelling (`gpt`, `llama`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gpt => "gpt",
+            Arch::Llama => "llama",
+        }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Arch> {
+        match s {
+            "gpt" => Ok(Arch::Gpt),
+            "llama" => Ok(Arch::Llama),
+            _ => Err(Error::BadValue {
+                field: "model.arch",
+                value: s.to_string(),
+                reason: "unknown architecture".into(),
+                fix: "use `gpt` or `llama`".into(),
+            }),
+        }
+    }
+}
+
+/// The concrete shape of a model (vocab already resolved).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelShape {
+    #[serde(default)]
+    pub arch: Arch,
     pub vocab: usize,
     pub seq_len: usize,
     pub d_model: usize,
     pub n_heads: usize,
+    /// Key/value heads (grouped-query attention); equals `n_heads` for `gpt`.
+    pub n_kv_heads: usize,
     pub n_layers: usize,
     pub d_ff: usize,
 }
 
 impl ModelShape {
+    /// A GPT-2 style shape (`n_kv_heads = n_heads`).
+    pub fn gpt(
+        vocab: usize,
+        seq_len: usize,
+        d_model: usize,
+        n_heads: usize,
+        n_layers: usize,
+        d_ff: usize,
+    ) -> ModelShape {
+        ModelShape {
+            arch: Arch::Gpt,
+            vocab,
+            seq_len,
+            d_model,
+            n_heads,
+            n_kv_heads: n_heads,
+            n_layers,
+            d_ff,
+        }
+    }
+
+    /// A LLaMA style shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn llama(
+        vocab: usize,
+        seq_len: usize,
+        d_model: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        n_layers: usize,
+        d_ff: usize,
+    ) -> ModelShape {
+        ModelShape {
+            arch: Arch::Llama,
+            vocab,
+            seq_len,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            n_layers,
+            d_ff,
+        }
+    }
+
     /// Checks that every dimension is usable; errors name the field and the fix.
     pub fn validate(&self) -> Result<()> {
         let positive = [
@@ -45,6 +156,7 @@ impl ModelShape {
             ("seq_len", self.seq_len),
             ("d_model", self.d_model),
             ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
             ("n_layers", self.n_layers),
             ("d_ff", self.d_ff),
         ];
@@ -70,12 +182,39 @@ impl ModelShape {
                 ),
             });
         }
-        Ok(())
+        match self.arch {
+            Arch::Gpt if self.n_kv_heads != self.n_heads => Err(Error::BadModel {
+                field: "n_kv_heads",
+                value: self.n_kv_heads,
+                reason: format!(
+                    "GPT-style attention has one key/value head per query head (model.n_heads = {})",
+                    self.n_heads
+                ),
+                fix: "remove model.n_kv_heads, or set model.arch: llama for grouped-query attention"
+                    .into(),
+            }),
+            _ if !self.n_heads.is_multiple_of(self.n_kv_heads) => Err(Error::BadModel {
+                field: "n_kv_heads",
+                value: self.n_kv_heads,
+                reason: format!(
+                    "model.n_heads = {} is not a multiple of it (each key/value head serves a \
+                     whole group of query heads)",
+                    self.n_heads
+                ),
+                fix: "choose model.n_kv_heads dividing model.n_heads".into(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
+    }
+
+    /// Width of the key (and value) projection: `n_kv_heads · head_dim`.
+    pub fn d_kv(&self) -> usize {
+        self.n_kv_heads * self.head_dim()
     }
 }
 
@@ -83,11 +222,11 @@ impl ModelShape {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerKind {
-    /// Token + learned position embedding.
+    /// Token embedding (+ learned positions for `gpt`).
     Embedding,
     /// Transformer block with the given index.
     Block(usize),
-    /// Final LayerNorm, LM head and the loss.
+    /// Final norm, LM head and the loss.
     Head,
 }
 
@@ -100,6 +239,20 @@ impl LayerKind {
             LayerKind::Head => "head".into(),
         }
     }
+
+    /// `embed`, `block` or `head`: the kind without the block index (profiles key on it).
+    pub fn family(&self) -> &'static str {
+        match self {
+            LayerKind::Embedding => "embed",
+            LayerKind::Block(_) => "block",
+            LayerKind::Head => "head",
+        }
+    }
+
+    /// True for transformer blocks.
+    pub fn is_block(&self) -> bool {
+        matches!(self, LayerKind::Block(_))
+    }
 }
 
 impl fmt::Display for LayerKind {
@@ -108,23 +261,36 @@ impl fmt::Display for LayerKind {
     }
 }
 
-/// Costs of one layer for one microbatch.
+/// Costs of one layer for one microbatch, on one device (after tensor-parallel sharding).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LayerCost {
     pub fwd_flops: f64,
     pub bwd_flops: f64,
+    /// Parameters held by one device.
     pub params: u64,
     pub param_bytes: u64,
+    pub grad_bytes: u64,
+    /// AdamW state: two fp32 moments, plus an fp32 master copy below fp32.
+    pub optim_bytes: u64,
     /// Bytes autograd stashes per microbatch in flight.
     pub activation_bytes: u64,
     /// Bytes sent to the next layer (and stage) per microbatch.
     pub output_bytes: u64,
+    /// Tensor-parallel all-reduce payload per microbatch (forward + backward).
+    pub tp_comm_bytes: u64,
+    /// Number of tensor-parallel all-reduces per microbatch (forward + backward).
+    pub tp_collectives: u32,
 }
 
 impl LayerCost {
     /// Forward plus backward FLOPs.
     pub fn train_flops(&self) -> f64 {
         self.fwd_flops + self.bwd_flops
+    }
+
+    /// Weights + gradients + optimizer state.
+    pub fn static_bytes(&self) -> u64 {
+        self.param_bytes + self.grad_bytes + self.optim_bytes
     }
 }
 
@@ -136,8 +302,12 @@ impl std::ops::Add for LayerCost {
             bwd_flops: self.bwd_flops + o.bwd_flops,
             params: self.params + o.params,
             param_bytes: self.param_bytes + o.param_bytes,
+            grad_bytes: self.grad_bytes + o.grad_bytes,
+            optim_bytes: self.optim_bytes + o.optim_bytes,
             activation_bytes: self.activation_bytes + o.activation_bytes,
             output_bytes: o.output_bytes,
+            tp_comm_bytes: self.tp_comm_bytes + o.tp_comm_bytes,
+            tp_collectives: self.tp_collectives + o.tp_collectives,
         }
     }
 }
@@ -146,82 +316,221 @@ impl std::ops::Add for LayerCost {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerNode {
     pub kind: LayerKind,
+    /// Per-device cost at the graph's `tp`.
     pub cost: LayerCost,
+    /// Parameters of the whole (unsharded, unpadded) layer.
+    pub full_params: u64,
 }
 
-/// The model as a chain of layers with costs.
+/// The model as a chain of layers with per-device costs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerGraph {
     pub shape: ModelShape,
     pub micro_batch_size: usize,
     pub dtype_bytes: usize,
+    /// Tensor-parallel degree the costs are computed for.
+    pub tp: usize,
+    /// Vocabulary padded up to a multiple of `tp`.
+    pub padded_vocab: usize,
     pub nodes: Vec<LayerNode>,
 }
 
+/// A cost split into its tensor-parallel sharded part and its replicated part.
+#[derive(Clone, Copy)]
+struct Part {
+    sharded: u64,
+    replicated: u64,
+}
+
+impl Part {
+    fn at(self, tp: u64) -> u64 {
+        self.sharded / tp + self.replicated
+    }
+}
+
+const fn part(sharded: u64, replicated: u64) -> Part {
+    Part {
+        sharded,
+        replicated,
+    }
+}
+
 impl LayerGraph {
-    /// Builds the chain `embed, block.0..n, head` with costs for one microbatch of
-    /// `micro_batch_size` sequences, at `dtype_bytes` per element.
+    /// Builds the chain `embed, block.0..n, head` (for `shape.arch`) with costs for one
+    /// microbatch of `micro_batch_size` sequences at `dtype_bytes` per element, unsharded.
+    pub fn new(shape: &ModelShape, micro_batch_size: usize, dtype_bytes: usize) -> Result<Self> {
+        Self::with_tp(shape, micro_batch_size, dtype_bytes, 1)
+    }
+
+    /// Alias of [`LayerGraph::new`] kept for older callers.
     pub fn gpt(shape: &ModelShape, micro_batch_size: usize, dtype_bytes: usize) -> Result<Self> {
+        Self::new(shape, micro_batch_size, dtype_bytes)
+    }
+
+    /// Like [`LayerGraph::new`], with per-device costs under tensor parallelism of degree
+    /// `tp` (checked by [`crate::tp::check_divisibility`]).
+    pub fn with_tp(
+        shape: &ModelShape,
+        micro_batch_size: usize,
+        dtype_bytes: usize,
+        tp: usize,
+    ) -> Result<Self> {
         shape.validate()?;
-        let (b, s, d, f, v) = (
-            micro_batch_size as f64,
-            shape.seq_len as f64,
-            shape.d_model as f64,
-            shape.d_ff as f64,
-            shape.vocab as f64,
-        );
+        if micro_batch_size == 0 {
+            return Err(Error::NotPositive {
+                field: "parallel.micro_batch_size",
+                value: 0,
+            });
+        }
+        if dtype_bytes == 0 {
+            return Err(Error::NotPositive {
+                field: "dtype bytes",
+                value: 0,
+            });
+        }
+        crate::tp::check_divisibility(shape, tp)?;
+        let padded_vocab = crate::tp::padded_vocab(shape.vocab, tp);
+        let t = tp as u64;
         let e = dtype_bytes as u64;
-        let (bu, su, du, fu, hu, vu) = (
+        let (b, s, d, f, h, v) = (
             micro_batch_size as u64,
             shape.seq_len as u64,
             shape.d_model as u64,
             shape.d_ff as u64,
             shape.n_heads as u64,
-            shape.vocab as u64,
+            padded_vocab as u64,
         );
-        let hidden_bytes = e * bu * su * du;
-        let cost = |fwd: f64, params: u64, act: u64, out: u64| LayerCost {
-            fwd_flops: fwd,
-            bwd_flops: 2.0 * fwd,
-            params,
-            param_bytes: params * e,
-            activation_bytes: act,
-            output_bytes: out,
+        let v_full = shape.vocab as u64;
+        let dkv = shape.d_kv() as u64;
+        let hidden = e * b * s * d;
+        let optim_per_param = 8 + if dtype_bytes < 4 { 4 } else { 0 };
+        let tp_on = tp > 1;
+        // fwd FLOPs, params (padded vocab), full params (real vocab), activations,
+        // output bytes, tp bytes, tp collectives.
+        let node = |kind: LayerKind,
+                    fwd: Part,
+                    params: Part,
+                    full_params: u64,
+                    act: Part,
+                    out: u64,
+                    tp_bytes: u64,
+                    tp_count: u32| {
+            let p = params.at(t);
+            LayerNode {
+                kind,
+                cost: LayerCost {
+                    fwd_flops: fwd.at(t) as f64,
+                    bwd_flops: 2.0 * fwd.at(t) as f64,
+                    params: p,
+                    param_bytes: p * e,
+                    grad_bytes: p * e,
+                    optim_bytes: p * optim_per_param,
+                    activation_bytes: act.at(t),
+                    output_bytes: out,
+                    tp_comm_bytes: if tp_on { tp_bytes } else { 0 },
+                    tp_collectives: if tp_on { tp_count } else { 0 },
+                },
+                full_params,
+            }
         };
+        let attn_scores = 4 * b * s * s * d;
+        let probs = e * b * h * s * s;
         let mut nodes = Vec::with_capacity(shape.n_layers + 2);
-        nodes.push(LayerNode {
-            kind: LayerKind::Embedding,
-            cost: cost(b * s * d, vu * du + su * du, hidden_bytes, hidden_bytes),
-        });
-        let block_fwd = 2.0 * b * s * (3.0 * d * d + d * d + 2.0 * d * f) + 4.0 * b * s * s * d;
-        let block_params = 4 * du * du + 2 * du * fu + 9 * du + fu;
-        let block_act = e * bu * su * (9 * du + 2 * fu) + e * bu * hu * su * su;
-        for i in 0..shape.n_layers {
-            nodes.push(LayerNode {
-                kind: LayerKind::Block(i),
-                cost: cost(block_fwd, block_params, block_act, hidden_bytes),
-            });
+        match shape.arch {
+            Arch::Gpt => {
+                let pos = s * d;
+                nodes.push(node(
+                    LayerKind::Embedding,
+                    part(0, b * s * d),
+                    part(v * d, pos),
+                    v_full * d + pos,
+                    part(0, hidden),
+                    hidden,
+                    hidden,
+                    1,
+                ));
+                let sharded = 4 * d * d + 2 * d * f + 3 * d + f;
+                for i in 0..shape.n_layers {
+                    nodes.push(node(
+                        LayerKind::Block(i),
+                        part(2 * b * s * (4 * d * d + 2 * d * f) + attn_scores, 0),
+                        part(sharded, 6 * d),
+                        sharded + 6 * d,
+                        part(e * b * s * (4 * d + 2 * f) + probs, e * b * s * 5 * d),
+                        hidden,
+                        4 * hidden,
+                        4,
+                    ));
+                }
+                nodes.push(node(
+                    LayerKind::Head,
+                    part(2 * b * s * d * v, 0),
+                    part(d * v, 2 * d),
+                    d * v_full + 2 * d,
+                    part(e * b * s * v, e * b * s * 2 * d),
+                    0,
+                    12 * b * s + hidden,
+                    4,
+                ));
+            }
+            Arch::Llama => {
+                nodes.push(node(
+                    LayerKind::Embedding,
+                    part(0, 0),
+                    part(v * d, 0),
+                    v_full * d,
+                    part(0, hidden),
+                    hidden,
+                    hidden,
+                    1,
+                ));
+                let sharded = 2 * d * d + 2 * d * dkv + 3 * d * f;
+                for i in 0..shape.n_layers {
+                    nodes.push(node(
+                        LayerKind::Block(i),
+                        part(2 * b * s * sharded + attn_scores, 0),
+                        part(sharded, 2 * d),
+                        sharded + 2 * d,
+                        part(
+                            e * b * s * (2 * d + 2 * dkv + 3 * f) + probs,
+                            e * b * s * 4 * d,
+                        ),
+                        hidden,
+                        4 * hidden,
+                        4,
+                    ));
+                }
+                nodes.push(node(
+                    LayerKind::Head,
+                    part(2 * b * s * d * v, 0),
+                    part(d * v, d),
+                    d * v_full + d,
+                    part(e * b * s * v, e * b * s * 2 * d),
+                    0,
+                    12 * b * s + hidden,
+                    4,
+                ));
+            }
         }
-        nodes.push(LayerNode {
-            kind: LayerKind::Head,
-            cost: cost(
-                2.0 * b * s * d * v,
-                du * vu + 2 * du,
-                e * bu * su * (2 * du + vu),
-                0,
-            ),
-        });
         Ok(LayerGraph {
             shape: *shape,
             micro_batch_size,
             dtype_bytes,
+            tp,
+            padded_vocab,
             nodes,
         })
     }
 
-    /// Total parameter count of the model.
+    /// Total parameter count of the model (unsharded, vocabulary unpadded): what the
+    /// engine allocates over all stages.
     pub fn total_params(&self) -> u64 {
-        self.nodes.iter().map(|n| n.cost.params).sum()
+        self.nodes.iter().map(|n| n.full_params).sum()
+    }
+
+    /// Number of transformer blocks.
+    pub fn n_blocks(&self) -> usize {
+        self.nodes.iter().filter(|n| n.kind.is_block()).count()
     }
 }
 
@@ -230,19 +539,12 @@ mod tests {
     use super::*;
 
     fn small() -> ModelShape {
-        ModelShape {
-            vocab: 10,
-            seq_len: 4,
-            d_model: 8,
-            n_heads: 2,
-            n_layers: 2,
-            d_ff: 16,
-        }
+        ModelShape::gpt(10, 4, 8, 2, 2, 16)
     }
 
     #[test]
     fn hand_computed_costs() {
-        let g = LayerGraph::gpt(&small(), 3, 4).unwrap();
+        let g = LayerGraph::new(&small(), 3, 4).unwrap();
         assert_eq!(g.nodes.len(), 4);
         // embed: V*d + s*d = 80 + 32
         assert_eq!(g.nodes[0].cost.params, 112);
@@ -259,18 +561,76 @@ mod tests {
         // block stash: 4*3*4*(72 + 32) + 4*3*2*16
         assert_eq!(g.nodes[1].cost.activation_bytes, 4992 + 384);
         assert_eq!(g.total_params(), 112 + 1200 + 96);
+        // fp32: grads 4 B/param, AdamW moments 8 B/param, no master copy.
+        assert_eq!(g.nodes[1].cost.grad_bytes, 2400);
+        assert_eq!(g.nodes[1].cost.optim_bytes, 4800);
+        assert_eq!(g.nodes[1].cost.tp_comm_bytes, 0);
+        // bf16: 2 B weights and grads, 12 B optimizer state (moments + master).
+        let g16 = LayerGraph::new(&small(), 3, 2).unwrap();
+        assert_eq!(g16.nodes[1].cost.param_bytes, 1200);
+        assert_eq!(g16.nodes[1].cost.optim_bytes, 7200);
+    }
+
+    #[test]
+    fn hand_computed_llama_costs() {
+        // V 10, s 4, d 8, h 2, kv 1 (head_dim 4, d_kv 4), 2 layers, f 12; b 3, fp32.
+        let shape = ModelShape::llama(10, 4, 8, 2, 1, 2, 12);
+        let g = LayerGraph::new(&shape, 3, 4).unwrap();
+        assert_eq!(g.nodes.len(), 4);
+        // embed: V*d, no position table, no FLOPs.
+        assert_eq!(g.nodes[0].cost.params, 80);
+        assert_eq!(g.nodes[0].cost.fwd_flops, 0.0);
+        // block: 2*64 (q, o) + 2*8*4 (k, v) + 3*8*12 (gate, up, down) + 2*8 (RMSNorms)
+        assert_eq!(g.nodes[1].cost.params, 128 + 64 + 288 + 16);
+        // fwd: 2*3*4*(128 + 64 + 288) + 4*3*16*8 = 11520 + 1536
+        assert_eq!(g.nodes[1].cost.fwd_flops, 13056.0);
+        assert_eq!(g.nodes[1].cost.bwd_flops, 26112.0);
+        // stash: 4*3*4*(6*8 + 2*4 + 3*12) + 4*3*2*16 = 4416 + 384
+        assert_eq!(g.nodes[1].cost.activation_bytes, 4800);
+        // head: RMSNorm d + d*V; fwd 2*3*4*8*10
+        assert_eq!(g.nodes[3].cost.params, 88);
+        assert_eq!(g.nodes[3].cost.fwd_flops, 1920.0);
+        assert_eq!(g.nodes[3].cost.activation_bytes, 4 * 12 * (16 + 10));
+        assert_eq!(g.total_params(), 80 + 2 * 496 + 88);
+    }
+
+    #[test]
+    fn tensor_parallel_costs_shard_the_right_parts() {
+        // d 8, h 4, f 16, V 10 -> padded to 12 at tp = 4.
+        let shape = ModelShape::gpt(10, 4, 8, 4, 2, 16);
+        let g1 = LayerGraph::new(&shape, 1, 4).unwrap();
+        let g4 = LayerGraph::with_tp(&shape, 1, 4, 4).unwrap();
+        assert_eq!(g4.padded_vocab, 12);
+        // block: sharded (4*64 + 2*128 + 24 + 16) / 4 + 6*8 replicated
+        assert_eq!(g4.nodes[1].cost.params, 552 / 4 + 48);
+        assert_eq!(g4.nodes[1].cost.fwd_flops * 4.0, g1.nodes[1].cost.fwd_flops);
+        // embed: 12*8/4 + positions 4*8
+        assert_eq!(g4.nodes[0].cost.params, 24 + 32);
+        // head: 8*12/4 + 2*8
+        assert_eq!(g4.nodes[3].cost.params, 24 + 16);
+        // four all-reduces of b*s*d fp32 per block
+        assert_eq!(g4.nodes[1].cost.tp_comm_bytes, 4 * 4 * 32);
+        // total_params stays the real model's count
+        assert_eq!(g4.total_params(), g1.total_params());
     }
 
     #[test]
     fn bad_shapes_name_the_field() {
         let mut s = small();
         s.d_model = 9;
-        let msg = LayerGraph::gpt(&s, 1, 4).unwrap_err().to_string();
+        let msg = LayerGraph::new(&s, 1, 4).unwrap_err().to_string();
         assert!(msg.contains("model.d_model = 9"), "{msg}");
         assert!(msg.contains("fix:"), "{msg}");
         s.d_model = 8;
         s.n_layers = 0;
         let msg = s.validate().unwrap_err().to_string();
         assert!(msg.starts_with("model.n_layers = 0"), "{msg}");
+        let mut l = ModelShape::llama(10, 4, 8, 4, 3, 2, 16);
+        let msg = l.validate().unwrap_err().to_string();
+        assert!(msg.contains("model.n_kv_heads = 3"), "{msg}");
+        l.arch = Arch::Gpt;
+        l.n_kv_heads = 2;
+        let msg = l.validate().unwrap_err().to_string();
+        assert!(msg.contains("model.n_kv_heads = 2"), "{msg}");
     }
 }

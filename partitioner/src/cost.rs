@@ -1,0 +1,254 @@
+//! The performance model: device throughput and links ([`Hardware`]), and what each
+//! pipeline schedule family costs in memory (microbatches in flight per stage) and time
+//! (bubble fraction), in closed form ([`PipeSchedule`]).
+//!
+//! Communication follows the usual α–β model: a point-to-point message of `n` bytes takes
+//! `latency + n / bandwidth`; a ring all-reduce over `g` ranks takes
+//! `2(g − 1)/g · n / bandwidth + 2(g − 1) · latency`.
+//!
+//! Invariants: every time is finite and non-negative for valid inputs; in-flight counts are
+//! between 1 and the number of microbatches.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Device and link figures (config section `parallel.hardware`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hardware {
+    /// Sustained dense throughput per device, TFLOP/s.
+    pub device_tflops: f64,
+    /// Pipeline (stage-to-stage) bandwidth, GB/s, and latency, µs.
+    pub p2p_gb_s: f64,
+    pub p2p_latency_us: f64,
+    /// Tensor-parallel all-reduce bandwidth (intra-node), GB/s, and latency, µs.
+    pub tp_gb_s: f64,
+    pub tp_latency_us: f64,
+    /// Data-parallel gradient all-reduce bandwidth, GB/s, and latency, µs.
+    pub dp_gb_s: f64,
+    pub dp_latency_us: f64,
+}
+
+impl Default for Hardware {
+    fn default() -> Self {
+        Hardware {
+            device_tflops: 100.0,
+            p2p_gb_s: 25.0,
+            p2p_latency_us: 10.0,
+            tp_gb_s: 150.0,
+            tp_latency_us: 5.0,
+            dp_gb_s: 25.0,
+            dp_latency_us: 20.0,
+        }
+    }
+}
+
+impl Hardware {
+    /// Checks that every figure is a positive (latencies: non-negative) finite number.
+    pub fn validate(&self) -> Result<()> {
+        let figures: [(&'static str, f64, bool); 7] = [
+            ("parallel.hardware.device_tflops", self.device_tflops, true),
+            ("parallel.hardware.p2p_gb_s", self.p2p_gb_s, true),
+            (
+                "parallel.hardware.p2p_latency_us",
+                self.p2p_latency_us,
+                false,
+            ),
+            ("parallel.hardware.tp_gb_s", self.tp_gb_s, true),
+            ("parallel.hardware.tp_latency_us", self.tp_latency_us, false),
+            ("parallel.hardware.dp_gb_s", self.dp_gb_s, true),
+            ("parallel.hardware.dp_latency_us", self.dp_latency_us, false),
+        ];
+        for (field, v, positive) in figures {
+            let ok = v.is_finite() && if positive { v > 0.0 } else { v >= 0.0 };
+            if !ok {
+                return Err(Error::BadValue {
+                    field,
+                    value: v.to_string(),
+                    reason: if positive {
+                        "must be a positive number".into()
+                    } else {
+                        "must be a non-negative number".into()
+                    },
+                    fix: format!("set {field} to a measured figure, or remove it for the default"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Seconds to compute `flops`.
+    pub fn compute_s(&self, flops: f64) -> f64 {
+        flops / (self.device_tflops * 1e12)
+    }
+
+    /// Seconds for one pipeline message of `bytes`.
+    pub fn p2p_s(&self, bytes: u64) -> f64 {
+        if bytes == 0 {
+            return 0.0;
+        }
+        self.p2p_latency_us * 1e-6 + bytes as f64 / (self.p2p_gb_s * 1e9)
+    }
+
+    /// Seconds for `count` ring all-reduces totalling `bytes` over `group` ranks.
+    pub fn tp_allreduce_s(&self, bytes: u64, count: u32, group: usize) -> f64 {
+        ring(bytes, count, group, self.tp_gb_s, self.tp_latency_us)
+    }
+
+    /// Seconds for the data-parallel gradient all-reduce of `bytes` over `group` ranks.
+    pub fn dp_allreduce_s(&self, bytes: u64, group: usize) -> f64 {
+        ring(bytes, 1, group, self.dp_gb_s, self.dp_latency_us)
+    }
+}
+
+fn ring(bytes: u64, count: u32, group: usize, gb_s: f64, latency_us: f64) -> f64 {
+    if group <= 1 || count == 0 {
+        return 0.0;
+    }
+    let g = group as f64;
+    2.0 * (g - 1.0) / g * bytes as f64 / (gb_s * 1e9)
+        + count as f64 * 2.0 * (g - 1.0) * latency_us * 1e-6
+}
+
+/// Pipeline schedule families, as far as memory and bubble are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PipeSchedule {
+    /// All forwards, then all backwards: every stage holds all `m` microbatches.
+    Gpipe,
+    /// One-forward-one-backward: stage `i` of `p` holds `p − i`.
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+    /// Interleaved 1F1B over `v` model chunks per rank (Narayanan et al. 2021).
+    #[serde(rename = "interleaved-1f1b")]
+    Interleaved1F1B,
+    /// Zero-bubble H1 (Qi et al. 2024): 1F1B memory, about a third of its bubble.
+    #[serde(rename = "zb-h1")]
+    ZbH1,
+}
+
+impl PipeSchedule {
+    /// All families, in the order the auto-planner tries them.
+    pub const ALL: [PipeSchedule; 4] = [
+        PipeSchedule::OneFOneB,
+        PipeSchedule::Interleaved1F1B,
+        PipeSchedule::ZbH1,
+        PipeSchedule::Gpipe,
+    ];
+
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            PipeSchedule::Gpipe => "gpipe",
+            PipeSchedule::OneFOneB => "1f1b",
+            PipeSchedule::Interleaved1F1B => "interleaved-1f1b",
+            PipeSchedule::ZbH1 => "zb-h1",
+        }
+    }
+
+    /// Parses `parallel.schedule`.
+    pub fn parse(s: &str) -> Result<PipeSchedule> {
+        PipeSchedule::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| Error::BadValue {
+                field: "parallel.schedule",
+                value: s.to_string(),
+                reason: "unknown schedule".into(),
+                fix: "use one of gpipe, 1f1b, interleaved-1f1b, zb-h1".into(),
+            })
+    }
+
+    /// Whether the family runs more than one model chunk per rank.
+    pub fn is_interleaved(self) -> bool {
+        self == PipeSchedule::Interleaved1F1B
+    }
+
+    /// Microbatches whose activations model chunk `chunk` (of `pp · v`, placed on rank
+    /// `chunk % pp`) keeps stashed at the schedule's peak, with `m` microbatches per step.
+    ///
+    /// GPipe: `m`. 1F1B and ZB-H1: `min(p − r, m)` on rank `r`. Interleaved 1F1B: rank
+    /// `r` runs Megatron's `w = (p − r − 1)·2 + (v − 1)·p` warm-up chunk-forwards and holds
+    /// `w + 1` chunk activations at its peak, spread over its `v` chunks:
+    /// `⌈(w + 1)/v⌉` each, at most `m`.
+    pub fn in_flight(self, chunk: usize, pp: usize, v: usize, m: usize) -> usize {
+        let r = chunk % pp.max(1);
+        let n = match self {
+            PipeSchedule::Gpipe => m,
+            PipeSchedule::OneFOneB | PipeSchedule::ZbH1 => pp - r,
+            PipeSchedule::Interleaved1F1B => {
+                let w = (pp - r - 1) * 2 + (v.max(1) - 1) * pp;
+                (w + 1).div_ceil(v.max(1))
+            }
+        };
+        n.clamp(1, m.max(1))
+    }
+
+    /// Closed-form bubble fraction (idle / total) with `p` ranks, `m` microbatches and
+    /// `v` chunks per rank, for balanced stages: GPipe and 1F1B `(p−1)/(m+p−1)`;
+    /// interleaved `(p−1)/(v·m+p−1)`; ZB-H1 `(p−1)/3 / (m+(p−1)/3)`.
+    pub fn bubble_fraction(self, p: usize, m: usize, v: usize) -> f64 {
+        let (p, m, v) = (p as f64, m.max(1) as f64, v.max(1) as f64);
+        match self {
+            PipeSchedule::Gpipe | PipeSchedule::OneFOneB => (p - 1.0) / (m + p - 1.0),
+            PipeSchedule::Interleaved1F1B => (p - 1.0) / (v * m + p - 1.0),
+            PipeSchedule::ZbH1 => {
+                let b = (p - 1.0) / 3.0;
+                b / (m + b)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for PipeSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_counts() {
+        let s = PipeSchedule::OneFOneB;
+        assert_eq!(
+            (0..4).map(|r| s.in_flight(r, 4, 1, 8)).collect::<Vec<_>>(),
+            vec![4, 3, 2, 1]
+        );
+        assert_eq!(s.in_flight(0, 4, 1, 2), 2);
+        assert_eq!(PipeSchedule::Gpipe.in_flight(3, 4, 1, 8), 8);
+        // interleaved p = 2, v = 2: rank 0 warm-up 2 + 2 = 4 -> 5 chunk activations, 3 per chunk
+        assert_eq!(PipeSchedule::Interleaved1F1B.in_flight(0, 2, 2, 8), 3);
+        assert_eq!(PipeSchedule::Interleaved1F1B.in_flight(3, 2, 2, 8), 2);
+    }
+
+    #[test]
+    fn bubbles_and_comm() {
+        assert!((PipeSchedule::OneFOneB.bubble_fraction(4, 8, 1) - 3.0 / 11.0).abs() < 1e-12);
+        assert!(
+            PipeSchedule::Interleaved1F1B.bubble_fraction(4, 8, 2)
+                < PipeSchedule::OneFOneB.bubble_fraction(4, 8, 1)
+        );
+        assert!(
+            PipeSchedule::ZbH1.bubble_fraction(4, 8, 1)
+                < PipeSchedule::OneFOneB.bubble_fraction(4, 8, 1)
+        );
+        let h = Hardware::default();
+        assert_eq!(h.tp_allreduce_s(1000, 1, 1), 0.0);
+        assert!(h.tp_allreduce_s(1000, 1, 2) > 0.0);
+        assert!(PipeSchedule::parse("zb-h1").is_ok());
+        let e = PipeSchedule::parse("zb").unwrap_err().to_string();
+        assert!(e.contains("parallel.schedule = zb"), "{e}");
+        let bad = Hardware {
+            tp_gb_s: 0.0,
+            ..Hardware::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("parallel.hardware.tp_gb_s"));
+    }
+}
