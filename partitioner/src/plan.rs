@@ -287,11 +287,15 @@ impl Plan {
             PartitionMethod::Profile => solve(times.clone(), None)?,
             PartitionMethod::Optimal => {
                 // With v chunks per rank, each chunk gets cap / v so that every rank fits.
-                let cap = spec.memory_cap_bytes.map(|c| MemoryCap {
-                    cap: c / spec.virtual_stages as u64,
+                // Without a cap, the cap is unbounded: ties in time still go to the split
+                // with the least peak memory.
+                let cap = MemoryCap {
+                    cap: spec
+                        .memory_cap_bytes
+                        .map_or(u64::MAX, |c| c / spec.virtual_stages as u64),
                     in_flight: in_flight.iter().map(|&f| f as u64).collect(),
-                });
-                solve(times.clone(), cap.as_ref())?
+                };
+                solve(times.clone(), Some(&cap))?
             }
         };
         Ok(Self::assemble(

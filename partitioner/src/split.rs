@@ -142,20 +142,30 @@ impl Prefix {
     }
 }
 
-/// Reachability for bound `limit`: `fits(k, i, j)` must be monotone (true for `(i, j)`
-/// implies true for `(i', j')` with `i ≤ i' < j' ≤ j`). Returns, when the chain end is
-/// reachable in `stages` stages, the reachable flags per stage count and `hi[k][i]`.
-fn reach(p: &Prefix, stages: usize, fits: &impl Fn(usize, usize, usize) -> bool) -> Option<Reach> {
+/// Reachability for a bound: `fits(k, i, j)` must be monotone (true for `(i, j)` implies
+/// true for `(i', j')` with `i ≤ i' < j' ≤ j`). Returns, when the chain end is reachable in
+/// `stages` stages, the reachable flags per stage count and `hi[k][i]` (both empty unless
+/// `keep`, which backtracking needs).
+fn reach(
+    p: &Prefix,
+    stages: usize,
+    fits: &impl Fn(usize, usize, usize) -> bool,
+    keep: bool,
+) -> Option<Reach> {
     let n = p.next_req.len() - 1;
-    let mut reachable = vec![vec![false; n + 1]; stages + 1];
-    let mut his = vec![vec![0usize; n + 1]; stages];
-    reachable[0][0] = true;
+    let mut kept_reach = Vec::new();
+    let mut kept_his = Vec::new();
+    let mut cur = vec![false; n + 1];
+    let mut next = vec![false; n + 1];
+    let mut his = vec![0usize; n + 1];
+    cur[0] = true;
+    let (mut first, mut last) = (0usize, 0usize);
     let mut diff = vec![0i32; n + 2];
     for k in 0..stages {
-        diff.iter_mut().for_each(|d| *d = 0);
-        let mut j = 0usize;
-        let mut any = false;
-        for i in 0..n {
+        diff[first..].iter_mut().for_each(|d| *d = 0);
+        let mut j = first;
+        let (mut lo_any, mut hi_any) = (usize::MAX, 0usize);
+        for i in first..=last.min(n - 1) {
             // hi_k(i): largest j > i with fits(k, i, j), or i if none.
             if j < i {
                 j = i;
@@ -163,27 +173,41 @@ fn reach(p: &Prefix, stages: usize, fits: &impl Fn(usize, usize, usize) -> bool)
             while j < n && fits(k, i, j + 1) {
                 j += 1;
             }
-            his[k][i] = j;
-            if !reachable[k][i] {
+            his[i] = j;
+            if !cur[i] {
                 continue;
             }
             let lo = p.next_req[i] + 1;
-            if lo <= j && lo <= n {
+            if lo <= j {
                 diff[lo] += 1;
                 diff[j + 1] -= 1;
-                any = true;
+                lo_any = lo_any.min(lo);
+                hi_any = hi_any.max(j);
             }
         }
-        if !any {
+        if lo_any == usize::MAX {
             return None;
         }
+        next.iter_mut().for_each(|r| *r = false);
         let mut run = 0;
-        for (pos, d) in diff.iter().take(n + 1).enumerate() {
-            run += d;
-            reachable[k + 1][pos] = run > 0;
+        for pos in lo_any..=hi_any {
+            run += diff[pos];
+            next[pos] = run > 0;
         }
+        if keep {
+            kept_reach.push(cur.clone());
+            kept_his.push(his.clone());
+        }
+        std::mem::swap(&mut cur, &mut next);
+        (first, last) = (lo_any, hi_any);
     }
-    reachable[stages][n].then_some((reachable, his))
+    if !cur[n] {
+        return None;
+    }
+    if keep {
+        kept_reach.push(cur);
+    }
+    Some((kept_reach, kept_his))
 }
 
 fn backtrack(p: &Prefix, stages: usize, reachable: &[Vec<bool>], his: &[Vec<usize>]) -> Bounds {
@@ -242,12 +266,32 @@ pub fn optimal_split(
     let mem_ok = &mem_ok;
     let fits_at =
         |t: f64| move |k: usize, i: usize, j: usize| p.cost[j] - p.cost[i] <= t && mem_ok(k, i, j);
-    if reach(p, stages, &fits_at(upper)).is_none() {
+    if reach(p, stages, &fits_at(upper), false).is_none() {
         let cap = cap.expect("without a cap every split with a block per stage is feasible");
         return Err(min_peak_memory(p, stages, cap));
     }
-    let t = bisect(upper, |t| reach(p, stages, &fits_at(t)).is_some());
-    let (reachable, his) = reach(p, stages, &fits_at(t)).expect("bisection keeps hi feasible");
+    let t = bisect(upper, |t| reach(p, stages, &fits_at(t), false).is_some());
+    let Some(cap) = cap else {
+        let (reachable, his) =
+            reach(p, stages, &fits_at(t), true).expect("bisection keeps hi feasible");
+        return Ok(backtrack(p, stages, &reachable, &his));
+    };
+    // Second objective: among the time-optimal splits, the smallest peak stage memory.
+    let flight = |k: usize| cap.in_flight.get(k).copied().unwrap_or(1);
+    let flight = &flight;
+    let mem_upper = (0..stages)
+        .map(|k| p.mem(0, n, flight(k)).min(cap.cap) as f64)
+        .fold(0.0, f64::max);
+    let fits_mem = |m: f64| {
+        move |k: usize, i: usize, j: usize| {
+            p.cost[j] - p.cost[i] <= t && mem_ok(k, i, j) && p.mem(i, j, flight(k)) as f64 <= m
+        }
+    };
+    let m = bisect(mem_upper, |m| {
+        reach(p, stages, &fits_mem(m), false).is_some()
+    });
+    let (reachable, his) =
+        reach(p, stages, &fits_mem(m), true).expect("bisection keeps hi feasible");
     Ok(backtrack(p, stages, &reachable, &his))
 }
 
@@ -260,8 +304,8 @@ fn min_peak_memory(p: &Prefix, stages: usize, cap: &MemoryCap) -> NoSplit {
         .fold(0.0, f64::max);
     let flight = &flight;
     let fits_at = |t: f64| move |k: usize, i: usize, j: usize| p.mem(i, j, flight(k)) as f64 <= t;
-    let t = bisect(upper, |t| reach(p, stages, &fits_at(t)).is_some());
-    let (reachable, his) = reach(p, stages, &fits_at(t)).expect("feasible at the optimum");
+    let t = bisect(upper, |t| reach(p, stages, &fits_at(t), false).is_some());
+    let (reachable, his) = reach(p, stages, &fits_at(t), true).expect("feasible at the optimum");
     let bounds = backtrack(p, stages, &reachable, &his);
     let (stage, need) = bounds
         .windows(2)
@@ -452,6 +496,25 @@ mod tests {
                     Ok(b) => {
                         fitted += 1;
                         assert_eq!(Some(worst(&chain, &b)), expect, "{chain:?} {cap:?}");
+                        // Among time-optimal splits under the cap, the least peak memory.
+                        let peak = |b: &Bounds| {
+                            b.windows(2)
+                                .enumerate()
+                                .map(|(k, w)| stage_mem(&chain, &cap, k, w[0], w[1]))
+                                .max()
+                                .unwrap()
+                        };
+                        let best_peak = all_splits(chain.cost.len(), pp)
+                            .into_iter()
+                            .filter(|s| {
+                                s.windows(2).enumerate().all(|(k, w)| {
+                                    chain.required[w[0]..w[1]].iter().any(|&r| r)
+                                        && stage_mem(&chain, &cap, k, w[0], w[1]) <= cap.cap
+                                }) && Some(worst(&chain, s)) == expect
+                            })
+                            .map(|s| peak(&s))
+                            .min();
+                        assert_eq!(Some(peak(&b)), best_peak, "{chain:?} {cap:?}");
                         assert_eq!((b[0], *b.last().unwrap()), (0, chain.cost.len()));
                         for (k, w) in b.windows(2).enumerate() {
                             assert!(w[0] < w[1]);
