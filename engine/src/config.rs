@@ -11,7 +11,10 @@
 
 use crate::data::{CharVocab, DataSource};
 use crate::error::{Error, Result};
-use partitioner::{ModelShape, Plan, ScheduleKind};
+use partitioner::{
+    Arch, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec, Profile, Schedule,
+    ScheduleKind,
+};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -87,6 +90,12 @@ pub struct ModelConfig {
     pub n_heads: Count,
     pub n_layers: Count,
     pub d_ff: Count,
+    /// `gpt` (GPT-2 style) or `llama` (RMSNorm, SwiGLU, rotary, grouped-query attention).
+    #[serde(default)]
+    pub arch: Arch,
+    /// Key/value heads (grouped-query attention; default `n_heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<Count>,
 }
 
 /// `parallel`: the layout and the schedule.
@@ -105,6 +114,22 @@ pub struct ParallelConfig {
     /// Model chunks per rank for interleaved schedules (pp · v chunks, round-robin).
     #[serde(default = "one")]
     pub virtual_stages: Count,
+    /// How layers are split over stages: uniform, parameters, flops, profile, optimal.
+    #[serde(default = "default_partition")]
+    pub partition: PartitionMethod,
+    /// Per-device memory cap in GiB (used by `partition: optimal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_gib: Option<f64>,
+    /// Layer-time profile from `strata profile` (relative to the config's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Device and link figures of the cost model.
+    #[serde(default)]
+    pub hardware: Hardware,
+}
+
+fn default_partition() -> PartitionMethod {
+    PartitionMethod::Flops
 }
 
 fn one() -> Count {
@@ -178,6 +203,13 @@ fn ten() -> Count {
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     pub dir: String,
+    /// Steps recorded in trace.json (from step 2 on; 0 disables the trace).
+    #[serde(default = "three")]
+    pub trace_steps: usize,
+}
+
+fn three() -> usize {
+    3
 }
 
 /// A whole experiment file.
@@ -194,7 +226,10 @@ pub struct Config {
 }
 
 /// Schedules the engine can run today.
-pub const SUPPORTED_SCHEDULES: &[&str] = &["gpipe", "1f1b"];
+pub const SUPPORTED_SCHEDULES: &[&str] = &["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"];
+/// Message tags encode the microbatch in 10 bits and the virtual stage in 2.
+pub const MAX_MICROBATCHES: usize = 1024;
+pub const MAX_VIRTUAL_STAGES: usize = 4;
 
 impl Config {
     /// Reads, parses, validates and resolves a config file.
@@ -210,6 +245,13 @@ impl Config {
 
     /// Parses and validates YAML `text` as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let cfg = Self::parse_unchecked(text, path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses YAML `text` (unknown keys and bad types rejected) without validation.
+    fn parse_unchecked(text: &str, path: &Path) -> Result<Config> {
         let shown = path.display().to_string();
         let de = serde_yaml::Deserializer::from_str(text);
         let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -272,7 +314,6 @@ impl Config {
             }
         })?;
         cfg.source = path.to_path_buf();
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -286,6 +327,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        self.check_engine_support()?;
         let p = &self.parallel;
         if *p.tp != 1 {
             return Err(self.field_error(
@@ -301,25 +343,38 @@ impl Config {
                 "set parallel.dp: 1".into(),
             ));
         }
-        if !SUPPORTED_SCHEDULES.contains(&p.schedule.as_str()) {
-            let known = ["interleaved-1f1b", "zb-h1"].contains(&p.schedule.as_str());
+        if ScheduleKind::from_name(&p.schedule).is_none_or(|k| k == ScheduleKind::ForwardOnly) {
             return Err(self.field_error(
                 "parallel.schedule",
-                if known {
-                    format!("`{}` is not supported yet", p.schedule)
-                } else {
-                    format!("unknown schedule `{}`", p.schedule)
-                },
+                format!("unknown schedule `{}`", p.schedule),
                 format!("use one of: {}", SUPPORTED_SCHEDULES.join(", ")),
             ));
         }
-        if *p.microbatches > 4096 {
+        if *p.microbatches > MAX_MICROBATCHES {
             return Err(self.field_error(
                 "parallel.microbatches",
-                format!("{} is more than the supported 4096", *p.microbatches),
-                "use at most 4096 microbatches per step".into(),
+                format!(
+                    "{} is more than the supported {MAX_MICROBATCHES}",
+                    *p.microbatches
+                ),
+                format!("use at most {MAX_MICROBATCHES} microbatches per step"),
             ));
         }
+        if *p.virtual_stages > MAX_VIRTUAL_STAGES {
+            return Err(self.field_error(
+                "parallel.virtual_stages",
+                format!(
+                    "{} is more than the supported {MAX_VIRTUAL_STAGES}",
+                    *p.virtual_stages
+                ),
+                format!("use at most {MAX_VIRTUAL_STAGES} virtual stages per rank"),
+            ));
+        }
+        // The schedule must build (and so be deadlock-free) for this layout.
+        self.schedule().map_err(|e| Error::Plan {
+            path: self.source.display().to_string(),
+            source: e,
+        })?;
         let t = &self.train;
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(self.field_error(
@@ -372,21 +427,24 @@ impl Config {
         // Data, vocabulary and the plan.
         let source = self.data_source()?;
         let shape = self.shape_with(&source)?;
-        Plan::balanced(&shape, *p.pp, *p.microbatches, *p.micro_batch_size, 4).map_err(|e| {
-            Error::Plan {
-                path: self.source.display().to_string(),
-                source: e,
-            }
-        })?;
+        self.plan_for(&shape)?;
         Ok(())
     }
 
     /// The schedule family named by `parallel.schedule`.
     pub fn schedule_kind(&self) -> ScheduleKind {
-        match self.parallel.schedule.as_str() {
-            "1f1b" => ScheduleKind::OneFOneB,
-            _ => ScheduleKind::Gpipe,
-        }
+        ScheduleKind::from_name(&self.parallel.schedule).unwrap_or(ScheduleKind::Gpipe)
+    }
+
+    /// The validated (unlowered) training schedule of this config.
+    pub fn schedule(&self) -> std::result::Result<Schedule, partitioner::Error> {
+        let p = &self.parallel;
+        Schedule::build_virtual(
+            self.schedule_kind(),
+            *p.pp,
+            *p.virtual_stages,
+            *p.microbatches,
+        )
     }
 
     /// World size: pp · tp · dp.
@@ -470,10 +528,12 @@ impl Config {
             (Vocab::Auto, DataSource::Random { vocab }) => *vocab,
         };
         Ok(ModelShape {
+            arch: self.model.arch,
             vocab,
             seq_len: *self.model.seq_len,
             d_model: *self.model.d_model,
             n_heads: *self.model.n_heads,
+            n_kv_heads: self.model.n_kv_heads.map_or(*self.model.n_heads, |c| *c),
             n_layers: *self.model.n_layers,
             d_ff: *self.model.d_ff,
         })
@@ -484,20 +544,112 @@ impl Config {
         self.shape_with(&self.data_source()?)
     }
 
-    /// The pipeline plan for this config.
+    /// The pipeline plan for this config: `pp · virtual_stages` stages (chunks) in model
+    /// order, chunk `c` on pipeline rank `c % pp`.
     pub fn plan(&self) -> Result<Plan> {
-        let p = &self.parallel;
-        Plan::balanced(
-            &self.shape()?,
-            *p.pp,
-            *p.microbatches,
-            *p.micro_batch_size,
-            4,
-        )
-        .map_err(|e| Error::Plan {
+        self.plan_for(&self.shape()?)
+    }
+
+    fn plan_err(&self) -> impl Fn(partitioner::Error) -> Error + '_ {
+        move |source| Error::Plan {
             path: self.source.display().to_string(),
-            source: e,
+            source,
+        }
+    }
+
+    /// Absolute path of `parallel.profile` (relative paths resolve against the config's
+    /// directory, like `train.data`).
+    pub fn profile_path(&self) -> Option<PathBuf> {
+        let p = Path::new(self.parallel.profile.as_ref()?);
+        if p.is_absolute() {
+            return Some(p.to_path_buf());
+        }
+        let base = self
+            .source
+            .parent()
+            .filter(|b| !b.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let joined = base.join(p);
+        Some(std::path::absolute(&joined).unwrap_or(joined))
+    }
+
+    /// The partitioner's inputs for this config and a resolved `shape`.
+    pub fn plan_spec(&self, shape: &ModelShape) -> Result<PlanSpec> {
+        let p = &self.parallel;
+        let schedule = PipeSchedule::parse(&p.schedule).map_err(self.plan_err())?;
+        let memory_cap_bytes = match p.memory_gib {
+            None => None,
+            Some(g) if g.is_finite() && g > 0.0 => Some((g * (1u64 << 30) as f64) as u64),
+            Some(g) => {
+                return Err(self.field_error(
+                    "parallel.memory_gib",
+                    format!("must be a positive number of GiB, got {g}"),
+                    "set e.g. parallel.memory_gib: 80, or remove the key".into(),
+                ))
+            }
+        };
+        let profile = match self.profile_path() {
+            None => None,
+            Some(path) => {
+                let prof = Profile::load(&path).map_err(self.plan_err())?;
+                prof.check(&path.display().to_string(), shape, *p.micro_batch_size)
+                    .map_err(self.plan_err())?;
+                Some(prof)
+            }
+        };
+        Ok(PlanSpec {
+            shape: *shape,
+            pp: *p.pp,
+            tp: *p.tp,
+            dp: *p.dp,
+            virtual_stages: *p.virtual_stages,
+            microbatches: *p.microbatches,
+            micro_batch_size: *p.micro_batch_size,
+            dtype_bytes: 4,
+            schedule,
+            method: p.partition,
+            memory_cap_bytes,
+            hardware: p.hardware,
+            profile,
         })
+    }
+
+    fn plan_for(&self, shape: &ModelShape) -> Result<Plan> {
+        Plan::build(&self.plan_spec(shape)?).map_err(self.plan_err())
+    }
+
+    /// Refuses what the partitioner can plan but the engine cannot run yet.
+    fn check_engine_support(&self) -> Result<()> {
+        if self.model.arch == Arch::Llama {
+            return Err(self.field_error(
+                "model.arch = llama",
+                "LLaMA-style blocks (RMSNorm, SwiGLU, rotary, grouped-query attention) are \
+                 not supported yet by the engine"
+                    .into(),
+                "set model.arch: gpt to train; `strata plan` accepts llama configs".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and checks a config for planning only (`strata plan`, `strata profile`):
+    /// the model, parallel layout and data are validated, but not what only the engine
+    /// needs (architecture support, tp/dp support, optimizer settings).
+    pub fn load_for_plan(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            field: "(file)".into(),
+            problem: format!("cannot read the config: {e}"),
+            fix: "pass the path of an existing YAML file, e.g. configs/demo.yaml".into(),
+        })?;
+        Self::parse_for_plan(&text, path)
+    }
+
+    /// Like [`Config::parse`], checking only what planning needs.
+    pub fn parse_for_plan(text: &str, path: &Path) -> Result<Config> {
+        let cfg = Self::parse_unchecked(text, path)?;
+        cfg.plan()?;
+        Ok(cfg)
     }
 
     /// The output directory, resolved against the current working directory.
@@ -574,7 +726,7 @@ output: {dir: /tmp/strata-test}
             e.contains("parallel.tp") && e.contains("not supported yet"),
             "{e}"
         );
-        let e = err("model: [1, 2\n");
+        let e = err("model: {seq_len: 1\n");
         assert!(e.contains("YAML syntax error at line"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }

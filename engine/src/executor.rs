@@ -1,40 +1,64 @@
 //! Executes one rank's row of a lowered, validated [`Schedule`] for one step.
 //!
 //! The executor interprets actions literally — it has no schedule-specific control flow —
-//! so any schedule that passes validation and simulation in the partitioner runs here.
-//! Activations in flight are stashed by microbatch; a backward on a non-last stage seeds
-//! autograd with the received gradient `g` through the surrogate `sum(y ⊙ g)`, whose
-//! gradient w.r.t. `y` is exactly `g`.
+//! so any schedule that passes validation and simulation in the partitioner runs here:
+//! GPipe, 1F1B, interleaved 1F1B (several chunks per rank) and zero-bubble (I/W split).
+//!
+//! * Receives for the whole step are posted up front ([`Communicator::post_recv`]), in
+//!   schedule order, so transfers can land while the rank computes.
+//! * Activations in flight are stashed by (chunk, microbatch).
+//! * A backward on a non-last chunk seeds autograd with the received gradient `g` through
+//!   the surrogate `sum(y ⊙ g)`, whose gradient w.r.t. `y` is exactly `g`; on the last
+//!   chunk the surrogate is `loss / microbatches`.
+//! * `B` runs `surrogate.backward()` (input and weight gradients at once). `I` computes
+//!   only the input gradient with `autograd.grad(surrogate, input, retain_graph=true)`;
+//!   the later `W` computes the weight gradients with `autograd.grad(surrogate, params)`
+//!   and adds them to `.grad`, so B and I+W leave the same gradients.
 //!
 //! Invariants: every stashed microbatch is consumed by its backward (training) or never
-//! stashed (forward-only); received tensors are checked for dtype, shape and microbatch
-//! before use.
+//! stashed (forward-only); received tensors are checked for dtype, shape, chunk and
+//! microbatch before use.
+//!
+//! [`Schedule`]: partitioner::Schedule
 
 use crate::comm::wire::{self, Expect};
 use crate::comm::{Communicator, Tag};
 use crate::error::{Error, Result};
 use crate::model::{StageInput, StageModel, StageOutput};
-use partitioner::{Action, ActionKind, MicrobatchId, Rank};
+use partitioner::{Action, ActionKind, MicrobatchId, Rank, StageId};
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tch::{Kind, Tensor};
 
-/// Where a stage sits in the pipeline.
+/// Where chunks live: chunk `c` is on rank `c % pp`, in slot `c / pp` of that rank.
 #[derive(Clone, Copy, Debug)]
-pub struct StagePeers {
-    /// Rank holding the previous stage (None on the first stage).
-    pub prev: Option<Rank>,
-    /// Rank holding the next stage (None on the last stage).
-    pub next: Option<Rank>,
+pub struct PipelineLayout {
+    pub pp: usize,
+    pub n_chunks: usize,
 }
 
-/// Per-microbatch data for this stage.
+impl PipelineLayout {
+    pub fn rank_of(&self, chunk: usize) -> Rank {
+        Rank(chunk % self.pp)
+    }
+    pub fn slot_of(&self, chunk: usize) -> usize {
+        chunk / self.pp
+    }
+    pub fn is_first(&self, chunk: usize) -> bool {
+        chunk == 0
+    }
+    pub fn is_last(&self, chunk: usize) -> bool {
+        chunk + 1 == self.n_chunks
+    }
+}
+
+/// Per-microbatch data for this rank.
 pub struct StepData {
-    /// Token ids `[b, s]` per microbatch (first stage only).
+    /// Token ids `[b, s]` per microbatch (rank holding chunk 0 only).
     pub tokens: Vec<Tensor>,
-    /// Target ids `[b, s]` per microbatch (last stage only).
+    /// Target ids `[b, s]` per microbatch (rank holding the last chunk only).
     pub targets: Vec<Tensor>,
-    /// Shape of the hidden state exchanged between stages, `[b, s, d]`.
+    /// Shape of the hidden state exchanged between chunks, `[b, s, d]`.
     pub hidden_shape: Vec<i64>,
     /// Microbatches in the step (the loss of each is divided by this).
     pub microbatches: usize,
@@ -51,117 +75,145 @@ pub struct Span {
 /// What one step on one rank measured.
 #[derive(Clone, Debug, Default)]
 pub struct StepStats {
-    /// Sum of microbatch losses (last stage only).
+    /// Sum of microbatch losses (rank holding the last chunk only).
     pub loss_sum: f64,
-    /// Most microbatches stashed at once.
+    /// Most (chunk, microbatch) pairs stashed for backward at once.
     pub peak_stash: usize,
-    /// Time in F and B.
+    /// Time in F, B, I and W.
     pub compute_s: f64,
     /// Time waiting in receives.
     pub wait_s: f64,
+    /// Wall-clock time (µs since the Unix epoch) at which the step started.
+    pub start_unix_us: f64,
     pub spans: Vec<Span>,
 }
 
 struct Stashed {
-    /// The stage's input leaf (None on the first stage, whose input is token ids).
+    /// The chunk's input leaf (None on chunk 0, whose input is token ids).
     input: Option<Tensor>,
-    /// Hidden output, or the microbatch loss on the last stage.
+    /// Hidden output, or the microbatch loss on the last chunk.
     output: Tensor,
+    /// The backward seed, kept between I and W.
+    surrogate: Option<Tensor>,
 }
 
-/// Runs `actions` (this rank's lowered row). With `training` false the schedule must be
-/// forward-only and nothing is stashed or differentiated.
+type Key = (StageId, MicrobatchId);
+
+/// Runs `actions` (this rank's lowered row) with `chunks[slot]` the model of each local
+/// chunk. With `training` false the schedule must be forward-only and nothing is stashed
+/// or differentiated.
 pub fn run_actions(
     actions: &[Action],
-    model: &StageModel,
+    chunks: &[StageModel],
     comm: &mut dyn Communicator,
-    peers: StagePeers,
+    layout: PipelineLayout,
     data: &StepData,
     training: bool,
 ) -> Result<StepStats> {
     let t0 = Instant::now();
-    let mut stats = StepStats::default();
-    let mut stash: HashMap<MicrobatchId, Stashed> = HashMap::new();
-    let mut received: HashMap<MicrobatchId, Tensor> = HashMap::new();
-    let mut outbox: HashMap<MicrobatchId, Tensor> = HashMap::new();
-    let mut grads_in: HashMap<MicrobatchId, Tensor> = HashMap::new();
-    let mut grads_out: HashMap<MicrobatchId, Tensor> = HashMap::new();
-    let expect = |mb: MicrobatchId| Expect {
+    let mut stats = StepStats {
+        start_unix_us: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        ..StepStats::default()
+    };
+    let mut stash: HashMap<Key, Stashed> = HashMap::new();
+    let mut received: HashMap<Key, Tensor> = HashMap::new();
+    let mut outbox: HashMap<Key, Tensor> = HashMap::new();
+    let mut grads_in: HashMap<Key, Tensor> = HashMap::new();
+    let mut grads_out: HashMap<Key, Tensor> = HashMap::new();
+    let expect = |chunk: usize, mb: MicrobatchId| Expect {
         kind: Kind::Float,
         shape: data.hidden_shape.clone(),
+        chunk,
         microbatch: mb.0,
     };
-    let missing = |what: &str, a: &Action| {
-        Error::Comm(format!(
-            "{a}: no {what} for microbatch {} (schedule bug)",
-            a.mb
-        ))
-    };
+    let bug = |what: &str, a: &Action| Error::Comm(format!("{a}: no {what} (schedule bug)"));
     let scale = 1.0 / data.microbatches as f64;
+    let model_of = |a: &Action| {
+        chunks
+            .get(layout.slot_of(a.stage.0))
+            .ok_or_else(|| bug("model chunk", a))
+    };
+
+    // Post every receive of the step now, in schedule order.
+    for a in actions {
+        let c = a.stage.0;
+        let (from, kind) = match a.kind {
+            ActionKind::RecvAct => (layout.rank_of(c.wrapping_sub(1)), Tag::ACTIVATION),
+            ActionKind::RecvGrad => (layout.rank_of(c + 1), Tag::GRADIENT),
+            _ => continue,
+        };
+        let tag = Tag::microbatch(kind, layout.slot_of(c), a.mb.0);
+        comm.post_recv(from, tag, expect(c, a.mb).message_len())?;
+    }
 
     for a in actions {
         let start = t0.elapsed().as_secs_f64();
-        let mb = a.mb;
+        let (c, mb) = (a.stage.0, a.mb);
+        let key = (a.stage, mb);
         match a.kind {
             ActionKind::RecvAct => {
-                let from = peers.prev.ok_or_else(|| missing("previous stage", a))?;
-                let bytes = comm.recv(from, Tag::microbatch(Tag::ACTIVATION, mb.0))?;
-                received.insert(mb, wire::decode_tensor(&bytes, from, &expect(mb))?);
+                let from = layout.rank_of(c - 1);
+                let bytes = comm.recv(
+                    from,
+                    Tag::microbatch(Tag::ACTIVATION, layout.slot_of(c), mb.0),
+                )?;
+                received.insert(key, wire::decode_tensor(&bytes, from, &expect(c, mb))?);
             }
             ActionKind::RecvGrad => {
-                let from = peers.next.ok_or_else(|| missing("next stage", a))?;
-                let bytes = comm.recv(from, Tag::microbatch(Tag::GRADIENT, mb.0))?;
-                grads_in.insert(mb, wire::decode_tensor(&bytes, from, &expect(mb))?);
+                let from = layout.rank_of(c + 1);
+                let bytes = comm.recv(
+                    from,
+                    Tag::microbatch(Tag::GRADIENT, layout.slot_of(c), mb.0),
+                )?;
+                grads_in.insert(key, wire::decode_tensor(&bytes, from, &expect(c, mb))?);
             }
             ActionKind::SendAct => {
-                let to = peers.next.ok_or_else(|| missing("next stage", a))?;
-                let t = outbox.remove(&mb).ok_or_else(|| missing("activation", a))?;
+                let t = outbox.remove(&key).ok_or_else(|| bug("activation", a))?;
+                let tag = Tag::microbatch(Tag::ACTIVATION, layout.slot_of(c + 1), mb.0);
                 comm.send(
-                    to,
-                    Tag::microbatch(Tag::ACTIVATION, mb.0),
-                    wire::encode_tensor(&t, mb.0)?,
+                    layout.rank_of(c + 1),
+                    tag,
+                    wire::encode_tensor(&t, c + 1, mb.0)?,
                 )?;
             }
             ActionKind::SendGrad => {
-                let to = peers.prev.ok_or_else(|| missing("previous stage", a))?;
                 let t = grads_out
-                    .remove(&mb)
-                    .ok_or_else(|| missing("input gradient", a))?;
+                    .remove(&key)
+                    .ok_or_else(|| bug("input gradient", a))?;
+                let tag = Tag::microbatch(Tag::GRADIENT, layout.slot_of(c - 1), mb.0);
                 comm.send(
-                    to,
-                    Tag::microbatch(Tag::GRADIENT, mb.0),
-                    wire::encode_tensor(&t, mb.0)?,
+                    layout.rank_of(c - 1),
+                    tag,
+                    wire::encode_tensor(&t, c - 1, mb.0)?,
                 )?;
             }
             ActionKind::Forward => {
-                let input = match peers.prev {
-                    None => None,
-                    Some(_) => {
-                        let h = received
-                            .remove(&mb)
-                            .ok_or_else(|| missing("received activation", a))?;
-                        Some(if training {
-                            h.set_requires_grad(true)
-                        } else {
-                            h
-                        })
-                    }
+                let input = if layout.is_first(c) {
+                    None
+                } else {
+                    let h = received
+                        .remove(&key)
+                        .ok_or_else(|| bug("received activation", a))?;
+                    Some(if training {
+                        h.set_requires_grad(true)
+                    } else {
+                        h
+                    })
                 };
                 let stage_in = match &input {
                     Some(h) => StageInput::Hidden(h),
-                    None => StageInput::Tokens(
-                        data.tokens.get(mb.0).ok_or_else(|| missing("tokens", a))?,
-                    ),
+                    None => {
+                        StageInput::Tokens(data.tokens.get(mb.0).ok_or_else(|| bug("tokens", a))?)
+                    }
                 };
-                let targets = if peers.next.is_none() {
-                    Some(
-                        data.targets
-                            .get(mb.0)
-                            .ok_or_else(|| missing("targets", a))?,
-                    )
+                let targets = if layout.is_last(c) {
+                    Some(data.targets.get(mb.0).ok_or_else(|| bug("targets", a))?)
                 } else {
                     None
                 };
+                let model = model_of(a)?;
                 let out = if training {
                     model.forward(stage_in, targets)?
                 } else {
@@ -175,42 +227,82 @@ pub fn run_actions(
                         loss
                     }
                     StageOutput::Hidden(h) => {
-                        outbox.insert(mb, h.detach());
+                        outbox.insert(key, h.detach());
                         h
                     }
                 };
                 if training {
-                    stash.insert(mb, Stashed { input, output });
+                    stash.insert(
+                        key,
+                        Stashed {
+                            input,
+                            output,
+                            surrogate: None,
+                        },
+                    );
                     stats.peak_stash = stats.peak_stash.max(stash.len());
                 }
             }
-            ActionKind::Backward => {
+            ActionKind::Backward | ActionKind::InputGrad => {
                 let s = stash
-                    .remove(&mb)
-                    .ok_or_else(|| missing("stashed forward", a))?;
-                let surrogate = match peers.next {
-                    None => s.output.f_mul_scalar(scale),
-                    Some(_) => {
-                        let g = grads_in
-                            .remove(&mb)
-                            .ok_or_else(|| missing("output gradient", a))?;
-                        s.output.f_mul(&g).and_then(|t| t.f_sum(Kind::Float))
-                    }
+                    .get_mut(&key)
+                    .ok_or_else(|| bug("stashed forward", a))?;
+                let surrogate = if layout.is_last(c) {
+                    s.output.f_mul_scalar(scale)
+                } else {
+                    let g = grads_in
+                        .remove(&key)
+                        .ok_or_else(|| bug("output gradient", a))?;
+                    s.output.f_mul(&g).and_then(|t| t.f_sum(Kind::Float))
                 }
                 .map_err(Error::torch(format!("backward seed of {a}")))?;
-                surrogate
-                    .f_backward()
-                    .map_err(Error::torch(format!("backward of {a}")))?;
-                if let Some(input) = s.input {
-                    grads_out.insert(mb, input.grad());
+                if a.kind == ActionKind::Backward {
+                    surrogate
+                        .f_backward()
+                        .map_err(Error::torch(format!("backward of {a}")))?;
+                    let s = stash.remove(&key).expect("present");
+                    if let Some(input) = s.input {
+                        grads_out.insert(key, input.grad());
+                    }
+                } else {
+                    if let Some(input) = &s.input {
+                        let g = Tensor::f_run_backward(&[&surrogate], &[input], true, false)
+                            .map_err(Error::torch(format!("input gradient of {a}")))?;
+                        grads_out.insert(
+                            key,
+                            g.into_iter()
+                                .next()
+                                .ok_or_else(|| bug("input gradient", a))?,
+                        );
+                    }
+                    s.surrogate = Some(surrogate);
                 }
+            }
+            ActionKind::WeightGrad => {
+                let s = stash
+                    .remove(&key)
+                    .ok_or_else(|| bug("stashed forward", a))?;
+                let surrogate = s
+                    .surrogate
+                    .ok_or_else(|| bug("input-gradient pass before W", a))?;
+                let params = model_of(a)?.params();
+                let tensors: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
+                let grads = Tensor::f_run_backward(&[&surrogate], &tensors, false, false)
+                    .map_err(Error::torch(format!("weight gradients of {a}")))?;
+                tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
+                    for (p, g) in params.iter().zip(&grads) {
+                        let _ = p.tensor.grad().f_add_(g)?;
+                    }
+                    Ok(())
+                })
+                .map_err(Error::torch(format!("accumulating gradients of {a}")))?;
             }
         }
         let end = t0.elapsed().as_secs_f64();
-        match a.kind {
-            ActionKind::Forward | ActionKind::Backward => stats.compute_s += end - start,
-            ActionKind::RecvAct | ActionKind::RecvGrad => stats.wait_s += end - start,
-            _ => {}
+        if a.kind.is_compute() {
+            stats.compute_s += end - start;
+        } else if matches!(a.kind, ActionKind::RecvAct | ActionKind::RecvGrad) {
+            stats.wait_s += end - start;
         }
         stats.spans.push(Span {
             action: *a,

@@ -12,7 +12,9 @@ pub mod error;
 pub mod executor;
 pub mod model;
 pub mod optim;
+pub mod profile;
 pub mod rng;
+pub mod trace;
 pub mod trainer;
 
 pub use config::Config;

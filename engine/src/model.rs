@@ -36,6 +36,17 @@ pub struct Param {
     pub decay: bool,
 }
 
+impl Param {
+    /// Another handle to the same parameter (same storage and gradient).
+    pub fn alias(&self) -> Param {
+        Param {
+            name: self.name.clone(),
+            tensor: self.tensor.shallow_clone(),
+            decay: self.decay,
+        }
+    }
+}
+
 /// Creates the initial value of `layer.name` with `shape`, deterministically from `seed`.
 pub fn init_param(
     seed: u64,
@@ -239,11 +250,29 @@ impl StageModel {
                 }),
             });
         }
-        Ok(StageModel {
+        let model = StageModel {
             layers: built,
             params,
             shape: *shape,
-        })
+        };
+        model.init_grads()?;
+        Ok(model)
+    }
+
+    /// Gives every parameter a defined, all-zero `.grad`, so that weight-gradient (`W`)
+    /// actions can add into it; `0 + g` is exact, so B-based schedules are unaffected.
+    fn init_grads(&self) -> Result<()> {
+        for p in &self.params {
+            p.tensor
+                .f_sum(Kind::Float)
+                .and_then(|s| s.f_mul_scalar(0.0))
+                .and_then(|s| s.f_backward())
+                .map_err(Error::torch(format!(
+                    "initialising the gradient of {}",
+                    p.name
+                )))?;
+        }
+        Ok(())
     }
 
     /// The stage's parameters, in layer order.

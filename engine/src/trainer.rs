@@ -1,18 +1,20 @@
-//! The training loop of one rank: builds its stage from the plan, runs the validated
-//! schedule every step, clips and applies AdamW, evaluates, and (on rank 0) writes the run
-//! directory: `config.yaml`, `plan.json` and `metrics.jsonl`.
+//! The training loop of one rank: builds its model chunks from the plan, runs the
+//! validated schedule every step, clips and applies AdamW, evaluates, and (on rank 0)
+//! writes the run directory: `config.yaml`, `plan.json`, `metrics.jsonl` and `trace.json`.
 //!
 //! Invariants: every rank derives the same plan, schedule and batches from the config
-//! alone (nothing but activations, gradients and metrics crosses ranks); rank 0 is the
-//! only writer of the run directory; rank `r` runs pipeline stage `r`.
+//! alone (nothing but activations, gradients, metrics and trace spans crosses ranks);
+//! rank 0 is the only writer of the run directory; chunk `c` of the plan lives on rank
+//! `c % pp`.
 
 use crate::comm::{wire, Communicator, Tag};
 use crate::config::{Config, LrSchedule};
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::executor::{run_actions, StagePeers, StepData, StepStats};
-use crate::model::{grad_sq_norm, tokens_tensor, StageModel};
+use crate::executor::{run_actions, PipelineLayout, StepData, StepStats};
+use crate::model::{grad_sq_norm, tokens_tensor, Param, StageModel};
 use crate::optim::{scale_grads, AdamW, AdamWConfig};
+use crate::trace::Trace;
 use partitioner::{Plan, Rank, Schedule, ScheduleKind};
 use serde::Serialize;
 use std::io::Write;
@@ -36,6 +38,10 @@ pub struct RunSummary {
     pub losses: Vec<f64>,
     pub val_losses: Vec<(usize, f64)>,
     pub tokens_per_s: Vec<f64>,
+    /// Per rank: the most microbatches stashed for backward at once, over all steps.
+    pub peak_stash: Vec<usize>,
+    /// Per rank: measured bubble (1 − compute / step time) averaged over steps 2..
+    pub bubble: Vec<f64>,
 }
 
 /// Per-rank numbers reported to rank 0 every step.
@@ -106,13 +112,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Steps whose spans go into trace.json: `trace_steps` steps after the first (which
+/// includes one-off warm-up costs), or step 1 alone for one-step runs.
+fn traced(cfg: &Config, step: usize) -> bool {
+    let n = cfg.output.trace_steps;
+    let steps = *cfg.train.steps;
+    n > 0
+        && if steps == 1 {
+            step == 1
+        } else {
+            step >= 2 && step < 2 + n
+        }
+}
+
 /// Runs the whole training job on this rank. `comm` spans the pipeline (world = pp).
 pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Result<RunSummary> {
     let plan = cfg.plan()?;
     let world = comm.size();
+    let source = cfg.source.display().to_string();
     if world != cfg.world_size() {
         return Err(Error::Config {
-            path: cfg.source.display().to_string(),
+            path: source,
             field: "parallel".into(),
             problem: format!(
                 "the job has {world} ranks but pp·tp·dp = {}",
@@ -126,7 +146,6 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
     }
     tch::set_num_threads(*cfg.train.threads as i32);
     let rank = comm.rank();
-    let stage = &plan.stages[rank.0];
     let shape = plan.model;
     let (m, mbs, seq) = (
         *cfg.parallel.microbatches,
@@ -134,26 +153,42 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         shape.seq_len,
     );
     let eval_m = cfg.train.eval_microbatches.map_or(m, |c| *c);
-    let peers = StagePeers {
-        prev: (rank.0 > 0).then(|| Rank(rank.0 - 1)),
-        next: (rank.0 + 1 < world).then(|| Rank(rank.0 + 1)),
+    let v = *cfg.parallel.virtual_stages;
+    let layout = PipelineLayout {
+        pp: world,
+        n_chunks: world * v,
     };
-    let model = StageModel::new(&shape, &stage.layers, cfg.train.seed)?;
+    if plan.stages.len() != layout.n_chunks {
+        return Err(Error::Comm(format!(
+            "the plan has {} chunks, expected pp · virtual_stages = {}",
+            plan.stages.len(),
+            layout.n_chunks
+        )));
+    }
+    let chunks: Vec<StageModel> = (0..v)
+        .map(|slot| {
+            StageModel::new(
+                &shape,
+                &plan.stages[slot * world + rank.0].layers,
+                cfg.train.seed,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let params: Vec<Param> = chunks
+        .iter()
+        .flat_map(|c| c.params().iter().map(Param::alias))
+        .collect();
     let dataset = Dataset::load(&cfg.data_source()?, cfg.train.seed)?;
-    let schedule = Schedule::build(cfg.schedule_kind(), world, m)
+    let plan_err = |e| Error::Plan {
+        path: cfg.source.display().to_string(),
+        source: e,
+    };
+    let schedule = cfg.schedule().and_then(|s| s.lower()).map_err(plan_err)?;
+    let eval_schedule = Schedule::build_virtual(ScheduleKind::ForwardOnly, world, v, eval_m)
         .and_then(|s| s.lower())
-        .map_err(|e| Error::Plan {
-            path: cfg.source.display().to_string(),
-            source: e,
-        })?;
-    let eval_schedule = Schedule::build(ScheduleKind::ForwardOnly, world, eval_m)
-        .and_then(|s| s.lower())
-        .map_err(|e| Error::Plan {
-            path: cfg.source.display().to_string(),
-            source: e,
-        })?;
+        .map_err(plan_err)?;
     let mut optim = AdamW::new(
-        model.params(),
+        &params,
         AdamWConfig {
             beta1: cfg.train.beta1,
             beta2: cfg.train.beta2,
@@ -162,7 +197,9 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         },
     )?;
     let is_root = rank.0 == 0;
-    let last = Rank(world - 1);
+    let has_first = layout.rank_of(0) == rank;
+    let has_last = layout.rank_of(layout.n_chunks - 1) == rank;
+    let last = layout.rank_of(layout.n_chunks - 1);
     let mut metrics_file = if is_root && opts.write_outputs {
         Some(prepare_run_dir(cfg, &plan)?)
     } else {
@@ -170,21 +207,21 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
     };
     if is_root && opts.verbose {
         println!(
-            "strata: {} params over {} stages, {} x {} sequences of {} tokens per step, schedule {}",
-            plan.total_params, world, m, mbs, seq, cfg.parallel.schedule
+            "strata: {} params in {} chunks on {world} ranks, {m} x {mbs} sequences of {seq} tokens per step, schedule {}",
+            plan.total_params, layout.n_chunks, cfg.parallel.schedule
         );
     }
     let hidden_shape = vec![mbs as i64, seq as i64, shape.d_model as i64];
     let make_data = |split: Split, step: u64, microbatches: usize| -> Result<StepData> {
         let mut tokens = Vec::new();
         let mut targets = Vec::new();
-        for mb in 0..microbatches {
-            if peers.prev.is_none() || peers.next.is_none() {
+        if has_first || has_last {
+            for mb in 0..microbatches {
                 let (x, y) = dataset.batch(split, step, mb * mbs, mbs, seq);
-                if peers.prev.is_none() {
+                if has_first {
                     tokens.push(tokens_tensor(&x, mbs, seq)?);
                 }
-                if peers.next.is_none() {
+                if has_last {
                     targets.push(tokens_tensor(&y, mbs, seq)?);
                 }
             }
@@ -197,7 +234,12 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         })
     };
 
-    let mut summary = RunSummary::default();
+    let mut summary = RunSummary {
+        peak_stash: vec![0; world],
+        bubble: vec![0.0; world],
+        ..RunSummary::default()
+    };
+    let mut trace = Trace::default();
     let steps = *cfg.train.steps;
     for step in 1..=steps {
         let t0 = Instant::now();
@@ -206,20 +248,21 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         }
         let lr = lr_at(cfg, step);
         let data = make_data(Split::Train, step as u64, m)?;
-        let stats = run_actions(&schedule.ranks[rank.0], &model, comm, peers, &data, true)?;
+        let stats = run_actions(&schedule.ranks[rank.0], &chunks, comm, layout, &data, true)?;
+        let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = match cfg.train.grad_clip {
             Some(clip) => {
-                let mut sq = [grad_sq_norm(model.params())?];
+                let mut sq = [grad_sq_norm(&params)?];
                 comm.all_reduce_sum(&mut sq)?;
                 let norm = sq[0].sqrt();
                 if norm > clip {
-                    scale_grads(model.params(), clip / (norm + 1e-6))?;
+                    scale_grads(&params, clip / (norm + 1e-6))?;
                 }
                 Some(norm)
             }
             None => None,
         };
-        optim.step(model.params(), lr)?;
+        optim.step(&params, lr)?;
         let train_s = t0.elapsed().as_secs_f64();
         let evaluate = step == 1
             || step == steps
@@ -228,9 +271,9 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
             let data = make_data(Split::Val, 0, eval_m)?;
             run_actions(
                 &eval_schedule.ranks[rank.0],
-                &model,
+                &chunks,
                 comm,
-                peers,
+                layout,
                 &data,
                 false,
             )?
@@ -238,6 +281,23 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         } else {
             0.0
         };
+        if traced(cfg, step) {
+            trace.add_step(
+                rank,
+                step,
+                &stats,
+                t_opt,
+                train_s,
+                t0.elapsed().as_secs_f64(),
+            );
+            if !traced(cfg, step + 1) {
+                trace.gather_and_write(
+                    comm,
+                    is_root && opts.write_outputs,
+                    &cfg.output_dir().join("trace.json"),
+                )?;
+            }
+        }
         let mine = report(rank, &stats, train_s, val_sum);
         if !is_root {
             comm.send(Rank(0), Tag::plain(Tag::METRICS), wire::encode_f64s(&mine))?;
@@ -270,6 +330,12 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         };
         summary.losses.push(loss);
         summary.tokens_per_s.push(record.tokens_per_s);
+        for r in &record.ranks {
+            summary.peak_stash[r.rank] = summary.peak_stash[r.rank].max(r.peak_stash);
+            if step > 1 {
+                summary.bubble[r.rank] += r.bubble / (steps - 1) as f64;
+            }
+        }
         if let Some(v) = val_loss {
             summary.val_losses.push((step, v));
         }

@@ -5,6 +5,7 @@
 
 mod launch;
 mod plan_cmd;
+mod simulate_cmd;
 
 use clap::{Parser, Subcommand};
 use engine::comm::mpi::MpiComm;
@@ -27,13 +28,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the pipeline plan of a config (per stage: layers, params, FLOPs).
+    /// Print the pipeline plan of a config (per stage: layers, params, FLOPs, memory,
+    /// predicted time), or search layouts with --auto.
     Plan {
         /// Experiment YAML file.
         config: PathBuf,
-        /// Print the plan as JSON (the schema the engine consumes).
+        /// Print the plan (or the --auto result) as JSON (the schema the engine consumes).
         #[arg(long)]
         json: bool,
+        /// Search (pp, tp, dp, microbatches, schedule, virtual stages) for the config's
+        /// model and global batch, and rank the layouts by predicted step time.
+        #[arg(long)]
+        auto: bool,
+        /// World size for --auto (default: the config's pp·tp·dp).
+        #[arg(long)]
+        world: Option<usize>,
+        /// Per-device memory cap in GiB (overrides parallel.memory_gib).
+        #[arg(long)]
+        memory_gib: Option<f64>,
+        /// How many --auto candidates to print.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Time each layer kind forward and backward on this machine (libtorch) and write a
+    /// profile for `parallel.partition: profile`.
+    Profile {
+        /// Experiment YAML file.
+        config: PathBuf,
+        /// Output file (default: <output.dir>/profile.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Timed repetitions per layer kind (the median is kept).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// Run a config on this machine: spawns `mpiexec -n <pp·tp·dp> strata worker`.
     Launch {
@@ -42,6 +69,14 @@ enum Command {
         /// mpiexec to use (default: `mpiexec` on PATH).
         #[arg(long, env = "STRATA_MPIEXEC")]
         mpiexec: Option<PathBuf>,
+    },
+    /// Print a config's schedule grid, simulate it, and draw the predicted timeline (SVG).
+    Simulate {
+        /// Experiment YAML file.
+        config: PathBuf,
+        /// Where to write the SVG (default: <output.dir>/schedule.svg).
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Run one rank of a job; started by mpiexec, mpirun or srun.
     Worker {
@@ -54,8 +89,24 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan { config, json } => plan_cmd::plan(&config, json),
+        Command::Plan {
+            config,
+            json,
+            auto,
+            world,
+            memory_gib,
+            top,
+        } => plan_cmd::plan(&plan_cmd::PlanArgs {
+            config,
+            json,
+            auto,
+            world,
+            memory_gib,
+            top,
+        }),
+        Command::Profile { config, out, runs } => plan_cmd::profile(&config, out, runs),
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
+        Command::Simulate { config, svg } => simulate_cmd::simulate_config(&config, svg),
         Command::Worker { config } => return worker(&config),
     };
     match result {
@@ -82,8 +133,11 @@ fn worker(path: &Path) -> ExitCode {
         None => None,
         Some(Ok(f)) => Some(f),
         Some(Err(msg)) => {
-            eprintln!("strata worker rank {rank}/{size}: error: {msg}");
-            comm.abort(2);
+            report_and_abort(
+                &comm,
+                format!("strata worker rank {rank}/{size}: error: {msg}"),
+                2,
+            );
         }
     };
     let opts = RunOptions {
@@ -98,11 +152,28 @@ fn worker(path: &Path) -> ExitCode {
             let code = if e.is_user_error() { 2 } else { 1 };
             // Every rank sees the same config error: let rank 0 alone report it.
             if !e.is_user_error() || rank.0 == 0 {
-                eprintln!("strata worker rank {rank}/{size}: error: {e}");
+                report_and_abort(
+                    &comm,
+                    format!("strata worker rank {rank}/{size}: error: {e}"),
+                    code,
+                );
             }
+            // Give rank 0 time to print before this rank's abort tears the job down.
+            std::thread::sleep(std::time::Duration::from_secs(2));
             comm.abort(code);
         }
     }
+}
+
+/// Prints `msg` in one write, gives mpiexec a moment to forward it, then aborts the job.
+fn report_and_abort(comm: &MpiComm, msg: String, code: i32) -> ! {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(format!("{msg}\n").as_bytes());
+    let _ = err.flush();
+    drop(err);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    comm.abort(code)
 }
 
 /// Parses `STRATA_FAIL_AT=RANK:STEP`.

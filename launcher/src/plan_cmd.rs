@@ -1,17 +1,79 @@
-//! `strata plan`: prints the pipeline plan of a config as a table (or JSON), with the
-//! bubble predicted by simulating the configured schedule on the plan's costs.
+//! `strata plan` and `strata profile`.
+//!
+//! `plan` prints the pipeline plan of a config as a table (per stage: layers, params,
+//! FLOPs, memory broken down, predicted time; then the imbalance), the tensor-parallel
+//! shard plan, and the step time and bubble predicted by simulating the configured
+//! schedule on the plan's per-chunk times; or the `Plan` as JSON. With `--auto` it searches
+//! layouts for the config's model and global batch instead. `profile` times each layer
+//! kind on this machine and writes the profile file that `parallel.partition: profile`
+//! reads. Both only plan, so they accept configs the engine cannot run yet (llama, tp > 1).
 
 use crate::launch::LaunchError;
 use engine::Config;
+use partitioner::auto::{self, AutoSpec};
+use partitioner::plan::{bytes, seconds};
 use partitioner::schedule::simulate;
-use partitioner::{ActionKind, Schedule};
-use std::path::Path;
+use partitioner::{ActionKind, Plan};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-/// Prints the plan of the config at `path`.
-pub fn plan(path: &Path, json: bool) -> Result<(), LaunchError> {
-    let cfg = Config::load(path)?;
-    let plan = cfg.plan()?;
-    if json {
+/// What `strata plan` was asked for.
+pub struct PlanArgs {
+    pub config: PathBuf,
+    pub json: bool,
+    pub auto: bool,
+    pub world: Option<usize>,
+    pub memory_gib: Option<f64>,
+    pub top: usize,
+}
+
+fn plan_error(path: &Path) -> impl Fn(partitioner::Error) -> engine::Error + '_ {
+    move |source| engine::Error::Plan {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn bad_flag(path: &Path, field: &str, problem: String, fix: &str) -> LaunchError {
+    LaunchError::Engine(engine::Error::Config {
+        path: path.display().to_string(),
+        field: field.into(),
+        problem,
+        fix: fix.into(),
+    })
+}
+
+/// Runs `strata plan`.
+pub fn plan(args: &PlanArgs) -> Result<(), LaunchError> {
+    let path = args.config.as_path();
+    if let Some(g) = args.memory_gib {
+        if !(g.is_finite() && g > 0.0) {
+            return Err(bad_flag(
+                path,
+                "--memory-gib",
+                format!("must be a positive number of GiB, got {g}"),
+                "pass e.g. --memory-gib 80",
+            ));
+        }
+    }
+    if args.world.is_some() && !args.auto {
+        return Err(bad_flag(
+            path,
+            "--world",
+            "only used with --auto".into(),
+            "add --auto to search layouts for that many ranks",
+        ));
+    }
+    let cfg = Config::load_for_plan(path)?;
+    if args.auto {
+        return auto_plan(&cfg, args);
+    }
+    let mut spec = cfg.plan_spec(&cfg.shape()?)?;
+    if let Some(g) = args.memory_gib {
+        spec.memory_cap_bytes = Some((g * (1u64 << 30) as f64) as u64);
+    }
+    let plan = Plan::build(&spec).map_err(plan_error(path))?;
+    if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&plan).expect("plan serialises")
@@ -19,32 +81,202 @@ pub fn plan(path: &Path, json: bool) -> Result<(), LaunchError> {
         return Ok(());
     }
     print!("{}", plan.table());
-    // Predicted bubble from simulating the configured schedule with the cost model.
-    let schedule = Schedule::build(cfg.schedule_kind(), plan.pp, plan.microbatches)
-        .and_then(|s| s.lower())
-        .map_err(|e| engine::Error::Plan {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-    let sim = simulate(&schedule, |a| {
-        let s = &plan.stages[a.stage.0];
-        match a.kind {
-            ActionKind::Forward => s.fwd_flops,
-            ActionKind::Backward => s.bwd_flops,
-            _ => 0.0,
+    if plan.tp > 1 {
+        println!("{}", plan.tp_plan.summary());
+    }
+    if let (Some(cap), true) = (
+        plan.memory_cap_bytes,
+        plan.method != "optimal"
+            && plan
+                .rank_memory_bytes()
+                .iter()
+                .any(|&m| m > spec.memory_cap_bytes.unwrap_or(u64::MAX)),
+    ) {
+        println!(
+            "warning: a stage exceeds parallel.memory_gib ({}); parallel.partition: optimal splits under the cap",
+            bytes(cap)
+        );
+    }
+    predicted_step(&cfg, &plan, &spec.hardware);
+    Ok(())
+}
+
+/// Prints the step time and bubble from simulating the configured schedule; falls back to
+/// the closed form when the schedule does not build for this layout.
+fn predicted_step(cfg: &Config, plan: &Plan, hw: &partitioner::Hardware) {
+    let closed = || {
+        let t = plan.rank_time_s().into_iter().fold(0.0, f64::max);
+        let sched = partitioner::PipeSchedule::parse(&plan.schedule).ok();
+        let beta = match (sched, plan.pp) {
+            (_, 1) | (None, _) => 0.0,
+            (Some(s), p) => s.bubble_fraction(p, plan.microbatches, plan.virtual_stages),
+        };
+        (plan.microbatches as f64 * t / (1.0 - beta), beta)
+    };
+    let msg = hw.p2p_s(
+        (plan.dtype_bytes * plan.micro_batch_size * plan.model.seq_len * plan.model.d_model) as u64,
+    );
+    let sim = cfg.schedule().and_then(|s| s.lower()).and_then(|lowered| {
+        simulate(&lowered, |a| {
+            let s = &plan.stages[a.stage.0];
+            let share = s.fwd_flops / (s.fwd_flops + s.bwd_flops).max(f64::MIN_POSITIVE);
+            let f = s.time_s * share;
+            match a.kind {
+                ActionKind::Forward => f,
+                ActionKind::Backward => s.time_s - f,
+                ActionKind::InputGrad | ActionKind::WeightGrad => (s.time_s - f) / 2.0,
+                ActionKind::SendAct | ActionKind::SendGrad => msg,
+                _ => 0.0,
+            }
+        })
+    });
+    match sim {
+        Ok(sim) => {
+            let bubbles: Vec<String> = (0..sim.busy.len())
+                .map(|r| format!("{:.1}%", 100.0 * sim.bubble(r)))
+                .collect();
+            println!(
+                "schedule {}: predicted step {} (simulated with the cost model), bubble per rank: {}",
+                cfg.parallel.schedule,
+                seconds(sim.makespan),
+                bubbles.join(", ")
+            );
         }
-    })
-    .map_err(|e| engine::Error::Plan {
-        path: path.display().to_string(),
-        source: e,
-    })?;
-    let bubbles: Vec<String> = (0..plan.pp)
-        .map(|r| format!("{:.1}%", 100.0 * sim.bubble(r)))
-        .collect();
+        Err(e) => {
+            let (step, beta) = closed();
+            println!(
+                "schedule {}: predicted step {} (closed form; the schedule does not simulate: {}), bubble {:.1}%",
+                cfg.parallel.schedule,
+                seconds(step),
+                e.to_string().lines().next().unwrap_or(""),
+                100.0 * beta
+            );
+        }
+    }
+}
+
+/// `strata plan --auto`: searches layouts for the config's model and global batch.
+fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
+    let path = args.config.as_path();
+    let shape = cfg.shape()?;
+    let p = &cfg.parallel;
+    let world = args.world.unwrap_or(cfg.world_size());
+    let global_batch = *p.dp * *p.microbatches * *p.micro_batch_size;
+    let mut spec = AutoSpec::new(shape, world, global_batch);
+    spec.hardware = p.hardware;
+    spec.top = args.top.max(1);
+    spec.memory_cap_bytes = args
+        .memory_gib
+        .or(p.memory_gib)
+        .map(|g| (g * (1u64 << 30) as f64) as u64);
+    let t0 = Instant::now();
+    let result = auto::search(&spec).map_err(plan_error(path))?;
+    let took = t0.elapsed();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).expect("auto plan serialises")
+        );
+        return Ok(());
+    }
     println!(
-        "schedule {}: predicted bubble per stage (FLOP-weighted simulation): {}",
-        cfg.parallel.schedule,
-        bubbles.join(", ")
+        "auto-plan: {} {} model, world {world}, global batch {global_batch} sequences ({} tokens), memory cap {}; {} layouts evaluated in {:.0} ms",
+        partitioner::plan::human(
+            partitioner::LayerGraph::new(&shape, 1, 4)
+                .map(|g| g.total_params() as f64)
+                .unwrap_or(0.0),
+            ""
+        ),
+        shape.arch.name(),
+        global_batch * shape.seq_len,
+        spec.memory_cap_bytes.map_or("none".into(), bytes),
+        result.evaluated,
+        took.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:>3} {:>4} {:>3} {:>4} {:>2} {:<17} {:>5} {:>4} {:>10} {:>13} {:>10} {:>7} {:>10}  memory per stage",
+        "#", "pp", "tp", "dp", "v", "schedule", "m", "mbs", "step", "bubble", "peak mem", "imbal", "tokens/s"
+    );
+    for (i, c) in result.candidates.iter().enumerate() {
+        let mem: Vec<String> = c.memory_per_rank.iter().map(|&m| bytes(m)).collect();
+        let mem = if mem.len() > 8 {
+            format!(
+                "{} … {}",
+                mem[..4].join(" "),
+                mem[mem.len() - 2..].join(" ")
+            )
+        } else {
+            mem.join(" ")
+        };
+        println!(
+            "{:>3} {:>4} {:>3} {:>4} {:>2} {:<17} {:>5} {:>4} {:>10} {:>13} {:>10} {:>7.3} {:>10.0}  {mem}",
+            i + 1,
+            c.pp,
+            c.tp,
+            c.dp,
+            c.virtual_stages,
+            c.schedule.name(),
+            c.microbatches,
+            c.micro_batch_size,
+            seconds(c.step_time_s),
+            format!(
+                "{:.1}% ({})",
+                100.0 * c.bubble,
+                if c.simulated { "sim" } else { "est" }
+            ),
+            bytes(c.peak_memory_bytes),
+            c.imbalance,
+            c.tokens_per_s,
+        );
+    }
+    if !result.rejected.is_empty() {
+        println!("rejected layout families (pp x tp x dp):");
+        for r in &result.rejected {
+            println!(
+                "  pp {:>4} tp {:>3} dp {:>4}: {}",
+                r.pp, r.tp, r.dp, r.reason
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `strata profile`: times the config's layer kinds and writes the profile JSON to
+/// `out` (default `<output.dir>/profile.json`).
+pub fn profile(config: &Path, out: Option<PathBuf>, runs: usize) -> Result<(), LaunchError> {
+    let cfg = Config::load_for_plan(config)?;
+    let shape = cfg.shape()?;
+    let opts = engine::profile::ProfileOptions {
+        runs: runs.max(1),
+        threads: *cfg.train.threads,
+        ..Default::default()
+    };
+    let prof = engine::profile::profile_layers(&shape, *cfg.parallel.micro_batch_size, &opts)?;
+    let out = out.unwrap_or_else(|| cfg.output_dir().join("profile.json"));
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| engine::Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let text = serde_json::to_string_pretty(&prof).expect("profile serialises");
+    std::fs::write(&out, text + "\n").map_err(|source| engine::Error::Io {
+        path: out.clone(),
+        source,
+    })?;
+    for l in &prof.layers {
+        println!(
+            "{:<6} forward {:>10}  backward {:>10}  (median of {})",
+            l.kind,
+            seconds(l.fwd_s),
+            seconds(l.bwd_s),
+            l.runs
+        );
+    }
+    println!(
+        "wrote {}; use it with `parallel.partition: profile` and `parallel.profile: {}`",
+        out.display(),
+        out.display()
     );
     Ok(())
 }

@@ -18,7 +18,7 @@
 use crate::error::{Error, Result};
 use crate::ids::{MicrobatchId, StageId};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -241,7 +241,9 @@ impl Schedule {
                 return Err(Error::NotPositive { field, value: 0 });
             }
         }
-        if virtual_stages > 1 && kind != ScheduleKind::Interleaved {
+        if virtual_stages > 1
+            && !matches!(kind, ScheduleKind::Interleaved | ScheduleKind::ForwardOnly)
+        {
             return Err(Error::InvalidSchedule {
                 schedule: kind.name().into(),
                 reason: format!(
@@ -282,8 +284,12 @@ impl Schedule {
                     .map(|mb| Action::new(r, ActionKind::Forward, mb))
                     .chain((0..m).map(|mb| Action::new(r, ActionKind::Backward, mb)))
                     .collect(),
-                ScheduleKind::ForwardOnly => (0..m)
-                    .map(|mb| Action::new(r, ActionKind::Forward, mb))
+                // Chunk by chunk, microbatch by microbatch: every dependency is on a smaller
+                // chunk, so no order of ranks can deadlock.
+                ScheduleKind::ForwardOnly => (0..v)
+                    .flat_map(|k| {
+                        (0..m).map(move |mb| Action::new(k * p + r, ActionKind::Forward, mb))
+                    })
                     .collect(),
                 ScheduleKind::OneFOneB => interleaved_rank(r, p, 1, m),
                 ScheduleKind::Interleaved => interleaved_rank(r, p, v, m),
@@ -893,10 +899,9 @@ mod tests {
         {
             for p in 1..=8 {
                 for m in 1..=32 {
-                    let vs: &[usize] = if kind == ScheduleKind::Interleaved {
-                        &[1, 2, 3, 4]
-                    } else {
-                        &[1]
+                    let vs: &[usize] = match kind {
+                        ScheduleKind::Interleaved | ScheduleKind::ForwardOnly => &[1, 2, 3, 4],
+                        _ => &[1],
                     };
                     for &v in vs {
                         if kind == ScheduleKind::Interleaved && v > 1 && m % p != 0 {

@@ -3,7 +3,7 @@
 //! running the engine in-process on the local (crossbeam) transport.
 
 use engine::comm::local::LocalComm;
-use engine::{Config, RunOptions};
+use engine::{Config, RunOptions, RunSummary};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,17 +37,22 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A tiny GPT on seeded random tokens.
+/// A tiny 8-layer GPT on seeded random tokens, 4 microbatches per step; the interleaved
+/// schedule gets 2 virtual stages per rank.
 pub fn tiny_config(pp: usize, schedule: &str, steps: usize, out: &Path) -> String {
+    let v = if schedule == "interleaved-1f1b" { 2 } else { 1 };
     format!(
-        "model: {{vocab: 64, seq_len: 16, d_model: 32, n_heads: 4, n_layers: 4, d_ff: 64}}
-parallel: {{pp: {pp}, tp: 1, dp: 1, microbatches: 4, micro_batch_size: 2, schedule: {schedule}}}
+        "model: {{vocab: 64, seq_len: 16, d_model: 32, n_heads: 4, n_layers: 8, d_ff: 64}}
+parallel: {{pp: {pp}, tp: 1, dp: 1, microbatches: 4, micro_batch_size: 2, schedule: {schedule}, virtual_stages: {v}}}
 train: {{steps: {steps}, lr: 1.0e-2, seed: 7, data: random, eval_every: 0, log_every: 1}}
 output: {{dir: {}}}
 ",
         out.display()
     )
 }
+
+/// Every training schedule a config can name.
+pub const SCHEDULES: [&str; 4] = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"];
 
 /// Writes `text` to `dir/name` and returns the path.
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -131,8 +136,8 @@ pub fn read_losses(dir: &Path) -> Vec<f64> {
 }
 
 /// Runs a config in-process, one thread per rank on the local transport; returns rank 0's
-/// per-step losses.
-pub fn run_local(cfg: &Config) -> Vec<f64> {
+/// summary (per-step losses, per-rank peak stash and bubble).
+pub fn run_local(cfg: &Config) -> RunSummary {
     let comms = LocalComm::group(cfg.world_size());
     let handles: Vec<_> = comms
         .into_iter()
@@ -148,17 +153,17 @@ pub fn run_local(cfg: &Config) -> Vec<f64> {
             })
         })
         .collect();
-    let mut losses = None;
+    let mut root = None;
     for (r, h) in handles.into_iter().enumerate() {
         let summary = h
             .join()
             .unwrap()
             .unwrap_or_else(|e| panic!("rank {r}: {e}"));
         if r == 0 {
-            losses = Some(summary.losses);
+            root = Some(summary);
         }
     }
-    losses.unwrap()
+    root.unwrap()
 }
 
 /// Asserts two loss curves agree: step 1 within `first_rel` and every step within

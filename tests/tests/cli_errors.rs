@@ -39,8 +39,8 @@ fn good(name: &str) -> String {
 
 #[test]
 fn yaml_syntax_error() {
-    // An unterminated flow mapping on line 2.
-    let text = good("syn").replace("schedule: gpipe}", "schedule: gpipe");
+    // An unterminated quoted string on line 3.
+    let text = good("syn").replace("data: random", "data: \"random");
     assert_clean_error(
         &launch_text("syntax", &text, &[]),
         &["YAML syntax error at line"],
@@ -58,10 +58,10 @@ fn unknown_key() {
 
 #[test]
 fn pp_larger_than_layers() {
-    let text = good("pp").replace("pp: 2", "pp: 5");
+    let text = good("pp").replace("pp: 2", "pp: 9");
     assert_clean_error(
         &launch_text("pp", &text, &[]),
-        &["parallel.pp = 5", "model.n_layers = 4"],
+        &["parallel.pp = 9", "model.n_layers = 8"],
     );
 }
 

@@ -1,27 +1,32 @@
 //! In-process equivalence: every pipeline layout and schedule reproduces the
-//! single-process losses, on the crossbeam transport (no mpiexec needed).
+//! single-process losses, on the crossbeam transport (no mpiexec needed); and the
+//! engine's measured stash matches each schedule's memory bound.
 
 use engine::Config;
 use std::path::Path;
-use strata_tests::{assert_losses_match, repo_root, run_local, scratch, tiny_config};
+use strata_tests::{assert_losses_match, repo_root, run_local, scratch, tiny_config, SCHEDULES};
 
-fn config(pp: usize, schedule: &str) -> Config {
-    let out = scratch(&format!("local-{pp}-{schedule}"));
-    Config::parse(
-        &tiny_config(pp, schedule, 5, &out),
-        Path::new("inline.yaml"),
+fn config_text(pp: usize, schedule: &str, steps: usize) -> String {
+    tiny_config(
+        pp,
+        schedule,
+        steps,
+        &scratch(&format!("local-{pp}-{schedule}")),
     )
-    .unwrap()
+}
+
+fn config(text: &str) -> Config {
+    Config::parse(text, Path::new("inline.yaml")).unwrap()
 }
 
 #[test]
-fn pipeline_layouts_match_single_process() {
-    let reference = run_local(&config(1, "gpipe"));
+fn every_schedule_and_layout_matches_single_process() {
+    let reference = run_local(&config(&config_text(1, "gpipe", 5))).losses;
     assert_eq!(reference.len(), 5);
     assert!(reference.iter().all(|l| l.is_finite() && *l > 0.0));
-    for schedule in ["gpipe", "1f1b"] {
+    for schedule in SCHEDULES {
         for pp in [2, 4] {
-            let losses = run_local(&config(pp, schedule));
+            let losses = run_local(&config(&config_text(pp, schedule, 5))).losses;
             assert_losses_match(
                 &reference,
                 &losses,
@@ -34,15 +39,42 @@ fn pipeline_layouts_match_single_process() {
 }
 
 #[test]
+fn measured_stash_respects_each_schedule_bound() {
+    let (p, m) = (4, 8);
+    for schedule in ["gpipe", "1f1b", "zb-h1"] {
+        let text =
+            config_text(p, schedule, 2).replace("microbatches: 4", &format!("microbatches: {m}"));
+        let stash = run_local(&config(&text)).peak_stash;
+        for (i, &s) in stash.iter().enumerate() {
+            match schedule {
+                // GPipe holds every microbatch before the first backward.
+                "gpipe" => assert_eq!(s, m, "gpipe stage {i}: {stash:?}"),
+                // 1F1B (and ZB-H1, which keeps its memory) hold at most p - i.
+                _ => {
+                    assert!(
+                        s <= p - i,
+                        "{schedule} stage {i} held {s} > {}: {stash:?}",
+                        p - i
+                    );
+                    assert_eq!(s, p - i, "{schedule} stage {i}: {stash:?}");
+                }
+            }
+        }
+    }
+    // Interleaved: rank i holds microbatches of several chunks at once.
+    let text = config_text(2, "interleaved-1f1b", 2);
+    let stash = run_local(&config(&text)).peak_stash;
+    assert!(stash.iter().all(|&s| (2..=2 * 4).contains(&s)), "{stash:?}");
+}
+
+#[test]
 fn training_reduces_the_loss() {
     // Characters of tinyshakespeare: the unigram statistics alone are learnt in a few steps.
-    let out = scratch("local-learns");
     let data = repo_root().join("data/tinyshakespeare.txt");
-    let text = tiny_config(2, "1f1b", 30, &out)
+    let text = config_text(2, "1f1b", 30)
         .replace("vocab: 64", "vocab: auto")
         .replace("data: random", &format!("data: {}", data.display()))
         .replace("lr: 1.0e-2", "lr: 3.0e-3");
-    let cfg = Config::parse(&text, Path::new("inline.yaml")).unwrap();
-    let losses = run_local(&cfg);
-    assert!(losses[29] < losses[0] - 0.5, "{:?}", losses);
+    let losses = run_local(&config(&text)).losses;
+    assert!(losses[29] < losses[0] - 0.5, "{losses:?}");
 }

@@ -2,7 +2,9 @@
 //! losses, and a rank that fails mid-run takes the job down quickly, naming itself.
 
 use std::time::Duration;
-use strata_tests::{assert_losses_match, read_losses, run_strata, scratch, tiny_config, write};
+use strata_tests::{
+    assert_losses_match, read_losses, run_strata, scratch, tiny_config, write, SCHEDULES,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -23,26 +25,90 @@ fn launch(pp: usize, schedule: &str, steps: usize) -> Vec<f64> {
     }
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
-    assert_eq!(plan["stages"].as_array().unwrap().len(), pp);
+    let chunks = if schedule == "interleaved-1f1b" {
+        2 * pp
+    } else {
+        pp
+    };
+    assert_eq!(plan["stages"].as_array().unwrap().len(), chunks);
     read_losses(&out)
 }
 
 #[test]
-fn mpi_pipeline_matches_single_process() {
+fn every_schedule_under_mpiexec_matches_single_process() {
     let reference = launch(1, "gpipe", 5);
     assert_eq!(reference.len(), 5);
-    for pp in [2, 4] {
-        let losses = launch(pp, "gpipe", 5);
-        assert_losses_match(
-            &reference,
-            &losses,
-            1e-5,
-            1e-4,
-            &format!("mpiexec pp={pp} gpipe"),
-        );
+    for schedule in SCHEDULES {
+        for pp in [2, 4] {
+            let losses = launch(pp, schedule, 5);
+            let what = format!("mpiexec pp={pp} {schedule}");
+            assert_losses_match(&reference, &losses, 1e-5, 1e-4, &what);
+        }
     }
-    let losses = launch(2, "1f1b", 5);
-    assert_losses_match(&reference, &losses, 1e-5, 1e-4, "mpiexec pp=2 1f1b");
+}
+
+#[test]
+fn trace_json_has_a_track_per_rank_and_named_spans() {
+    let dir = scratch("mpi-trace");
+    let out = dir.join("run");
+    let cfg = write(&dir, "cfg.yaml", &tiny_config(2, "1f1b", 5, &out));
+    let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let text = std::fs::read_to_string(out.join("trace.json")).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    for rank in 0..2 {
+        let mine: Vec<&str> = events
+            .iter()
+            .filter(|e| e["tid"] == rank && e["ph"] == "X")
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        // 3 traced steps x 4 microbatches of F and B on this rank's chunk.
+        let f = mine.iter().filter(|n| n.starts_with("F mb=")).count();
+        let b = mine.iter().filter(|n| n.starts_with("B mb=")).count();
+        assert_eq!((f, b), (12, 12), "rank {rank}: {mine:?}");
+        let name = format!("F mb=3 chunk={rank}");
+        assert!(mine.contains(&name.as_str()), "{mine:?}");
+        let waits = mine.iter().filter(|n| n.starts_with("wait RECV_")).count();
+        assert!(waits >= 12, "rank {rank} has {waits} waits");
+    }
+    // metrics.jsonl: per-rank bubble and stash every step.
+    let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    let ranks = first["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 2);
+    assert_eq!(ranks[0]["peak_stash"], 2);
+    assert_eq!(ranks[1]["peak_stash"], 1);
+    assert!(ranks[0]["bubble"].as_f64().unwrap() >= 0.0);
+}
+
+#[test]
+fn simulate_prints_the_grid_and_writes_svg() {
+    let dir = scratch("simulate");
+    let text =
+        tiny_config(4, "1f1b", 2, &dir.join("run")).replace("microbatches: 4", "microbatches: 8");
+    let cfg = write(&dir, "cfg.yaml", &text);
+    let svg = dir.join("t.svg");
+    let args = [
+        "simulate",
+        cfg.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ];
+    let run = run_strata(&args, &[], LIMIT);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("rank  3 | 3F0   3B0   3F1"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("mean predicted bubble"),
+        "{}",
+        run.stdout
+    );
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(picture.matches("<title>").count(), 4 * 16);
 }
 
 #[test]

@@ -20,8 +20,9 @@ use crate::error::Result;
 use partitioner::Rank;
 use std::time::Duration;
 
-/// Message tags. Per-microbatch traffic encodes the microbatch: `kind | mb << 3`, which
-/// stays below the MPI-guaranteed tag bound of 32767 for microbatch ids below 4096.
+/// Message tags. Per-microbatch traffic encodes the receiving chunk's slot on its rank
+/// (0..4) and the microbatch (0..1024): `kind | slot << 3 | mb << 5`, which stays below the
+/// MPI-guaranteed tag bound of 32767.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tag(pub i32);
 
@@ -31,11 +32,12 @@ impl Tag {
     pub const METRICS: i32 = 3;
     pub const REDUCE: i32 = 4;
     pub const BROADCAST: i32 = 5;
+    pub const TRACE: i32 = 6;
 
-    /// Tag for a per-microbatch message of `kind`.
-    pub fn microbatch(kind: i32, mb: usize) -> Tag {
-        debug_assert!(mb < 4096);
-        Tag(kind | ((mb as i32) << 3))
+    /// Tag for a per-microbatch message of `kind` to the chunk in `slot` on its rank.
+    pub fn microbatch(kind: i32, slot: usize, mb: usize) -> Tag {
+        debug_assert!(slot < 4 && mb < 1024);
+        Tag(kind | ((slot as i32) << 3) | ((mb as i32) << 5))
     }
 
     pub fn plain(kind: i32) -> Tag {
@@ -55,6 +57,15 @@ pub trait Communicator: Send {
     fn recv(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>>;
     /// Waits until every send issued so far has been delivered.
     fn flush(&mut self) -> Result<()>;
+
+    /// Posts, ahead of time, a receive of a `len`-byte message from `from` with `tag`, so
+    /// the transfer can complete before [`Communicator::recv`] asks for it. Posted
+    /// receives are consumed by `recv` in posting order. Optional: the default does
+    /// nothing and `recv` works either way.
+    fn post_recv(&mut self, from: Rank, tag: Tag, len: usize) -> Result<()> {
+        let _ = (from, tag, len);
+        Ok(())
+    }
 
     /// Element-wise sum of `values` over all ranks, left on every rank. Reduced in rank
     /// order on rank 0, so the result is bit-identical on every rank and every run.

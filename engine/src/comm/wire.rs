@@ -1,8 +1,8 @@
 //! Wire format for tensors and small numeric messages.
 //!
 //! A tensor message is a fixed header followed by the raw, contiguous, little-endian
-//! element bytes: `magic u32 | dtype u8 | ndim u8 | 0u16 | microbatch u32 | dims i64 × ndim`.
-//! The receiver states what it expects (dtype, shape, microbatch) and every mismatch —
+//! element bytes: `magic u32 | dtype u8 | ndim u8 | chunk u16 | microbatch u32 | dims i64 × ndim`.
+//! The receiver states what it expects (dtype, shape, chunk, microbatch) and every mismatch —
 //! including a truncated or oversized payload — is a typed [`Error::Wire`], never a panic.
 
 use crate::error::{Error, Result};
@@ -39,11 +39,21 @@ fn code_kind(code: u8) -> Option<Kind> {
 pub struct Expect {
     pub kind: Kind,
     pub shape: Vec<i64>,
+    /// The model chunk the tensor belongs to (the receiving chunk).
+    pub chunk: usize,
     pub microbatch: usize,
 }
 
-/// Serialises `t` (any device; copied to host) tagged with `microbatch`.
-pub fn encode_tensor(t: &Tensor, microbatch: usize) -> Result<Vec<u8>> {
+impl Expect {
+    /// Size in bytes of the message carrying such a tensor.
+    pub fn message_len(&self) -> usize {
+        let numel: i64 = self.shape.iter().product();
+        FIXED + 8 * self.shape.len() + numel.max(0) as usize * self.kind.elt_size_in_bytes()
+    }
+}
+
+/// Serialises `t` (any device; copied to host) tagged with `chunk` and `microbatch`.
+pub fn encode_tensor(t: &Tensor, chunk: usize, microbatch: usize) -> Result<Vec<u8>> {
     let kind = t.f_kind().map_err(Error::torch("wire encode"))?;
     let code = kind_code(kind)
         .ok_or_else(|| Error::Comm(format!("cannot send tensors of kind {kind:?}")))?;
@@ -58,7 +68,7 @@ pub fn encode_tensor(t: &Tensor, microbatch: usize) -> Result<Vec<u8>> {
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(code);
     out.push(dims.len() as u8);
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(chunk as u16).to_le_bytes());
     out.extend_from_slice(&(microbatch as u32).to_le_bytes());
     for d in &dims {
         out.extend_from_slice(&d.to_le_bytes());
@@ -88,6 +98,7 @@ pub fn decode_tensor(bytes: &[u8], from: Rank, expect: &Expect) -> Result<Tensor
     }
     let kind = code_kind(bytes[4]).ok_or_else(|| bad(format!("dtype code {}", bytes[4])))?;
     let ndim = bytes[5] as usize;
+    let chunk = u16::from_le_bytes(bytes[6..8].try_into().unwrap()) as usize;
     let mb = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
     let dims_end = FIXED + 8 * ndim;
     if bytes.len() < dims_end {
@@ -96,8 +107,14 @@ pub fn decode_tensor(bytes: &[u8], from: Rank, expect: &Expect) -> Result<Tensor
     let dims: Vec<i64> = (0..ndim)
         .map(|i| i64::from_le_bytes(bytes[FIXED + 8 * i..FIXED + 8 * i + 8].try_into().unwrap()))
         .collect();
-    if kind != expect.kind || dims != expect.shape || mb != expect.microbatch {
-        return Err(bad(format!("{kind:?} {dims:?} for microbatch {mb}")));
+    if kind != expect.kind
+        || dims != expect.shape
+        || mb != expect.microbatch
+        || chunk != expect.chunk
+    {
+        return Err(bad(format!(
+            "{kind:?} {dims:?} for chunk {chunk} microbatch {mb}"
+        )));
     }
     let numel: i64 = dims.iter().product();
     let payload = &bytes[dims_end..];
@@ -137,12 +154,14 @@ mod tests {
     #[test]
     fn round_trip_and_mismatches() {
         let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([2, 3]);
-        let bytes = encode_tensor(&t, 5).unwrap();
+        let bytes = encode_tensor(&t, 1, 5).unwrap();
         let ok = Expect {
             kind: Kind::Float,
             shape: vec![2, 3],
+            chunk: 1,
             microbatch: 5,
         };
+        assert_eq!(ok.message_len(), bytes.len());
         let back = decode_tensor(&bytes, Rank(1), &ok).unwrap();
         assert!(back.equal(&t));
         let wrong_shape = Expect {
@@ -161,6 +180,11 @@ mod tests {
             ..ok.clone()
         };
         assert!(decode_tensor(&bytes, Rank(1), &wrong_mb).is_err());
+        let wrong_chunk = Expect {
+            chunk: 3,
+            ..ok.clone()
+        };
+        assert!(decode_tensor(&bytes, Rank(1), &wrong_chunk).is_err());
         assert!(decode_tensor(&bytes[..bytes.len() - 1], Rank(1), &ok).is_err());
         assert!(decode_tensor(&[1, 2, 3], Rank(1), &ok).is_err());
         let wrong_kind = Expect {

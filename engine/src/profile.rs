@@ -1,0 +1,131 @@
+//! `strata profile`: times each layer kind (`embed`, `block`, `head`) forward and backward
+//! on this machine's libtorch device, and returns a [`partitioner::Profile`] that
+//! `parallel.partition: profile` uses to weight layers by measured time (torchgpipe's
+//! `balance_by_time`).
+//!
+//! Invariant: every timing is the median of `runs` repetitions after `warmup` untimed
+//! ones, each for one microbatch of the config's shape and micro-batch size; every block
+//! has the same cost, so one block stands for all of them.
+
+use crate::error::{Error, Result};
+use crate::model::{tokens_tensor, StageInput, StageModel, StageOutput};
+use crate::rng::Rng;
+use partitioner::profile::{LayerTiming, Profile};
+use partitioner::{Arch, LayerKind, ModelShape};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// How many repetitions to time.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileOptions {
+    pub warmup: usize,
+    pub runs: usize,
+    /// libtorch intra-op threads.
+    pub threads: usize,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        ProfileOptions {
+            warmup: 2,
+            runs: 5,
+            threads: 1,
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Times one layer kind; returns (forward, backward) medians in seconds.
+fn time_layer(
+    shape: &ModelShape,
+    layer: LayerKind,
+    micro_batch_size: usize,
+    opts: &ProfileOptions,
+) -> Result<(f64, f64)> {
+    let model = StageModel::new(shape, &[layer], 0)?;
+    let (b, s, d) = (micro_batch_size, shape.seq_len, shape.d_model);
+    let mut rng = Rng::from_key(&[7, b as u64, s as u64]);
+    let ids: Vec<i64> = (0..b * s)
+        .map(|_| (rng.next_u64() % shape.vocab as u64) as i64)
+        .collect();
+    let tokens = tokens_tensor(&ids, b, s)?;
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    for rep in 0..opts.warmup + opts.runs {
+        let hidden = Tensor::f_randn(
+            [b as i64, s as i64, d as i64],
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .map(|t| t.set_requires_grad(true))
+        .map_err(Error::torch("profile input"))?;
+        let input = match layer {
+            LayerKind::Embedding => StageInput::Tokens(&tokens),
+            _ => StageInput::Hidden(&hidden),
+        };
+        let targets = (layer == LayerKind::Head).then_some(&tokens);
+        let t0 = Instant::now();
+        let out = model.forward(input, targets)?;
+        let scalar = match out {
+            StageOutput::Loss(l) => l,
+            StageOutput::Hidden(h) => h.f_sum(Kind::Float).map_err(Error::torch("profile sum"))?,
+        };
+        let t1 = Instant::now();
+        scalar
+            .f_backward()
+            .map_err(Error::torch("profile backward"))?;
+        let t2 = Instant::now();
+        if rep >= opts.warmup {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+        }
+        for p in model.params() {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.f_zero_();
+            }
+        }
+    }
+    Ok((median(fwd), median(bwd)))
+}
+
+/// Measures `embed`, `block` and `head` of `shape` at `micro_batch_size` on the CPU.
+pub fn profile_layers(
+    shape: &ModelShape,
+    micro_batch_size: usize,
+    opts: &ProfileOptions,
+) -> Result<Profile> {
+    if shape.arch != Arch::Gpt {
+        return Err(Error::Config {
+            path: "(profile)".into(),
+            field: format!("model.arch = {}", shape.arch.name()),
+            problem: "only GPT-style layers can be timed: the engine does not implement this architecture yet".into(),
+            fix: "profile a model.arch: gpt config, or use parallel.partition: flops".into(),
+        });
+    }
+    tch::set_num_threads(opts.threads.max(1) as i32);
+    let mut layers = Vec::new();
+    for layer in [LayerKind::Embedding, LayerKind::Block(0), LayerKind::Head] {
+        let (fwd_s, bwd_s) = time_layer(shape, layer, micro_batch_size, opts)?;
+        layers.push(LayerTiming {
+            kind: layer.family().to_string(),
+            fwd_s,
+            bwd_s,
+            runs: opts.runs,
+        });
+    }
+    Ok(Profile {
+        device: "cpu".into(),
+        threads: opts.threads.max(1),
+        model: *shape,
+        micro_batch_size,
+        dtype_bytes: 4,
+        layers,
+    })
+}
