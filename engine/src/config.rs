@@ -730,4 +730,57 @@ output: {dir: /tmp/strata-test}
         assert!(e.contains("YAML syntax error at line"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }
+
+    #[test]
+    fn partitioner_keys_plan_and_engine_refuses_llama() {
+        let llama = GOOD.replace("d_ff: 32}", "d_ff: 32, arch: llama, n_kv_heads: 1}");
+        let c = Config::parse_for_plan(&llama, Path::new("x.yaml")).unwrap();
+        assert_eq!(c.plan().unwrap().model.n_kv_heads, 1);
+        let e = err(&llama);
+        assert!(
+            e.contains("model.arch = llama:")
+                && e.contains("not supported yet by the engine; fix:")
+                && !e.contains('\n'),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("d_ff: 32}", "d_ff: 32, n_kv_heads: 1}"));
+        assert!(e.contains("model.n_kv_heads = 1"), "{e}");
+        let opt = GOOD.replace(
+            "micro_batch_size: 2}",
+            "micro_batch_size: 2, partition: optimal, memory_gib: 0.000001}",
+        );
+        let e = err(&opt);
+        assert!(
+            e.contains("parallel.memory_gib") && e.contains("needs at least") && e.contains("fix:"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "micro_batch_size: 2}",
+            "micro_batch_size: 2, partition: greedy}",
+        ));
+        assert!(
+            e.contains("parallel.partition") && e.contains("unknown variant"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "micro_batch_size: 2}",
+            "micro_batch_size: 2, hardware: {tflops: 3}}",
+        ));
+        assert!(
+            e.contains("parallel.hardware") && e.contains("tflops"),
+            "{e}"
+        );
+        let ok = GOOD.replace(
+            "micro_batch_size: 2}",
+            "micro_batch_size: 2, schedule: 1f1b, partition: uniform, hardware: {device_tflops: 50}}",
+        );
+        let plan = Config::parse(&ok, Path::new("x.yaml"))
+            .unwrap()
+            .plan()
+            .unwrap();
+        assert_eq!(
+            (plan.method.as_str(), plan.schedule.as_str()),
+            ("uniform", "1f1b")
+        );
+    }
 }

@@ -24,7 +24,10 @@ fn every_layer_allocates_what_the_cost_model_counts() {
                 "{} of {shape:?}",
                 node.kind
             );
-            assert_eq!(node.cost.params, node.full_params, "tp = 1 holds everything");
+            assert_eq!(
+                node.cost.params, node.full_params,
+                "tp = 1 holds everything"
+            );
         }
         let all: Vec<_> = graph.nodes.iter().map(|n| n.kind).collect();
         let whole = StageModel::new(&shape, &all, 1).unwrap();
