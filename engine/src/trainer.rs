@@ -40,7 +40,8 @@ pub struct RunSummary {
     pub tokens_per_s: Vec<f64>,
     /// Per rank: the most microbatches stashed for backward at once, over all steps.
     pub peak_stash: Vec<usize>,
-    /// Per rank: measured bubble (1 − compute / step time) averaged over steps 2..
+    /// Per rank: measured bubble (time waiting for other ranks / step time) averaged over
+    /// steps 2..
     pub bubble: Vec<f64>,
 }
 
@@ -248,12 +249,15 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         }
         let lr = lr_at(cfg, step);
         let data = make_data(Split::Train, step as u64, m)?;
-        let stats = run_actions(&schedule.ranks[rank.0], &chunks, comm, layout, &data, true)?;
+        let mut stats = run_actions(&schedule.ranks[rank.0], &chunks, comm, layout, &data, true)?;
         let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = match cfg.train.grad_clip {
             Some(clip) => {
                 let mut sq = [grad_sq_norm(&params)?];
+                // The all-reduce is where this rank waits for the slowest one: idle time.
+                let t_reduce = Instant::now();
                 comm.all_reduce_sum(&mut sq)?;
+                stats.wait_s += t_reduce.elapsed().as_secs_f64();
                 let norm = sq[0].sqrt();
                 if norm > clip {
                     scale_grads(&params, clip / (norm + 1e-6))?;
@@ -384,11 +388,7 @@ fn rank_metrics(r: &[f64; REPORT_LEN]) -> RankMetrics {
         compute_s: r[2],
         wait_s: r[3],
         step_s: r[4],
-        bubble: if r[4] > 0.0 {
-            (1.0 - r[2] / r[4]).max(0.0)
-        } else {
-            0.0
-        },
+        bubble: if r[4] > 0.0 { r[3] / r[4] } else { 0.0 },
         peak_stash: r[5] as usize,
         peak_rss_mib: r[6],
     }
