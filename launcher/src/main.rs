@@ -49,6 +49,13 @@ enum Command {
         /// How many --auto candidates to print.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Sequences per optimizer step for --auto (default: the config's
+        /// dp · microbatches · micro_batch_size).
+        #[arg(long)]
+        global_batch: Option<usize>,
+        /// Bytes per element for --auto (4 = fp32 like the engine, 2 = bf16).
+        #[arg(long, default_value_t = 4)]
+        dtype_bytes: usize,
     },
     /// Time each layer kind forward and backward on this machine (libtorch) and write a
     /// profile for `parallel.partition: profile`.
@@ -96,6 +103,8 @@ fn main() -> ExitCode {
             world,
             memory_gib,
             top,
+            global_batch,
+            dtype_bytes,
         } => plan_cmd::plan(&plan_cmd::PlanArgs {
             config,
             json,
@@ -103,6 +112,8 @@ fn main() -> ExitCode {
             world,
             memory_gib,
             top,
+            global_batch,
+            dtype_bytes,
         }),
         Command::Profile { config, out, runs } => plan_cmd::profile(&config, out, runs),
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),

@@ -25,6 +25,8 @@ pub struct PlanArgs {
     pub world: Option<usize>,
     pub memory_gib: Option<f64>,
     pub top: usize,
+    pub global_batch: Option<usize>,
+    pub dtype_bytes: usize,
 }
 
 fn plan_error(path: &Path) -> impl Fn(partitioner::Error) -> engine::Error + '_ {
@@ -56,12 +58,25 @@ pub fn plan(args: &PlanArgs) -> Result<(), LaunchError> {
             ));
         }
     }
-    if args.world.is_some() && !args.auto {
+    for (flag, given) in [
+        ("--world", args.world.is_some()),
+        ("--global-batch", args.global_batch.is_some()),
+    ] {
+        if given && !args.auto {
+            return Err(bad_flag(
+                path,
+                flag,
+                "only used with --auto".into(),
+                "add --auto to search layouts",
+            ));
+        }
+    }
+    if !matches!(args.dtype_bytes, 1 | 2 | 4 | 8) {
         return Err(bad_flag(
             path,
-            "--world",
-            "only used with --auto".into(),
-            "add --auto to search layouts for that many ranks",
+            "--dtype-bytes",
+            format!("must be 1, 2, 4 or 8, got {}", args.dtype_bytes),
+            "pass --dtype-bytes 2 for bf16 or 4 for fp32",
         ));
     }
     let cfg = Config::load_for_plan(path)?;
@@ -161,8 +176,11 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
     let shape = cfg.shape()?;
     let p = &cfg.parallel;
     let world = args.world.unwrap_or(cfg.world_size());
-    let global_batch = *p.dp * *p.microbatches * *p.micro_batch_size;
+    let global_batch = args
+        .global_batch
+        .unwrap_or(*p.dp * *p.microbatches * *p.micro_batch_size);
     let mut spec = AutoSpec::new(shape, world, global_batch);
+    spec.dtype_bytes = args.dtype_bytes;
     spec.hardware = p.hardware;
     spec.top = args.top.max(1);
     spec.memory_cap_bytes = args

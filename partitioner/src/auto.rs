@@ -268,7 +268,7 @@ pub fn search(spec: &AutoSpec) -> Result<AutoPlan> {
             }
             let per_replica = spec.global_batch / dp;
             let mut found = false;
-            let mut reason: Option<String> = None;
+            let mut reason: Option<(f64, String)> = None;
             for &mbs in &spec.micro_batch_sizes {
                 if mbs == 0 || !per_replica.is_multiple_of(mbs) {
                     continue;
@@ -293,11 +293,17 @@ pub fn search(spec: &AutoSpec) -> Result<AutoPlan> {
                                 all.push(candidate(spec, &plan, schedule));
                             }
                             Err(e) => {
-                                // Keep the most forgiving failure: the smallest micro-batch's.
-                                if reason.is_none()
-                                    || matches!(e, Error::MemoryCapTooSmall { .. }) && mbs == 1
-                                {
-                                    reason = Some(e.to_string());
+                                // Keep the most forgiving failure: the least need / cap.
+                                let need = match &e {
+                                    Error::MemoryCapTooSmall {
+                                        need_bytes,
+                                        cap_bytes,
+                                        ..
+                                    } => *need_bytes as f64 / (*cap_bytes).max(1) as f64,
+                                    _ => f64::INFINITY,
+                                };
+                                if reason.as_ref().is_none_or(|(n, _)| need < *n) {
+                                    reason = Some((need, e.to_string()));
                                 }
                             }
                         }
@@ -305,7 +311,7 @@ pub fn search(spec: &AutoSpec) -> Result<AutoPlan> {
                 }
             }
             if !found {
-                rejected.push(reject(reason.unwrap_or_else(|| {
+                rejected.push(reject(reason.map(|(_, r)| r).unwrap_or_else(|| {
                     format!(
                         "no micro-batch size in {:?} divides the {per_replica} sequences per replica",
                         spec.micro_batch_sizes
