@@ -56,6 +56,9 @@ pub enum Error {
     /// The transport failed.
     #[error("communication error: {0}")]
     Comm(String),
+    /// A broken internal invariant (a schedule bug, a failed serialisation).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Another rank failed, so this one stops.
     #[error("rank {0} failed; stopping")]
     PeerFailed(Rank),

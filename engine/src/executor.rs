@@ -128,7 +128,7 @@ pub fn run_actions(
         chunk,
         microbatch: mb.0,
     };
-    let bug = |what: &str, a: &Action| Error::Comm(format!("{a}: no {what} (schedule bug)"));
+    let bug = |what: &str, a: &Action| Error::Internal(format!("{a}: no {what} (schedule bug)"));
     let scale = 1.0 / data.microbatches as f64;
     let model_of = |a: &Action| {
         chunks
@@ -311,7 +311,7 @@ pub fn run_actions(
         });
     }
     if !stash.is_empty() || !outbox.is_empty() || !grads_out.is_empty() {
-        return Err(Error::Comm(format!(
+        return Err(Error::Internal(format!(
             "schedule left work undone: {} stashed, {} unsent activations, {} unsent gradients",
             stash.len(),
             outbox.len(),

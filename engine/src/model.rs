@@ -304,7 +304,7 @@ impl StageModel {
                 Layer::Block(b) => x = b.forward(&x)?,
                 Layer::Head(h) => {
                     let targets =
-                        targets.ok_or_else(|| Error::Comm("the head needs targets".into()))?;
+                        targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
                     let logits = h.lm_head_logits(&x)?;
                     let v = self.shape.vocab as i64;
                     let loss = logits
@@ -332,7 +332,7 @@ impl Block {
         let (b, s, d) = match size.as_slice() {
             [b, s, d] => (*b, *s, *d),
             _ => {
-                return Err(Error::Comm(format!(
+                return Err(Error::Internal(format!(
                     "block input must be [b, s, d], got {size:?}"
                 )))
             }

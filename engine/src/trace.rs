@@ -130,7 +130,7 @@ impl Trace {
     ) -> Result<()> {
         let mine = std::mem::take(&mut self.events);
         let encode =
-            |e: &[TraceEvent]| serde_json::to_vec(e).map_err(|e| Error::Comm(e.to_string()));
+            |e: &[TraceEvent]| serde_json::to_vec(e).map_err(|e| Error::Internal(e.to_string()));
         if comm.rank().0 != 0 {
             return comm.send(Rank(0), Tag::plain(Tag::TRACE), encode(&mine)?);
         }

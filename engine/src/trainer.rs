@@ -160,7 +160,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         n_chunks: world * v,
     };
     if plan.stages.len() != layout.n_chunks {
-        return Err(Error::Comm(format!(
+        return Err(Error::Internal(format!(
             "the plan has {} chunks, expected pp · virtual_stages = {}",
             plan.stages.len(),
             layout.n_chunks
@@ -344,7 +344,8 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
             summary.val_losses.push((step, v));
         }
         if let Some((file, path)) = metrics_file.as_mut() {
-            let line = serde_json::to_string(&record).map_err(|e| Error::Comm(e.to_string()))?;
+            let line =
+                serde_json::to_string(&record).map_err(|e| Error::Internal(e.to_string()))?;
             writeln!(file, "{line}")
                 .and_then(|_| file.flush())
                 .map_err(io_err(path))?;
@@ -401,7 +402,7 @@ fn prepare_run_dir(cfg: &Config, plan: &Plan) -> Result<(std::fs::File, std::pat
     let cfg_path = dir.join("config.yaml");
     std::fs::write(&cfg_path, cfg.resolved_yaml()?).map_err(io_err(&cfg_path))?;
     let plan_path = dir.join("plan.json");
-    let json = serde_json::to_string_pretty(plan).map_err(|e| Error::Comm(e.to_string()))?;
+    let json = serde_json::to_string_pretty(plan).map_err(|e| Error::Internal(e.to_string()))?;
     std::fs::write(&plan_path, json + "\n").map_err(io_err(&plan_path))?;
     let metrics = dir.join("metrics.jsonl");
     let file = std::fs::File::create(&metrics).map_err(io_err(&metrics))?;

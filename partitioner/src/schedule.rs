@@ -265,21 +265,8 @@ impl Schedule {
                 grid: String::new(),
             });
         }
-        if kind == ScheduleKind::ZbH1 {
-            let s = Schedule {
-                kind,
-                pp,
-                virtual_stages,
-                microbatches,
-                lowered: false,
-                ranks: zb_h1_ranks(p, m),
-            };
-            s.validate()?;
-            s.lower()?;
-            return Ok(s);
-        }
-        let ranks = (0..p)
-            .map(|r| match kind {
+        let per_rank = |r: usize| -> Vec<Action> {
+            match kind {
                 ScheduleKind::Gpipe => (0..m)
                     .map(|mb| Action::new(r, ActionKind::Forward, mb))
                     .chain((0..m).map(|mb| Action::new(r, ActionKind::Backward, mb)))
@@ -293,9 +280,13 @@ impl Schedule {
                     .collect(),
                 ScheduleKind::OneFOneB => interleaved_rank(r, p, 1, m),
                 ScheduleKind::Interleaved => interleaved_rank(r, p, v, m),
-                ScheduleKind::ZbH1 => unreachable!("built above"),
-            })
-            .collect();
+                ScheduleKind::ZbH1 => unreachable!("ZB-H1 is built for all ranks at once"),
+            }
+        };
+        let ranks = match kind {
+            ScheduleKind::ZbH1 => zb_h1_ranks(p, m),
+            _ => (0..p).map(per_rank).collect(),
+        };
         let s = Schedule {
             kind,
             pp,
