@@ -645,6 +645,21 @@ impl Config {
         Self::parse_for_plan(&text, path)
     }
 
+    /// Reads a config for `strata profile`: keys and types are checked and the model
+    /// shape (data, vocabulary) resolved, but no plan is built, since the profile that
+    /// `parallel.profile` names may not exist yet.
+    pub fn load_for_profile(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            field: "(file)".into(),
+            problem: format!("cannot read the config: {e}"),
+            fix: "pass the path of an existing YAML file, e.g. configs/demo.yaml".into(),
+        })?;
+        let cfg = Self::parse_unchecked(&text, path)?;
+        cfg.shape()?.validate().map_err(cfg.plan_err())?;
+        Ok(cfg)
+    }
+
     /// Like [`Config::parse`], checking only what planning needs.
     pub fn parse_for_plan(text: &str, path: &Path) -> Result<Config> {
         let cfg = Self::parse_unchecked(text, path)?;

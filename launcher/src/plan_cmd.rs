@@ -262,7 +262,7 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
 /// Runs `strata profile`: times the config's layer kinds and writes the profile JSON to
 /// `out` (default `<output.dir>/profile.json`).
 pub fn profile(config: &Path, out: Option<PathBuf>, runs: usize) -> Result<(), LaunchError> {
-    let cfg = Config::load_for_plan(config)?;
+    let cfg = Config::load_for_profile(config)?;
     let shape = cfg.shape()?;
     let opts = engine::profile::ProfileOptions {
         runs: runs.max(1),

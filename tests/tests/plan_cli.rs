@@ -1,0 +1,158 @@
+//! `strata plan` (tables, JSON, --auto) and `strata profile` end to end, and the
+//! partitioner's bad-input errors at the CLI: one line, exit code 2, naming the field and
+//! the numbers.
+
+use std::time::Duration;
+use strata_tests::{repo_root, run_strata, scratch, write, Run};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn plan_text(name: &str, text: &str, extra: &[&str]) -> Run {
+    let dir = scratch(name);
+    let cfg = write(&dir, "cfg.yaml", text);
+    let mut args = vec!["plan", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_strata(&args, &[], LIMIT)
+}
+
+fn assert_one_line_error(run: &Run, needles: &[&str]) {
+    assert_eq!(
+        run.code,
+        Some(2),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let err = run.stderr.trim_end();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("fix:") && !err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+}
+
+fn tiny(parallel: &str) -> String {
+    format!(
+        "model: {{vocab: 64, seq_len: 16, d_model: 48, n_heads: 6, n_layers: 4, d_ff: 96}}
+parallel: {{{parallel}}}
+train: {{steps: 1, lr: 1.0e-2, data: random}}
+output: {{dir: runs/plan-cli}}
+"
+    )
+}
+
+#[test]
+fn llama_plans_but_does_not_launch() {
+    let cfg = repo_root().join("configs/llama-48.yaml");
+    let run = run_strata(&["plan", cfg.to_str().unwrap()], &[], LIMIT);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for needle in [
+        "llama model",
+        "embed, block.0-",
+        "head",
+        "imbalance (max/mean stage time)",
+        "optim",
+        "cap 80.00GiB",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "`{needle}` not in:\n{}",
+            run.stdout
+        );
+    }
+    let run = run_strata(&["plan", cfg.to_str().unwrap(), "--json"], &[], LIMIT);
+    let plan: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(plan["model"]["arch"], "llama");
+    assert_eq!(plan["stages"].as_array().unwrap().len(), 4);
+    assert_eq!(plan["stages"][3]["rank"], 3);
+    let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
+    assert_one_line_error(
+        &run,
+        &["model.arch = llama:", "not supported yet by the engine"],
+    );
+}
+
+#[test]
+fn auto_plans_world_1024_quickly() {
+    let cfg = repo_root().join("configs/llama-48.yaml");
+    let run = run_strata(
+        &[
+            "plan",
+            cfg.to_str().unwrap(),
+            "--auto",
+            "--world",
+            "1024",
+            "--global-batch",
+            "1024",
+            "--memory-gib",
+            "80",
+            "--dtype-bytes",
+            "2",
+        ],
+        &[],
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("world 1024") && run.stdout.contains("rejected layout families"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.elapsed < Duration::from_secs(10), "{:?}", run.elapsed);
+}
+
+#[test]
+fn bad_layouts_name_the_field_and_numbers() {
+    let base = "pp: 2, microbatches: 4, micro_batch_size: 2";
+    let run = plan_text("tp-heads", &tiny(&format!("{base}, tp: 4")), &[]);
+    assert_one_line_error(&run, &["model.n_heads = 6", "parallel.tp = 4"]);
+    let run = plan_text(
+        "pp-layers",
+        &tiny("pp: 5, microbatches: 4, micro_batch_size: 2"),
+        &[],
+    );
+    assert_one_line_error(&run, &["parallel.pp = 5", "model.n_layers = 4"]);
+    let run = plan_text(
+        "mem",
+        &tiny(&format!("{base}, partition: optimal, memory_gib: 0.00001")),
+        &[],
+    );
+    assert_one_line_error(
+        &run,
+        &["parallel.memory_gib", "needs at least", "bytes", "stage"],
+    );
+    let run = plan_text(
+        "tp-ok",
+        &tiny(&format!("{base}, tp: 2, schedule: 1f1b")),
+        &[],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("vocab-parallel"), "{}", run.stdout);
+}
+
+#[test]
+fn profile_then_plan_by_measured_time() {
+    let dir = scratch("profile");
+    let prof = dir.join("profile.json");
+    let cfg = write(
+        &dir,
+        "cfg.yaml",
+        &tiny("pp: 2, microbatches: 4, micro_batch_size: 2, partition: profile, profile: profile.json"),
+    );
+    let run = run_strata(
+        &[
+            "profile",
+            cfg.to_str().unwrap(),
+            "--out",
+            prof.to_str().unwrap(),
+            "--runs",
+            "2",
+        ],
+        &[],
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = run_strata(&["plan", cfg.to_str().unwrap()], &[], LIMIT);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("profile split"), "{}", run.stdout);
+}
