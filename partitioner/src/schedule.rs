@@ -765,7 +765,7 @@ pub fn kind_colour(kind: ActionKind) -> &'static str {
 /// Renders a simulated (or measured) timeline as SVG: one row per rank, one box per
 /// compute action labelled like `1F3`, coloured by kind, with a legend and the bubble.
 pub fn timeline_svg(s: &Schedule, sim: &Simulation, title: &str) -> String {
-    let (left, top, row_h, width) = (70.0, 50.0, 34.0, 1100.0);
+    let (left, top, row_h, width) = (120.0, 50.0, 34.0, 1100.0);
     let scale = if sim.makespan > 0.0 {
         width / sim.makespan
     } else {
