@@ -681,7 +681,7 @@ impl Config {
         }
         c.output.dir = self.output_dir().display().to_string();
         c.model.vocab = Vocab::Fixed(self.shape()?.vocab);
-        serde_yaml::to_string(&c).map_err(|e| Error::Comm(format!("serialising config: {e}")))
+        serde_yaml::to_string(&c).map_err(|e| Error::Internal(format!("serialising config: {e}")))
     }
 
     /// Tokens processed per optimizer step (over all data-parallel replicas).
