@@ -11,6 +11,7 @@
 
 use crate::data::{CharVocab, DataSource};
 use crate::error::{Error, Result};
+use partitioner::mesh::Mesh;
 use partitioner::{
     Arch, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec, Profile, Schedule,
     ScheduleKind,
@@ -336,13 +337,6 @@ impl Config {
                 "set parallel.tp: 1".into(),
             ));
         }
-        if *p.dp != 1 {
-            return Err(self.field_error(
-                "parallel.dp",
-                format!("data parallelism (dp = {}) is not supported yet", *p.dp),
-                "set parallel.dp: 1".into(),
-            ));
-        }
         if ScheduleKind::from_name(&p.schedule).is_none_or(|k| k == ScheduleKind::ForwardOnly) {
             return Err(self.field_error(
                 "parallel.schedule",
@@ -445,6 +439,12 @@ impl Config {
             *p.virtual_stages,
             *p.microbatches,
         )
+    }
+
+    /// The device mesh of this layout (validated: every degree is positive).
+    pub fn mesh(&self) -> Result<Mesh> {
+        let p = &self.parallel;
+        Mesh::new(*p.pp, *p.tp, *p.dp).map_err(self.plan_err())
     }
 
     /// World size: pp · tp · dp.

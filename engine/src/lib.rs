@@ -8,6 +8,7 @@
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod dp;
 pub mod error;
 pub mod executor;
 pub mod model;

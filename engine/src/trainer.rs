@@ -7,14 +7,17 @@
 //! rank 0 is the only writer of the run directory; chunk `c` of the plan lives on rank
 //! `c % pp`.
 
-use crate::comm::{wire, Communicator, Tag};
+use crate::comm::groups::ParallelComms;
+use crate::comm::{wire, Tag};
 use crate::config::{Config, LrSchedule};
 use crate::data::{Dataset, Split};
+use crate::dp::all_reduce_mean_grads;
 use crate::error::{Error, Result};
 use crate::executor::{run_actions, PipelineLayout, StepData, StepStats};
 use crate::model::{grad_sq_norm, tokens_tensor, Param, StageModel};
 use crate::optim::{scale_grads, AdamW, AdamWConfig};
 use crate::trace::Trace;
+use partitioner::mesh::MeshCoord;
 use partitioner::{Plan, Rank, Schedule, ScheduleKind};
 use serde::Serialize;
 use std::io::Write;
@@ -126,10 +129,11 @@ fn traced(cfg: &Config, step: usize) -> bool {
         }
 }
 
-/// Runs the whole training job on this rank. `comm` spans the pipeline (world = pp).
-pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Result<RunSummary> {
+/// Runs the whole training job on this rank, with its pipeline, tensor- and
+/// data-parallel communicators.
+pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Result<RunSummary> {
     let plan = cfg.plan()?;
-    let world = comm.size();
+    let world = comms.world.size();
     let source = cfg.source.display().to_string();
     if world != cfg.world_size() {
         return Err(Error::Config {
@@ -146,7 +150,9 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         });
     }
     tch::set_num_threads(*cfg.train.threads as i32);
-    let rank = comm.rank();
+    let rank = comms.rank();
+    let coord = comms.coord;
+    let (pp, dp) = (*cfg.parallel.pp, *cfg.parallel.dp);
     let shape = plan.model;
     let (m, mbs, seq) = (
         *cfg.parallel.microbatches,
@@ -156,8 +162,8 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
     let eval_m = cfg.train.eval_microbatches.map_or(m, |c| *c);
     let v = *cfg.parallel.virtual_stages;
     let layout = PipelineLayout {
-        pp: world,
-        n_chunks: world * v,
+        pp,
+        n_chunks: pp * v,
     };
     if plan.stages.len() != layout.n_chunks {
         return Err(Error::Internal(format!(
@@ -170,7 +176,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         .map(|slot| {
             StageModel::new(
                 &shape,
-                &plan.stages[slot * world + rank.0].layers,
+                &plan.stages[slot * pp + coord.pp].layers,
                 cfg.train.seed,
             )
         })
@@ -185,7 +191,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         source: e,
     };
     let schedule = cfg.schedule().and_then(|s| s.lower()).map_err(plan_err)?;
-    let eval_schedule = Schedule::build_virtual(ScheduleKind::ForwardOnly, world, v, eval_m)
+    let eval_schedule = Schedule::build_virtual(ScheduleKind::ForwardOnly, pp, v, eval_m)
         .and_then(|s| s.lower())
         .map_err(plan_err)?;
     let mut optim = AdamW::new(
@@ -198,9 +204,21 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         },
     )?;
     let is_root = rank.0 == 0;
-    let has_first = layout.rank_of(0) == rank;
-    let has_last = layout.rank_of(layout.n_chunks - 1) == rank;
-    let last = layout.rank_of(layout.n_chunks - 1);
+    let has_first = layout.rank_of(0).0 == coord.pp;
+    let last_stage = layout.rank_of(layout.n_chunks - 1).0;
+    let has_last = coord.pp == last_stage;
+    let mesh_rank = |pp: usize, dp: usize, tp: usize| -> Result<Rank> {
+        comms
+            .mesh
+            .rank(MeshCoord { pp, dp, tp })
+            .map_err(|e| Error::Internal(e.to_string()))
+    };
+    // The ranks whose last-stage losses make the step's loss (one per replica), and the
+    // one whose validation loss is reported.
+    let loss_ranks: Vec<Rank> = (0..dp)
+        .map(|d| mesh_rank(last_stage, d, 0))
+        .collect::<Result<_>>()?;
+    let val_rank = loss_ranks[0];
     let mut metrics_file = if is_root && opts.write_outputs {
         Some(prepare_run_dir(cfg, &plan)?)
     } else {
@@ -208,17 +226,24 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
     };
     if is_root && opts.verbose {
         println!(
-            "strata: {} params in {} chunks on {world} ranks, {m} x {mbs} sequences of {seq} tokens per step, schedule {}",
-            plan.total_params, layout.n_chunks, cfg.parallel.schedule
+            "strata: {} params in {} chunks on {world} ranks (pp {pp}, tp {}, dp {dp}), {dp} x {m} x {mbs} sequences of {seq} tokens per step, schedule {}",
+            plan.total_params, layout.n_chunks, *cfg.parallel.tp, cfg.parallel.schedule
         );
     }
     let hidden_shape = vec![mbs as i64, seq as i64, shape.d_model as i64];
+    // Replica d trains on global microbatches d·m .. (d+1)·m of each step; every replica
+    // evaluates the same validation batches.
     let make_data = |split: Split, step: u64, microbatches: usize| -> Result<StepData> {
         let mut tokens = Vec::new();
         let mut targets = Vec::new();
+        let first_mb = if split == Split::Train {
+            coord.dp * microbatches
+        } else {
+            0
+        };
         if has_first || has_last {
             for mb in 0..microbatches {
-                let (x, y) = dataset.batch(split, step, mb * mbs, mbs, seq);
+                let (x, y) = dataset.batch(split, step, (first_mb + mb) * mbs, mbs, seq);
                 if has_first {
                     tokens.push(tokens_tensor(&x, mbs, seq)?);
                 }
@@ -249,14 +274,27 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         }
         let lr = lr_at(cfg, step);
         let data = make_data(Split::Train, step as u64, m)?;
-        let mut stats = run_actions(&schedule.ranks[rank.0], &chunks, comm, layout, &data, true)?;
+        let mut stats = run_actions(
+            &schedule.ranks[coord.pp],
+            &chunks,
+            comms.pp.as_mut(),
+            layout,
+            &data,
+            true,
+        )?;
+        all_reduce_mean_grads(&params, comms.dp.as_mut())?;
         let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = match cfg.train.grad_clip {
             Some(clip) => {
-                let mut sq = [grad_sq_norm(&params)?];
+                // Replicas hold identical gradients: count each parameter once.
+                let mut sq = [if coord.dp == 0 {
+                    grad_sq_norm(&params)?
+                } else {
+                    0.0
+                }];
                 // The all-reduce is where this rank waits for the slowest one: idle time.
                 let t_reduce = Instant::now();
-                comm.all_reduce_sum(&mut sq)?;
+                comms.world.all_reduce_sum(&mut sq)?;
                 stats.wait_s += t_reduce.elapsed().as_secs_f64();
                 let norm = sq[0].sqrt();
                 if norm > clip {
@@ -274,9 +312,9 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         let val_sum = if evaluate {
             let data = make_data(Split::Val, 0, eval_m)?;
             run_actions(
-                &eval_schedule.ranks[rank.0],
+                &eval_schedule.ranks[coord.pp],
                 &chunks,
-                comm,
+                comms.pp.as_mut(),
                 layout,
                 &data,
                 false,
@@ -296,7 +334,7 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
             );
             if !traced(cfg, step + 1) {
                 trace.gather_and_write(
-                    comm,
+                    comms.world.as_mut(),
                     is_root && opts.write_outputs,
                     &cfg.output_dir().join("trace.json"),
                 )?;
@@ -304,12 +342,14 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         }
         let mine = report(rank, &stats, train_s, val_sum);
         if !is_root {
-            comm.send(Rank(0), Tag::plain(Tag::METRICS), wire::encode_f64s(&mine))?;
+            comms
+                .world
+                .send(Rank(0), Tag::plain(Tag::METRICS), wire::encode_f64s(&mine))?;
             continue;
         }
         let mut reports = vec![mine];
         for r in 1..world {
-            let bytes = comm.recv(Rank(r), Tag::plain(Tag::METRICS))?;
+            let bytes = comms.world.recv(Rank(r), Tag::plain(Tag::METRICS))?;
             reports.push(
                 wire::decode_f64s(&bytes, Rank(r), REPORT_LEN)?
                     .try_into()
@@ -319,8 +359,8 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
         // Ranks start a step at different times but are chained by the pipeline, so the
         // step takes as long as the slowest rank's training part (evaluation excluded).
         let step_s = reports.iter().map(|r| r[4]).fold(0.0, f64::max);
-        let loss = reports[last.0][1] / m as f64;
-        let val_loss = evaluate.then(|| reports[last.0][7] / eval_m as f64);
+        let loss = loss_ranks.iter().map(|r| reports[r.0][1]).sum::<f64>() / (m * dp) as f64;
+        let val_loss = evaluate.then(|| reports[val_rank.0][7] / eval_m as f64);
         let record = StepRecord {
             step,
             loss,
@@ -365,7 +405,14 @@ pub fn train(cfg: &Config, comm: &mut dyn Communicator, opts: &RunOptions) -> Re
             );
         }
     }
-    comm.flush()?;
+    for comm in [
+        &mut comms.world,
+        &mut comms.pp,
+        &mut comms.tp,
+        &mut comms.dp,
+    ] {
+        comm.flush()?;
+    }
     Ok(summary)
 }
 

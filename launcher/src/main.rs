@@ -8,9 +8,9 @@ mod plan_cmd;
 mod simulate_cmd;
 
 use clap::{Parser, Subcommand};
-use engine::comm::mpi::MpiComm;
-use engine::comm::Communicator;
+use engine::comm::groups::ParallelComms;
 use engine::{Config, RunOptions};
+use mpi::topology::{Communicator as _, SimpleCommunicator};
 use partitioner::Rank;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -135,56 +135,56 @@ fn worker(path: &Path) -> ExitCode {
         eprintln!("strata worker: error: MPI was already initialised");
         return ExitCode::from(1);
     };
-    let mut comm = MpiComm::new(universe.world());
-    let (rank, size) = (comm.rank(), comm.size());
+    let world = universe.world();
+    let (rank, size) = (Rank(world.rank() as usize), world.size() as usize);
+    let fail = |msg: String, code: i32| -> ! {
+        report_and_abort(
+            &world,
+            format!("strata worker rank {rank}/{size}: error: {msg}"),
+            code,
+        )
+    };
     let fail_at = match std::env::var("STRATA_FAIL_AT")
         .ok()
         .map(|v| parse_fail_at(&v))
     {
         None => None,
         Some(Ok(f)) => Some(f),
-        Some(Err(msg)) => {
-            report_and_abort(
-                &comm,
-                format!("strata worker rank {rank}/{size}: error: {msg}"),
-                2,
-            );
-        }
+        Some(Err(msg)) => fail(msg, 2),
     };
     let opts = RunOptions {
         fail_at,
         verbose: rank.0 == 0,
         write_outputs: true,
     };
-    let result = Config::load(path).and_then(|cfg| engine::train(&cfg, &mut comm, &opts));
+    let result = Config::load(path).and_then(|cfg| {
+        let mut comms = ParallelComms::from_mpi(universe.world(), cfg.mesh()?)?;
+        engine::train(&cfg, &mut comms, &opts)
+    });
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.is_user_error() { 2 } else { 1 };
             // Every rank sees the same config error: let rank 0 alone report it.
             if !e.is_user_error() || rank.0 == 0 {
-                report_and_abort(
-                    &comm,
-                    format!("strata worker rank {rank}/{size}: error: {e}"),
-                    code,
-                );
+                fail(e.to_string(), code);
             }
             // Give rank 0 time to print before this rank's abort tears the job down.
             std::thread::sleep(std::time::Duration::from_secs(2));
-            comm.abort(code);
+            world.abort(code);
         }
     }
 }
 
 /// Prints `msg` in one write, gives mpiexec a moment to forward it, then aborts the job.
-fn report_and_abort(comm: &MpiComm, msg: String, code: i32) -> ! {
+fn report_and_abort(world: &SimpleCommunicator, msg: String, code: i32) -> ! {
     use std::io::Write;
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(format!("{msg}\n").as_bytes());
     let _ = err.flush();
     drop(err);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    comm.abort(code)
+    world.abort(code)
 }
 
 /// Parses `STRATA_FAIL_AT=RANK:STEP`.

@@ -2,7 +2,7 @@
 //! time limit (so a hang fails the test instead of stalling CI), reading metrics, and
 //! running the engine in-process on the local (crossbeam) transport.
 
-use engine::comm::local::LocalComm;
+use engine::comm::groups::ParallelComms;
 use engine::{Config, RunOptions, RunSummary};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -40,11 +40,26 @@ pub fn scratch(name: &str) -> PathBuf {
 /// A tiny 8-layer GPT on seeded random tokens, 4 microbatches per step; the interleaved
 /// schedule gets 2 virtual stages per rank.
 pub fn tiny_config(pp: usize, schedule: &str, steps: usize, out: &Path) -> String {
+    layout_config(pp, 1, 1, schedule, steps, out)
+}
+
+/// The tiny GPT on a `pp × tp × dp` layout. The global batch stays 4 × 2 sequences
+/// whatever `dp` is (each replica gets 4 / dp microbatches), so every layout computes
+/// the same loss as one process.
+pub fn layout_config(
+    pp: usize,
+    tp: usize,
+    dp: usize,
+    schedule: &str,
+    steps: usize,
+    out: &Path,
+) -> String {
     let v = if schedule == "interleaved-1f1b" { 2 } else { 1 };
+    let m = 4 / dp;
     format!(
         "model: {{vocab: 64, seq_len: 16, d_model: 32, n_heads: 4, n_layers: 8, d_ff: 64}}
-parallel: {{pp: {pp}, tp: 1, dp: 1, microbatches: 4, micro_batch_size: 2, schedule: {schedule}, virtual_stages: {v}}}
-train: {{steps: {steps}, lr: 1.0e-2, seed: 7, data: random, eval_every: 0, log_every: 1}}
+parallel: {{pp: {pp}, tp: {tp}, dp: {dp}, microbatches: {m}, micro_batch_size: 2, schedule: {schedule}, virtual_stages: {v}}}
+train: {{steps: {steps}, lr: 1.0e-2, seed: 7, data: random, eval_every: 0, log_every: 1, grad_clip: 1.0}}
 output: {{dir: {}}}
 ",
         out.display()
@@ -138,16 +153,15 @@ pub fn read_losses(dir: &Path) -> Vec<f64> {
 /// Runs a config in-process, one thread per rank on the local transport; returns rank 0's
 /// summary (per-step losses, per-rank peak stash and bubble).
 pub fn run_local(cfg: &Config) -> RunSummary {
-    let comms = LocalComm::group(cfg.world_size());
+    let comms = ParallelComms::local(cfg.mesh().unwrap()).unwrap();
     let handles: Vec<_> = comms
         .into_iter()
-        .map(|mut comm| {
+        .map(|mut comms| {
             let cfg = cfg.clone();
             std::thread::spawn(move || {
-                let opts = RunOptions::default();
-                let result = engine::train(&cfg, &mut comm, &opts);
+                let result = engine::train(&cfg, &mut comms, &RunOptions::default());
                 if result.is_err() {
-                    comm.poison();
+                    comms.world.abort_peers();
                 }
                 result
             })

@@ -4,7 +4,9 @@
 
 use engine::Config;
 use std::path::Path;
-use strata_tests::{assert_losses_match, repo_root, run_local, scratch, tiny_config, SCHEDULES};
+use strata_tests::{
+    assert_losses_match, layout_config, repo_root, run_local, scratch, tiny_config, SCHEDULES,
+};
 
 fn config_text(pp: usize, schedule: &str, steps: usize) -> String {
     tiny_config(
@@ -35,6 +37,17 @@ fn every_schedule_and_layout_matches_single_process() {
                 &format!("pp={pp} {schedule}"),
             );
         }
+    }
+}
+
+#[test]
+fn data_parallel_layouts_match_single_process() {
+    let out = |name: &str| scratch(&format!("local-dp-{name}"));
+    let reference = run_local(&config(&layout_config(1, 1, 1, "1f1b", 3, &out("ref")))).losses;
+    for (pp, dp) in [(1, 2), (2, 2), (1, 4)] {
+        let text = layout_config(pp, 1, dp, "1f1b", 3, &out(&format!("{pp}-{dp}")));
+        let losses = run_local(&config(&text)).losses;
+        assert_losses_match(&reference, &losses, 1e-5, 1e-5, &format!("pp={pp} dp={dp}"));
     }
 }
 

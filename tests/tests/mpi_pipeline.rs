@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 use strata_tests::{
-    assert_losses_match, read_losses, run_strata, scratch, tiny_config, write, SCHEDULES,
+    assert_losses_match, layout_config, read_losses, run_strata, scratch, tiny_config, write,
+    SCHEDULES,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -45,6 +46,27 @@ fn every_schedule_under_mpiexec_matches_single_process() {
             assert_losses_match(&reference, &losses, 1e-5, 1e-4, &what);
         }
     }
+}
+
+#[test]
+fn data_parallel_under_mpiexec_matches_single_process() {
+    let run = |pp: usize, dp: usize| {
+        let dir = scratch(&format!("mpi-dp-{pp}-{dp}"));
+        let out = dir.join("run");
+        let cfg = write(&dir, "cfg.yaml", &layout_config(pp, 1, dp, "1f1b", 3, &out));
+        let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "pp={pp} dp={dp}:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        read_losses(&out)
+    };
+    let reference = run(1, 1);
+    let losses = run(2, 2);
+    assert_losses_match(&reference, &losses, 1e-5, 1e-5, "mpiexec pp=2 dp=2");
 }
 
 #[test]

@@ -23,6 +23,8 @@ const NOBODY: usize = usize::MAX;
 /// One rank's end of an in-process group.
 pub struct LocalComm {
     rank: Rank,
+    /// This rank's rank in the whole job (what a failure is reported as).
+    world_rank: Rank,
     peers: Vec<Sender<Msg>>,
     inbox: Receiver<Msg>,
     /// Messages that arrived before they were asked for, in arrival order.
@@ -33,12 +35,24 @@ pub struct LocalComm {
 impl LocalComm {
     /// Creates the communicators of an `n`-rank group; hand one to each thread.
     pub fn group(n: usize) -> Vec<LocalComm> {
+        Self::subgroup(&(0..n).map(Rank).collect::<Vec<_>>(), &Self::failure_flag())
+    }
+
+    /// A failure flag to share between all the groups of one job.
+    pub fn failure_flag() -> Arc<AtomicUsize> {
+        Arc::new(AtomicUsize::new(NOBODY))
+    }
+
+    /// Creates a group whose members have the given world ranks, sharing `failed` with
+    /// the job's other groups so that a failure anywhere unblocks waits everywhere.
+    pub fn subgroup(world_ranks: &[Rank], failed: &Arc<AtomicUsize>) -> Vec<LocalComm> {
+        let n = world_ranks.len();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded()).unzip();
-        let failed = Arc::new(AtomicUsize::new(NOBODY));
         rxs.into_iter()
             .enumerate()
             .map(|(r, inbox)| LocalComm {
                 rank: Rank(r),
+                world_rank: world_ranks[r],
                 peers: txs.clone(),
                 inbox,
                 early: Vec::new(),
@@ -49,9 +63,12 @@ impl LocalComm {
 
     /// Marks this rank as failed so that peers stop waiting for it.
     pub fn poison(&self) {
-        let _ =
-            self.failed
-                .compare_exchange(NOBODY, self.rank.0, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.failed.compare_exchange(
+            NOBODY,
+            self.world_rank.0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     fn check_peers(&self) -> Result<()> {
@@ -105,6 +122,10 @@ impl Communicator for LocalComm {
 
     fn flush(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    fn abort_peers(&self) {
+        self.poison();
     }
 }
 

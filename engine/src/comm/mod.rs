@@ -12,6 +12,7 @@
 //! * if a peer fails, waits return [`Error::PeerFailed`] (local) or the process is
 //!   torn down by the MPI launcher (MPI) instead of hanging.
 
+pub mod groups;
 pub mod local;
 pub mod mpi;
 pub mod wire;
@@ -67,6 +68,10 @@ pub trait Communicator: Send {
         Ok(())
     }
 
+    /// Tells the other ranks that this one failed, where the transport can (in-process);
+    /// MPI jobs are torn down by `MPI_Abort` instead.
+    fn abort_peers(&self) {}
+
     /// Element-wise sum of `values` over all ranks, left on every rank. Reduced in rank
     /// order on rank 0, so the result is bit-identical on every rank and every run.
     fn all_reduce_sum(&mut self, values: &mut [f64]) -> Result<()> {
@@ -92,6 +97,50 @@ pub trait Communicator: Send {
             self.send(root, Tag::plain(Tag::REDUCE), wire::encode_f64s(values))?;
             let bytes = self.recv(root, Tag::plain(Tag::BROADCAST))?;
             values.copy_from_slice(&wire::decode_f64s(&bytes, root, values.len())?);
+        }
+        Ok(())
+    }
+
+    /// Element-wise sum of an f32 buffer over all ranks, in place, identical on every rank.
+    /// The default reduces in rank order on rank 0 and broadcasts; MPI overrides it with a
+    /// non-blocking `MPI_Iallreduce`.
+    fn all_reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if n == 1 {
+            return Ok(());
+        }
+        let root = Rank(0);
+        let encode = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let decode = |bytes: &[u8], from: Rank, out: &mut [f32]| -> Result<()> {
+            if bytes.len() != 4 * out.len() {
+                return Err(crate::error::Error::Wire {
+                    from,
+                    expected: format!("{} f32 values", out.len()),
+                    got: format!("{} bytes", bytes.len()),
+                });
+            }
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+            Ok(())
+        };
+        if self.rank() == root {
+            let mut theirs = vec![0f32; values.len()];
+            for r in 1..n {
+                let bytes = self.recv(Rank(r), Tag::plain(Tag::REDUCE))?;
+                decode(&bytes, Rank(r), &mut theirs)?;
+                for (a, b) in values.iter_mut().zip(&theirs) {
+                    *a += b;
+                }
+            }
+            let bytes = encode(values);
+            for r in 1..n {
+                self.send(Rank(r), Tag::plain(Tag::BROADCAST), bytes.clone())?;
+            }
+        } else {
+            self.send(root, Tag::plain(Tag::REDUCE), encode(values))?;
+            let bytes = self.recv(root, Tag::plain(Tag::BROADCAST))?;
+            decode(&bytes, root, values)?;
         }
         Ok(())
     }

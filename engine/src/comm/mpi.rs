@@ -198,6 +198,50 @@ impl Communicator for MpiComm {
         }
     }
 
+    fn all_reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
+        if self.size() == 1 {
+            return Ok(());
+        }
+        let count = i32::try_from(values.len()).map_err(|_| {
+            Error::Comm(format!(
+                "all-reduce of {} values exceeds 2^31",
+                values.len()
+            ))
+        })?;
+        // MPI_IN_PLACE is a macro with no binding: reduce from a copy.
+        let send = values.to_vec();
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        let rc = unsafe {
+            ffi::MPI_Iallreduce(
+                send.as_ptr() as *const std::ffi::c_void,
+                values.as_mut_ptr() as *mut std::ffi::c_void,
+                count,
+                f32::equivalent_datatype().as_raw(),
+                ffi::RSMPI_SUM,
+                self.comm.as_raw(),
+                req.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+        }
+        let mut req = unsafe { req.assume_init() };
+        let mut backoff = Backoff::default();
+        loop {
+            let mut flag = 0;
+            let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+            let rc = unsafe { ffi::MPI_Test(&mut req, &mut flag, status.as_mut_ptr()) };
+            if rc != 0 {
+                return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+            }
+            if flag != 0 {
+                return Ok(());
+            }
+            progress(&mut self.pending)?;
+            backoff.wait();
+        }
+    }
+
     fn flush(&mut self) -> Result<()> {
         let mut backoff = Backoff::default();
         loop {
