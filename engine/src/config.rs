@@ -330,13 +330,6 @@ impl Config {
     fn validate(&self) -> Result<()> {
         self.check_engine_support()?;
         let p = &self.parallel;
-        if *p.tp != 1 {
-            return Err(self.field_error(
-                "parallel.tp",
-                format!("tensor parallelism (tp = {}) is not supported yet", *p.tp),
-                "set parallel.tp: 1".into(),
-            ));
-        }
         if ScheduleKind::from_name(&p.schedule).is_none_or(|k| k == ScheduleKind::ForwardOnly) {
             return Err(self.field_error(
                 "parallel.schedule",
@@ -445,6 +438,11 @@ impl Config {
     pub fn mesh(&self) -> Result<Mesh> {
         let p = &self.parallel;
         Mesh::new(*p.pp, *p.tp, *p.dp).map_err(self.plan_err())
+    }
+
+    /// Checks that a job of `world` ranks fits this layout (pp · tp · dp = world).
+    pub fn check_world(&self, world: usize) -> Result<()> {
+        self.mesh()?.validate_world(world).map_err(self.plan_err())
     }
 
     /// World size: pp · tp · dp.
@@ -736,9 +734,9 @@ output: {dir: /tmp/strata-test}
         );
         let e = err(&GOOD.replace("data: random", "data: nope.txt"));
         assert!(e.contains("train.data") && e.contains("not found"), "{e}");
-        let e = err(&GOOD.replace("pp: 2,", "pp: 2, tp: 2,"));
+        let e = err(&GOOD.replace("pp: 2,", "pp: 2, tp: 3,"));
         assert!(
-            e.contains("parallel.tp") && e.contains("not supported yet"),
+            e.contains("parallel.tp = 3: exceeds model.n_heads = 2") && e.contains("fix:"),
             "{e}"
         );
         let e = err("model: {seq_len: 1\n");

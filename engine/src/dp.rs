@@ -6,7 +6,7 @@
 //! Invariant: after [`all_reduce_mean_grads`], every replica holds bit-identical
 //! gradients (the collective's result is the same on every rank).
 
-use crate::comm::Communicator;
+use crate::comm::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
 use crate::model::Param;
 use tch::{Kind, Tensor};
@@ -47,7 +47,7 @@ pub fn all_reduce_mean_grads(params: &[Param], dp: &mut dyn Communicator) -> Res
                 .map_err(torch("packing gradients"))?;
             at += k;
         }
-        dp.all_reduce_f32(&mut flat)?;
+        dp.all_reduce_f32(&mut flat, ReduceOp::Sum)?;
         let scale = 1.0 / n as f32;
         flat.iter_mut().for_each(|x| *x *= scale);
         let mut at = 0;

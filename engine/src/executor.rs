@@ -24,7 +24,8 @@
 use crate::comm::wire::{self, Expect};
 use crate::comm::{Communicator, Tag};
 use crate::error::{Error, Result};
-use crate::model::{StageInput, StageModel, StageOutput};
+use crate::model::{Param, StageInput, StageModel, StageOutput};
+use crate::tp::{Grad, TpForward, TpStageModel};
 use partitioner::{Action, ActionKind, MicrobatchId, Rank, StageId};
 use std::collections::HashMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -88,24 +89,46 @@ pub struct StepStats {
     pub spans: Vec<Span>,
 }
 
-struct Stashed {
-    /// The chunk's input leaf (None on chunk 0, whose input is token ids).
-    input: Option<Tensor>,
-    /// Hidden output, or the microbatch loss on the last chunk.
-    output: Tensor,
-    /// The backward seed, kept between I and W.
-    surrogate: Option<Tensor>,
+enum Stashed {
+    /// A plain chunk: its input leaf (None on chunk 0), its output (hidden or loss), and
+    /// the backward seed kept between I and W.
+    Plain {
+        input: Option<Tensor>,
+        output: Tensor,
+        surrogate: Option<Tensor>,
+    },
+    /// A tensor-parallel chunk's segmented forward.
+    Tp(TpForward),
+    /// A tensor-parallel chunk whose backward ran in its I action.
+    TpDone,
+}
+
+/// A chunk of the model as this rank holds it: whole, or a tensor-parallel shard.
+pub enum ChunkModel {
+    Plain(StageModel),
+    Tp(TpStageModel),
+}
+
+impl ChunkModel {
+    /// The chunk's parameters (shards, for tensor parallelism).
+    pub fn params(&self) -> &[Param] {
+        match self {
+            ChunkModel::Plain(m) => m.params(),
+            ChunkModel::Tp(m) => m.params(),
+        }
+    }
 }
 
 type Key = (StageId, MicrobatchId);
 
 /// Runs `actions` (this rank's lowered row) with `chunks[slot]` the model of each local
-/// chunk. With `training` false the schedule must be forward-only and nothing is stashed
+/// chunk; `tp` is the tensor-parallel group (of one rank without tensor parallelism). With `training` false the schedule must be forward-only and nothing is stashed
 /// or differentiated.
 pub fn run_actions(
     actions: &[Action],
-    chunks: &[StageModel],
+    chunks: &[ChunkModel],
     comm: &mut dyn Communicator,
+    tp: &mut dyn Communicator,
     layout: PipelineLayout,
     data: &StepData,
     training: bool,
@@ -190,112 +213,162 @@ pub fn run_actions(
                 )?;
             }
             ActionKind::Forward => {
-                let input = if layout.is_first(c) {
-                    None
-                } else {
-                    let h = received
-                        .remove(&key)
-                        .ok_or_else(|| bug("received activation", a))?;
-                    Some(if training {
-                        h.set_requires_grad(true)
-                    } else {
-                        h
-                    })
-                };
-                let stage_in = match &input {
-                    Some(h) => StageInput::Hidden(h),
-                    None => {
-                        StageInput::Tokens(data.tokens.get(mb.0).ok_or_else(|| bug("tokens", a))?)
-                    }
-                };
                 let targets = if layout.is_last(c) {
                     Some(data.targets.get(mb.0).ok_or_else(|| bug("targets", a))?)
                 } else {
                     None
                 };
-                let model = model_of(a)?;
-                let out = if training {
-                    model.forward(stage_in, targets)?
+                let received_input = if layout.is_first(c) {
+                    None
                 } else {
-                    tch::no_grad(|| model.forward(stage_in, targets))?
+                    Some(
+                        received
+                            .remove(&key)
+                            .ok_or_else(|| bug("received activation", a))?,
+                    )
                 };
-                let output = match out {
-                    StageOutput::Loss(loss) => {
-                        stats.loss_sum += loss
-                            .f_double_value(&[])
-                            .map_err(Error::torch("loss value"))?;
-                        loss
+                let tokens = || data.tokens.get(mb.0).ok_or_else(|| bug("tokens", a));
+                let (output, stashed) = match model_of(a)? {
+                    ChunkModel::Plain(model) => {
+                        let input = received_input.map(|h| {
+                            if training {
+                                h.set_requires_grad(true)
+                            } else {
+                                h
+                            }
+                        });
+                        let stage_in = match &input {
+                            Some(h) => StageInput::Hidden(h),
+                            None => StageInput::Tokens(tokens()?),
+                        };
+                        let out = if training {
+                            model.forward(stage_in, targets)?
+                        } else {
+                            tch::no_grad(|| model.forward(stage_in, targets))?
+                        };
+                        let output = match out {
+                            StageOutput::Loss(loss) | StageOutput::Hidden(loss) => loss,
+                        };
+                        let visible = output.detach();
+                        (
+                            visible,
+                            Stashed::Plain {
+                                input,
+                                output,
+                                surrogate: None,
+                            },
+                        )
                     }
-                    StageOutput::Hidden(h) => {
-                        outbox.insert(key, h.detach());
-                        h
+                    ChunkModel::Tp(model) => {
+                        let input = match received_input {
+                            Some(h) => h,
+                            None => tokens()?.shallow_clone(),
+                        };
+                        let fwd = model.forward(&input, targets, tp, training)?;
+                        (fwd.output.shallow_clone(), Stashed::Tp(fwd))
                     }
                 };
+                if layout.is_last(c) {
+                    stats.loss_sum += output
+                        .f_double_value(&[])
+                        .map_err(Error::torch("loss value"))?;
+                } else {
+                    outbox.insert(key, output);
+                }
                 if training {
-                    stash.insert(
-                        key,
-                        Stashed {
-                            input,
-                            output,
-                            surrogate: None,
-                        },
-                    );
+                    stash.insert(key, stashed);
                     stats.peak_stash = stats.peak_stash.max(stash.len());
                 }
             }
             ActionKind::Backward | ActionKind::InputGrad => {
-                let s = stash
-                    .get_mut(&key)
+                let entry = stash
+                    .remove(&key)
                     .ok_or_else(|| bug("stashed forward", a))?;
-                let surrogate = if layout.is_last(c) {
-                    s.output.f_mul_scalar(scale)
+                let grad_out = if layout.is_last(c) {
+                    None
                 } else {
-                    let g = grads_in
-                        .remove(&key)
-                        .ok_or_else(|| bug("output gradient", a))?;
-                    s.output.f_mul(&g).and_then(|t| t.f_sum(Kind::Float))
-                }
-                .map_err(Error::torch(format!("backward seed of {a}")))?;
-                if a.kind == ActionKind::Backward {
-                    surrogate
-                        .f_backward()
-                        .map_err(Error::torch(format!("backward of {a}")))?;
-                    let s = stash.remove(&key).expect("present");
-                    if let Some(input) = s.input {
-                        grads_out.insert(key, input.grad());
+                    Some(
+                        grads_in
+                            .remove(&key)
+                            .ok_or_else(|| bug("output gradient", a))?,
+                    )
+                };
+                match entry {
+                    Stashed::Plain { input, output, .. } => {
+                        let surrogate = match &grad_out {
+                            None => output.f_mul_scalar(scale),
+                            Some(g) => output.f_mul(g).and_then(|t| t.f_sum(Kind::Float)),
+                        }
+                        .map_err(Error::torch(format!("backward seed of {a}")))?;
+                        if a.kind == ActionKind::Backward {
+                            surrogate
+                                .f_backward()
+                                .map_err(Error::torch(format!("backward of {a}")))?;
+                            if let Some(input) = input {
+                                grads_out.insert(key, input.grad());
+                            }
+                        } else {
+                            if let Some(input) = &input {
+                                let g =
+                                    Tensor::f_run_backward(&[&surrogate], &[input], true, false)
+                                        .map_err(Error::torch(format!("input gradient of {a}")))?;
+                                grads_out.insert(
+                                    key,
+                                    g.into_iter()
+                                        .next()
+                                        .ok_or_else(|| bug("input gradient", a))?,
+                                );
+                            }
+                            stash.insert(
+                                key,
+                                Stashed::Plain {
+                                    input,
+                                    output,
+                                    surrogate: Some(surrogate),
+                                },
+                            );
+                        }
                     }
-                } else {
-                    if let Some(input) = &s.input {
-                        let g = Tensor::f_run_backward(&[&surrogate], &[input], true, false)
-                            .map_err(Error::torch(format!("input gradient of {a}")))?;
-                        grads_out.insert(
-                            key,
-                            g.into_iter()
-                                .next()
-                                .ok_or_else(|| bug("input gradient", a))?,
-                        );
+                    Stashed::Tp(fwd) => {
+                        // The segmented tape has no separate weight pass: I does the whole
+                        // backward and the W that follows has nothing left to do.
+                        let seed = match grad_out {
+                            None => Grad::LossScale(scale),
+                            Some(g) => Grad::Output(g),
+                        };
+                        if let Some(g) = TpStageModel::backward(fwd, seed, tp)? {
+                            grads_out.insert(key, g);
+                        }
+                        if a.kind == ActionKind::InputGrad {
+                            stash.insert(key, Stashed::TpDone);
+                        }
                     }
-                    s.surrogate = Some(surrogate);
+                    Stashed::TpDone => return Err(bug("forward before this backward", a)),
                 }
             }
             ActionKind::WeightGrad => {
-                let s = stash
+                match stash
                     .remove(&key)
-                    .ok_or_else(|| bug("stashed forward", a))?;
-                let surrogate = s
-                    .surrogate
-                    .ok_or_else(|| bug("input-gradient pass before W", a))?;
-                let params = model_of(a)?.params();
-                let tensors: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
-                let grads = Tensor::f_run_backward(&[&surrogate], &tensors, false, false)
-                    .map_err(Error::torch(format!("weight gradients of {a}")))?;
-                tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
-                    for (p, g) in params.iter().zip(&grads) {
-                        let _ = p.tensor.grad().f_add_(g)?;
+                    .ok_or_else(|| bug("stashed forward", a))?
+                {
+                    Stashed::Plain { surrogate, .. } => {
+                        let surrogate =
+                            surrogate.ok_or_else(|| bug("input-gradient pass before W", a))?;
+                        let params = model_of(a)?.params();
+                        let tensors: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
+                        let grads = Tensor::f_run_backward(&[&surrogate], &tensors, false, false)
+                            .map_err(Error::torch(format!("weight gradients of {a}")))?;
+                        tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
+                            for (p, g) in params.iter().zip(&grads) {
+                                let _ = p.tensor.grad().f_add_(g)?;
+                            }
+                            Ok(())
+                        })
+                        .map_err(Error::torch(format!("accumulating gradients of {a}")))?;
                     }
-                    Ok(())
-                })
-                .map_err(Error::torch(format!("accumulating gradients of {a}")))?;
+                    Stashed::TpDone => {}
+                    Stashed::Tp(_) => return Err(bug("input-gradient pass before W", a)),
+                }
             }
         }
         let end = t0.elapsed().as_secs_f64();

@@ -34,6 +34,9 @@ pub struct Param {
     pub tensor: Tensor,
     /// Whether weight decay applies (matrices and embeddings, not biases or norms).
     pub decay: bool,
+    /// True when each tensor-parallel rank holds a different slice; false when the
+    /// parameter is replicated across the tp group (counted once in the global norm).
+    pub tp_sharded: bool,
 }
 
 impl Param {
@@ -43,6 +46,7 @@ impl Param {
             name: self.name.clone(),
             tensor: self.tensor.shallow_clone(),
             decay: self.decay,
+            tp_sharded: self.tp_sharded,
         }
     }
 }
@@ -88,6 +92,7 @@ impl Builder<'_> {
             name: format!("{}.{name}", self.layer.name()),
             tensor: t.shallow_clone(),
             decay: shape.len() >= 2,
+            tp_sharded: false,
         });
         Ok(t)
     }
@@ -119,7 +124,7 @@ impl Builder<'_> {
 }
 
 /// Maps a libtorch error to [`Error::Torch`] naming the operation.
-trait Ctx<T> {
+pub(crate) trait Ctx<T> {
     fn ctx(self, what: &str) -> Result<T>;
 }
 
@@ -131,13 +136,13 @@ impl<T> Ctx<T> for std::result::Result<T, tch::TchError> {
 
 /// `Y = XA + b` with `A` stored `[in, out]`.
 #[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.f_matmul(&self.weight).ctx("linear")?;
         match &self.bias {
             Some(b) => y.f_add(b).ctx("linear bias"),
@@ -147,13 +152,13 @@ impl Linear {
 }
 
 #[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.weight.size()[0];
         x.f_layer_norm([d], Some(&self.weight), Some(&self.bias), LN_EPS, false)
             .ctx("layer_norm")
@@ -262,17 +267,7 @@ impl StageModel {
     /// Gives every parameter a defined, all-zero `.grad`, so that weight-gradient (`W`)
     /// actions can add into it; `0 + g` is exact, so B-based schedules are unaffected.
     fn init_grads(&self) -> Result<()> {
-        for p in &self.params {
-            p.tensor
-                .f_sum(Kind::Float)
-                .and_then(|s| s.f_mul_scalar(0.0))
-                .and_then(|s| s.f_backward())
-                .map_err(Error::torch(format!(
-                    "initialising the gradient of {}",
-                    p.name
-                )))?;
-        }
-        Ok(())
+        init_grads(&self.params)
     }
 
     /// The stage's parameters, in layer order.
@@ -337,24 +332,8 @@ impl Block {
                 )))
             }
         };
-        let hd = d / self.n_heads;
         let h = self.ln1.forward(x)?;
-        let qkv = self.qkv.forward(&h)?;
-        let parts = qkv.f_split(d, -1).ctx("qkv split")?;
-        let heads = |t: &Tensor| -> Result<Tensor> {
-            t.f_view([b, s, self.n_heads, hd])
-                .and_then(|t| t.f_transpose(1, 2))
-                .ctx("split heads")
-        };
-        let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
-        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(
-            &q, &k, &v, None, 0.0, true, None, false,
-        )
-        .ctx("attention")?
-        .f_transpose(1, 2)
-        .and_then(|t| t.f_contiguous())
-        .and_then(|t| t.f_view([b, s, d]))
-        .ctx("merge heads")?;
+        let y = causal_attention(&self.qkv.forward(&h)?, b, s, d, self.n_heads)?;
         let x = x.f_add(&self.proj.forward(&y)?).ctx("attention residual")?;
         let h = self.ln2.forward(&x)?;
         let h = self.fc1.forward(&h)?.f_gelu("none").ctx("gelu")?;
@@ -362,10 +341,45 @@ impl Block {
     }
 }
 
+/// Causal multi-head attention of `qkv` (`[b, s, 3w]`, laid out `[q | k | v]`, `heads`
+/// heads of width `w / heads`); returns the merged heads `[b, s, w]`. Shared by the full
+/// model and its tensor-parallel shards (which pass their local width and heads).
+pub(crate) fn causal_attention(qkv: &Tensor, b: i64, s: i64, w: i64, heads: i64) -> Result<Tensor> {
+    let hd = w / heads;
+    let parts = qkv.f_split(w, -1).ctx("qkv split")?;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        t.f_view([b, s, heads, hd])
+            .and_then(|t| t.f_transpose(1, 2))
+            .ctx("split heads")
+    };
+    let (q, k, v) = (split(&parts[0])?, split(&parts[1])?, split(&parts[2])?);
+    Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+        .ctx("attention")?
+        .f_transpose(1, 2)
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view([b, s, w]))
+        .ctx("merge heads")
+}
+
 impl Head {
     fn lm_head_logits(&self, x: &Tensor) -> Result<Tensor> {
         self.ln_f.forward(x)?.f_matmul(&self.lm_head).ctx("lm head")
     }
+}
+
+/// Gives every parameter a defined, all-zero `.grad` (see [`StageModel`]).
+pub(crate) fn init_grads(params: &[Param]) -> Result<()> {
+    for p in params {
+        p.tensor
+            .f_sum(Kind::Float)
+            .and_then(|s| s.f_mul_scalar(0.0))
+            .and_then(|s| s.f_backward())
+            .map_err(Error::torch(format!(
+                "initialising the gradient of {}",
+                p.name
+            )))?;
+    }
+    Ok(())
 }
 
 /// Converts row-major token ids into a `[rows, seq_len]` tensor.

@@ -13,9 +13,10 @@ use crate::config::{Config, LrSchedule};
 use crate::data::{Dataset, Split};
 use crate::dp::all_reduce_mean_grads;
 use crate::error::{Error, Result};
-use crate::executor::{run_actions, PipelineLayout, StepData, StepStats};
+use crate::executor::{run_actions, ChunkModel, PipelineLayout, StepData, StepStats};
 use crate::model::{grad_sq_norm, tokens_tensor, Param, StageModel};
 use crate::optim::{scale_grads, AdamW, AdamWConfig};
+use crate::tp::TpStageModel;
 use crate::trace::Trace;
 use partitioner::mesh::MeshCoord;
 use partitioner::{Plan, Rank, Schedule, ScheduleKind};
@@ -172,18 +173,33 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
             layout.n_chunks
         )));
     }
-    let chunks: Vec<StageModel> = (0..v)
+    // Without tensor parallelism a chunk is one autograd graph; with it, a shard run as
+    // segments joined by tp collectives.
+    let tp_size = *cfg.parallel.tp;
+    let chunks: Vec<ChunkModel> = (0..v)
         .map(|slot| {
-            StageModel::new(
-                &shape,
-                &plan.stages[slot * pp + coord.pp].layers,
-                cfg.train.seed,
-            )
+            let layers = &plan.stages[slot * pp + coord.pp].layers;
+            Ok(if tp_size == 1 {
+                ChunkModel::Plain(StageModel::new(&shape, layers, cfg.train.seed)?)
+            } else {
+                ChunkModel::Tp(TpStageModel::new(
+                    &shape,
+                    layers,
+                    cfg.train.seed,
+                    coord.tp,
+                    tp_size,
+                )?)
+            })
         })
         .collect::<Result<_>>()?;
     let params: Vec<Param> = chunks
         .iter()
         .flat_map(|c| c.params().iter().map(Param::alias))
+        .collect();
+    let norm_params: Vec<Param> = params
+        .iter()
+        .filter(|p| p.tp_sharded || coord.tp == 0)
+        .map(Param::alias)
         .collect();
     let dataset = Dataset::load(&cfg.data_source()?, cfg.train.seed)?;
     let plan_err = |e| Error::Plan {
@@ -278,6 +294,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
             &schedule.ranks[coord.pp],
             &chunks,
             comms.pp.as_mut(),
+            comms.tp.as_mut(),
             layout,
             &data,
             true,
@@ -286,9 +303,10 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = match cfg.train.grad_clip {
             Some(clip) => {
-                // Replicas hold identical gradients: count each parameter once.
+                // Replicas hold identical gradients: count each parameter once, and one
+                // replicated over the tp group on its tp rank 0 only.
                 let mut sq = [if coord.dp == 0 {
-                    grad_sq_norm(&params)?
+                    grad_sq_norm(&norm_params)?
                 } else {
                     0.0
                 }];
@@ -315,6 +333,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
                 &eval_schedule.ranks[coord.pp],
                 &chunks,
                 comms.pp.as_mut(),
+                comms.tp.as_mut(),
                 layout,
                 &data,
                 false,

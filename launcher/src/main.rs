@@ -158,6 +158,7 @@ fn worker(path: &Path) -> ExitCode {
         write_outputs: true,
     };
     let result = Config::load(path).and_then(|cfg| {
+        cfg.check_world(size)?;
         let mut comms = ParallelComms::from_mpi(universe.world(), cfg.mesh()?)?;
         engine::train(&cfg, &mut comms, &opts)
     });

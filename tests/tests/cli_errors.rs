@@ -86,11 +86,46 @@ fn non_positive_microbatches() {
 }
 
 #[test]
-fn unsupported_layout_says_not_supported_yet() {
-    let text = good("tp").replace("tp: 1", "tp: 2");
+fn heads_not_divisible_by_tp() {
+    let text = good("tp3").replace("tp: 1", "tp: 3");
     assert_clean_error(
-        &launch_text("tp", &text, &[]),
-        &["parallel.tp", "not supported yet"],
+        &launch_text("tp3", &text, &[]),
+        &["model.n_heads = 4 is not divisible by parallel.tp = 3"],
+    );
+}
+
+#[test]
+fn tp_larger_than_heads() {
+    let text = good("tp8")
+        .replace("pp: 2", "pp: 1")
+        .replace("tp: 1", "tp: 8");
+    assert_clean_error(
+        &launch_text("tp8", &text, &[]),
+        &["parallel.tp = 8", "exceeds model.n_heads = 4"],
+    );
+}
+
+#[test]
+fn world_not_pp_tp_dp() {
+    // Started by hand with the wrong number of ranks (strata launch computes it).
+    let dir = scratch("world");
+    let cfg = write(&dir, "cfg.yaml", &good("world").replace("tp: 1", "tp: 2"));
+    let mut cmd = std::process::Command::new("mpiexec");
+    cmd.args(["-n", "3"])
+        .arg(strata_tests::strata_bin())
+        .args(["worker", "--config", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let run = strata_tests::run_with_limit(cmd, Duration::from_secs(60));
+    assert!(!run.timed_out, "hung");
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("world size 3 != parallel.pp · parallel.tp · parallel.dp = 2 · 2 · 1 = 4")
+            && run.stderr.contains("fix:"),
+        "{}",
+        run.stderr
     );
 }
 

@@ -40,14 +40,32 @@ fn every_schedule_and_layout_matches_single_process() {
     }
 }
 
+/// The 3-D matrix of issue 4: (pp, tp, dp) layouts against one process.
+const LAYOUTS: [(usize, usize, usize); 8] = [
+    (2, 1, 1),
+    (1, 2, 1),
+    (1, 1, 2),
+    (2, 2, 1),
+    (2, 1, 2),
+    (1, 2, 2),
+    (2, 2, 2),
+    (1, 4, 1),
+];
+
 #[test]
-fn data_parallel_layouts_match_single_process() {
-    let out = |name: &str| scratch(&format!("local-dp-{name}"));
+fn every_3d_layout_matches_single_process() {
+    let out = |name: &str| scratch(&format!("local-3d-{name}"));
     let reference = run_local(&config(&layout_config(1, 1, 1, "1f1b", 3, &out("ref")))).losses;
-    for (pp, dp) in [(1, 2), (2, 2), (1, 4)] {
-        let text = layout_config(pp, 1, dp, "1f1b", 3, &out(&format!("{pp}-{dp}")));
+    for (pp, tp, dp) in LAYOUTS {
+        let text = layout_config(pp, tp, dp, "1f1b", 3, &out(&format!("{pp}-{tp}-{dp}")));
         let losses = run_local(&config(&text)).losses;
-        assert_losses_match(&reference, &losses, 1e-5, 1e-5, &format!("pp={pp} dp={dp}"));
+        assert_losses_match(
+            &reference,
+            &losses,
+            1e-5,
+            1e-5,
+            &format!("(pp, tp, dp) = ({pp}, {tp}, {dp})"),
+        );
     }
 }
 

@@ -46,6 +46,22 @@ impl Tag {
     }
 }
 
+/// A reduction for [`Communicator::all_reduce_f32`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+}
+
+impl ReduceOp {
+    pub fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            ReduceOp::Sum => a + b,
+            ReduceOp::Max => a.max(b),
+        }
+    }
+}
+
 /// Point-to-point byte transport between the ranks of one group.
 pub trait Communicator: Send {
     /// This process's rank in the group.
@@ -101,10 +117,10 @@ pub trait Communicator: Send {
         Ok(())
     }
 
-    /// Element-wise sum of an f32 buffer over all ranks, in place, identical on every rank.
-    /// The default reduces in rank order on rank 0 and broadcasts; MPI overrides it with a
-    /// non-blocking `MPI_Iallreduce`.
-    fn all_reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
+    /// Element-wise reduction (`op`) of an f32 buffer over all ranks, in place, identical
+    /// on every rank. The default reduces in rank order on rank 0 and broadcasts; MPI
+    /// overrides it with a non-blocking `MPI_Iallreduce`.
+    fn all_reduce_f32(&mut self, values: &mut [f32], op: ReduceOp) -> Result<()> {
         let n = self.size();
         if n == 1 {
             return Ok(());
@@ -130,7 +146,7 @@ pub trait Communicator: Send {
                 let bytes = self.recv(Rank(r), Tag::plain(Tag::REDUCE))?;
                 decode(&bytes, Rank(r), &mut theirs)?;
                 for (a, b) in values.iter_mut().zip(&theirs) {
-                    *a += b;
+                    *a = op.apply(*a, *b);
                 }
             }
             let bytes = encode(values);

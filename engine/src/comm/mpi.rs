@@ -9,7 +9,7 @@
 //! error handler is `MPI_ERRORS_RETURN`, so MPI failures (a message longer than the
 //! posted buffer, say) come back as [`Error::Comm`] instead of killing the process.
 
-use super::{Backoff, Communicator, Tag};
+use super::{Backoff, Communicator, ReduceOp, Tag};
 use crate::error::{Error, Result};
 use ::mpi::ffi;
 use ::mpi::raw::AsRaw;
@@ -198,7 +198,7 @@ impl Communicator for MpiComm {
         }
     }
 
-    fn all_reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
+    fn all_reduce_f32(&mut self, values: &mut [f32], op: ReduceOp) -> Result<()> {
         if self.size() == 1 {
             return Ok(());
         }
@@ -217,7 +217,10 @@ impl Communicator for MpiComm {
                 values.as_mut_ptr() as *mut std::ffi::c_void,
                 count,
                 f32::equivalent_datatype().as_raw(),
-                ffi::RSMPI_SUM,
+                match op {
+                    ReduceOp::Sum => ffi::RSMPI_SUM,
+                    ReduceOp::Max => ffi::RSMPI_MAX,
+                },
                 self.comm.as_raw(),
                 req.as_mut_ptr(),
             )
