@@ -97,6 +97,10 @@ pub struct ModelConfig {
     /// Key/value heads (grouped-query attention; default `n_heads`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_kv_heads: Option<Count>,
+    /// Use the word embedding as the LM head (logits = h Eᵀ); the first and last stages
+    /// then hold the same matrix and sum its gradient every step.
+    #[serde(default)]
+    pub tie_embeddings: bool,
 }
 
 /// `parallel`: the layout and the schedule.

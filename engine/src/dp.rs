@@ -66,3 +66,44 @@ pub fn all_reduce_mean_grads(params: &[Param], dp: &mut dyn Communicator) -> Res
     }
     Ok(())
 }
+
+/// Tied word embeddings across pipeline stages: the first chunk's embedding `E` and the
+/// last chunk's copy of it (used as the LM head, logits = h Eᵀ) must see the same gradient,
+/// `∂L/∂E = ∂L/∂E|embedding + ∂L/∂E|head`. Sums the gradients of every local copy of
+/// `embed.wte` (shards, with tensor parallelism) over the pipeline group and writes the sum
+/// back into each copy, so identical AdamW updates keep the copies equal. Every rank of
+/// the pipeline group calls it; ranks without a copy contribute zeros of `numel` elements.
+pub fn sum_tied_embedding_grads(
+    params: &[Param],
+    numel: usize,
+    pp: &mut dyn Communicator,
+) -> Result<()> {
+    let copies: Vec<&Param> = params.iter().filter(|p| p.name == "embed.wte").collect();
+    let mut sum = vec![0f32; numel];
+    let mut buf = vec![0f32; numel];
+    for p in &copies {
+        if p.tensor.numel() != numel {
+            return Err(Error::Internal(format!(
+                "tied embedding copy has {} elements, expected {numel}",
+                p.tensor.numel()
+            )));
+        }
+        p.tensor
+            .grad()
+            .f_contiguous()
+            .and_then(|g| g.f_view([-1]).map(|v| v.f_copy_data(&mut buf, numel)))
+            .map_err(Error::torch("reading a tied gradient"))?
+            .map_err(Error::torch("reading a tied gradient"))?;
+        sum.iter_mut().zip(&buf).for_each(|(s, b)| *s += b);
+    }
+    pp.all_reduce_f32(&mut sum, ReduceOp::Sum)?;
+    tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
+        for p in &copies {
+            let mut g = p.tensor.grad();
+            let total = Tensor::f_from_slice(&sum)?.f_view(g.size().as_slice())?;
+            g.f_copy_(&total)?;
+        }
+        Ok(())
+    })
+    .map_err(Error::torch("writing tied gradients"))
+}

@@ -21,4 +21,6 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use trainer::{train, RunOptions, RunSummary};
+/// The libtorch bindings the engine is built on (for tests and tools).
+pub use tch;
+pub use trainer::{train, CapturedGrad, RunOptions, RunSummary};

@@ -37,6 +37,9 @@ pub struct Param {
     /// True when each tensor-parallel rank holds a different slice; false when the
     /// parameter is replicated across the tp group (counted once in the global norm).
     pub tp_sharded: bool,
+    /// True for the last stage's copy of a tied word embedding: its gradient is summed
+    /// with the embedding's every step, and it is not counted again in the global norm.
+    pub tied_copy: bool,
 }
 
 impl Param {
@@ -47,6 +50,7 @@ impl Param {
             tensor: self.tensor.shallow_clone(),
             decay: self.decay,
             tp_sharded: self.tp_sharded,
+            tied_copy: self.tied_copy,
         }
     }
 }
@@ -93,6 +97,7 @@ impl Builder<'_> {
             tensor: t.shallow_clone(),
             decay: shape.len() >= 2,
             tp_sharded: false,
+            tied_copy: false,
         });
         Ok(t)
     }
@@ -188,7 +193,9 @@ struct Block {
 #[derive(Debug)]
 struct Head {
     ln_f: LayerNorm,
+    /// `[d, V]`, or with tied embeddings the word embedding `[V, d]` used transposed.
     lm_head: Tensor,
+    tied: bool,
 }
 
 #[derive(Debug)]
@@ -225,7 +232,20 @@ pub struct StageModel {
 impl StageModel {
     /// Builds the given layers of a model of `shape`, initialised from `seed`.
     pub fn new(shape: &ModelShape, layers: &[LayerKind], seed: u64) -> Result<StageModel> {
+        Self::with_tied_embeddings(shape, layers, seed, false)
+    }
+
+    /// Like [`StageModel::new`]; with `tie` the LM head is the word embedding `E`
+    /// (logits = h Eᵀ). A stage holding both uses one tensor; a last stage without the
+    /// embedding holds a copy (`embed.wte`, `tied_copy`) initialised identically.
+    pub fn with_tied_embeddings(
+        shape: &ModelShape,
+        layers: &[LayerKind],
+        seed: u64,
+        tie: bool,
+    ) -> Result<StageModel> {
         let (d, f, v, s) = (shape.d_model, shape.d_ff, shape.vocab, shape.seq_len);
+        let mut word_embedding: Option<Tensor> = None;
         let resid_std = INIT_STD / (2.0 * shape.n_layers as f64).sqrt();
         let mut params = Vec::new();
         let mut built = Vec::with_capacity(layers.len());
@@ -236,10 +256,14 @@ impl StageModel {
                 params: &mut params,
             };
             built.push(match layer {
-                LayerKind::Embedding => Layer::Embedding(Embedding {
-                    wte: b.param("wte", &[v, d], Init::Normal(INIT_STD))?,
-                    wpe: b.param("wpe", &[s, d], Init::Normal(INIT_STD))?,
-                }),
+                LayerKind::Embedding => {
+                    let wte = b.param("wte", &[v, d], Init::Normal(INIT_STD))?;
+                    word_embedding = Some(wte.shallow_clone());
+                    Layer::Embedding(Embedding {
+                        wte,
+                        wpe: b.param("wpe", &[s, d], Init::Normal(INIT_STD))?,
+                    })
+                }
                 LayerKind::Block(_) => Layer::Block(Block {
                     ln1: b.norm("ln1", d)?,
                     qkv: b.linear("attn.qkv", d, 3 * d, INIT_STD, true)?,
@@ -249,9 +273,33 @@ impl StageModel {
                     fc2: b.linear("mlp.fc2", f, d, resid_std, true)?,
                     n_heads: shape.n_heads as i64,
                 }),
+                LayerKind::Head if tie => {
+                    let ln_f = b.norm("ln_f", d)?;
+                    let lm_head = match &word_embedding {
+                        Some(wte) => wte.shallow_clone(),
+                        None => {
+                            let mut e = Builder {
+                                seed,
+                                layer: LayerKind::Embedding,
+                                params: b.params,
+                            };
+                            let t = e.param("wte", &[v, d], Init::Normal(INIT_STD))?;
+                            if let Some(p) = e.params.last_mut() {
+                                p.tied_copy = true;
+                            }
+                            t
+                        }
+                    };
+                    Layer::Head(Head {
+                        ln_f,
+                        lm_head,
+                        tied: true,
+                    })
+                }
                 LayerKind::Head => Layer::Head(Head {
                     ln_f: b.norm("ln_f", d)?,
                     lm_head: b.param("lm_head.weight", &[d, v], Init::Normal(INIT_STD))?,
+                    tied: false,
                 }),
             });
         }
@@ -363,7 +411,13 @@ pub(crate) fn causal_attention(qkv: &Tensor, b: i64, s: i64, w: i64, heads: i64)
 
 impl Head {
     fn lm_head_logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.ln_f.forward(x)?.f_matmul(&self.lm_head).ctx("lm head")
+        let h = self.ln_f.forward(x)?;
+        if self.tied {
+            h.f_matmul(&self.lm_head.f_transpose(0, 1).ctx("tied lm head")?)
+                .ctx("tied lm head")
+        } else {
+            h.f_matmul(&self.lm_head).ctx("lm head")
+        }
     }
 }
 

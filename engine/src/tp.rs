@@ -332,7 +332,9 @@ enum TpLayer {
     },
     Head {
         ln_f: LayerNorm,
+        /// `[d, V/p]`, or tied: this rank's rows of the word embedding `[V/p, d]`.
         lm_head: Tensor,
+        tied: bool,
     },
 }
 
@@ -364,29 +366,44 @@ impl TpStageModel {
         seed: u64,
         rank: usize,
         size: usize,
+        tie: bool,
     ) -> Result<TpStageModel> {
         let (d, f, v, s) = (shape.d_model, shape.d_ff, shape.vocab, shape.seq_len);
         let resid_std = INIT_STD / (2.0 * shape.n_layers as f64).sqrt();
-        let mut params = Vec::new();
+        let mut params: Vec<Param> = Vec::new();
         let mut built = Vec::new();
+        let mut word_embedding: Option<Tensor> = None;
+        // Rank `rank`'s shard of parameter `name` of `layer`.
+        let mut make = |layer: LayerKind,
+                        name: &str,
+                        dims: &[usize],
+                        init: Init,
+                        tied_copy: bool|
+         -> Result<Tensor> {
+            let full = init_param(seed, layer, name, dims, init)?.detach();
+            let full_name = format!("{}.{name}", layer.name());
+            let t = shard(&full_name, &full, rank, size)?.set_requires_grad(true);
+            params.push(Param {
+                name: full_name.clone(),
+                tensor: t.shallow_clone(),
+                decay: dims.len() >= 2,
+                tp_sharded: shard_dim(&full_name) != ShardDim::Replicated,
+                tied_copy,
+            });
+            Ok(t)
+        };
         for &layer in layers {
-            let mut p = |name: &str, dims: &[usize], init: Init| -> Result<Tensor> {
-                let full = init_param(seed, layer, name, dims, init)?.detach();
-                let full_name = format!("{}.{name}", layer.name());
-                let t = shard(&full_name, &full, rank, size)?.set_requires_grad(true);
-                params.push(Param {
-                    name: full_name.clone(),
-                    tensor: t.shallow_clone(),
-                    decay: dims.len() >= 2,
-                    tp_sharded: shard_dim(&full_name) != ShardDim::Replicated,
-                });
-                Ok(t)
-            };
+            let mut p =
+                |name: &str, dims: &[usize], init: Init| make(layer, name, dims, init, false);
             built.push(match layer {
-                LayerKind::Embedding => TpLayer::Embedding {
-                    wte: p("wte", &[v, d], Init::Normal(INIT_STD))?,
-                    wpe: p("wpe", &[s, d], Init::Normal(INIT_STD))?,
-                },
+                LayerKind::Embedding => {
+                    let wte = p("wte", &[v, d], Init::Normal(INIT_STD))?;
+                    word_embedding = Some(wte.shallow_clone());
+                    TpLayer::Embedding {
+                        wte,
+                        wpe: p("wpe", &[s, d], Init::Normal(INIT_STD))?,
+                    }
+                }
                 LayerKind::Block(_) => TpLayer::Block {
                     ln1: LayerNorm {
                         weight: p("ln1.weight", &[d], Init::Ones)?,
@@ -409,13 +426,25 @@ impl TpStageModel {
                     fc2: p("mlp.fc2.weight", &[f, d], Init::Normal(resid_std))?,
                     fc2_bias: p("mlp.fc2.bias", &[d], Init::Zeros)?,
                 },
-                LayerKind::Head => TpLayer::Head {
-                    ln_f: LayerNorm {
+                LayerKind::Head => {
+                    let ln_f = LayerNorm {
                         weight: p("ln_f.weight", &[d], Init::Ones)?,
                         bias: p("ln_f.bias", &[d], Init::Zeros)?,
-                    },
-                    lm_head: p("lm_head.weight", &[d, v], Init::Normal(INIT_STD))?,
-                },
+                    };
+                    let lm_head = match (&word_embedding, tie) {
+                        (Some(wte), true) => wte.shallow_clone(),
+                        (None, true) => {
+                            let init = Init::Normal(INIT_STD);
+                            make(LayerKind::Embedding, "wte", &[v, d], init, true)?
+                        }
+                        (_, false) => p("lm_head.weight", &[d, v], Init::Normal(INIT_STD))?,
+                    };
+                    TpLayer::Head {
+                        ln_f,
+                        lm_head,
+                        tied: tie,
+                    }
+                }
             });
         }
         init_grads(&params)?;
@@ -515,13 +544,22 @@ impl TpStageModel {
                             .ctx("mlp residual")
                     })?;
                 }
-                TpLayer::Head { ln_f, lm_head } => {
+                TpLayer::Head {
+                    ln_f,
+                    lm_head,
+                    tied,
+                } => {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
                     let hf = tape.seg1(&[(x, false)], |t| ln_f.forward(&t[0]))?;
                     let padded_from = self.shape.vocab as i64 - lo;
                     let logits = tape.seg1(&[(hf, true)], |t| {
-                        let z = t[0].f_matmul(lm_head).ctx("column-parallel lm head")?;
+                        let z = if *tied {
+                            lm_head.f_transpose(0, 1).and_then(|w| t[0].f_matmul(&w))
+                        } else {
+                            t[0].f_matmul(lm_head)
+                        }
+                        .ctx("column-parallel lm head")?;
                         if padded_from < n_local {
                             // Padding columns beyond the true vocabulary never win.
                             let keep = n_local.min(padded_from.max(0));

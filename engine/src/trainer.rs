@@ -11,7 +11,7 @@ use crate::comm::groups::ParallelComms;
 use crate::comm::{wire, Tag};
 use crate::config::{Config, LrSchedule};
 use crate::data::{Dataset, Split};
-use crate::dp::all_reduce_mean_grads;
+use crate::dp::{all_reduce_mean_grads, sum_tied_embedding_grads};
 use crate::error::{Error, Result};
 use crate::executor::{run_actions, ChunkModel, PipelineLayout, StepData, StepStats};
 use crate::model::{grad_sq_norm, tokens_tensor, Param, StageModel};
@@ -34,6 +34,18 @@ pub struct RunOptions {
     pub verbose: bool,
     /// Write the run directory (rank 0).
     pub write_outputs: bool,
+    /// Record this rank's parameter gradients at this step (after the data-parallel and
+    /// tied-embedding reductions, before clipping), for equivalence tests.
+    pub capture_grads_at: Option<usize>,
+}
+
+/// A parameter's gradient as one rank holds it (a shard, with tensor parallelism).
+#[derive(Clone, Debug)]
+pub struct CapturedGrad {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub values: Vec<f32>,
+    pub tied_copy: bool,
 }
 
 /// What rank 0 saw over the run (other ranks return empty vectors).
@@ -44,6 +56,10 @@ pub struct RunSummary {
     pub tokens_per_s: Vec<f64>,
     /// Per rank: the most microbatches stashed for backward at once, over all steps.
     pub peak_stash: Vec<usize>,
+    /// This rank's mesh coordinates.
+    pub coord: Option<MeshCoord>,
+    /// This rank's gradients at `RunOptions::capture_grads_at`.
+    pub grads: Vec<CapturedGrad>,
     /// Per rank: measured bubble (time waiting for other ranks / step time) averaged over
     /// steps 2..
     pub bubble: Vec<f64>,
@@ -176,11 +192,20 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     // Without tensor parallelism a chunk is one autograd graph; with it, a shard run as
     // segments joined by tp collectives.
     let tp_size = *cfg.parallel.tp;
+    let tie = cfg.model.tie_embeddings;
+    // With tied embeddings split over chunks, every pipeline rank joins the gradient sum.
+    let tied_numel = (tie && layout.n_chunks > 1)
+        .then(|| crate::tp::padded_vocab(shape.vocab, tp_size) / tp_size * shape.d_model);
     let chunks: Vec<ChunkModel> = (0..v)
         .map(|slot| {
             let layers = &plan.stages[slot * pp + coord.pp].layers;
             Ok(if tp_size == 1 {
-                ChunkModel::Plain(StageModel::new(&shape, layers, cfg.train.seed)?)
+                ChunkModel::Plain(StageModel::with_tied_embeddings(
+                    &shape,
+                    layers,
+                    cfg.train.seed,
+                    tie,
+                )?)
             } else {
                 ChunkModel::Tp(TpStageModel::new(
                     &shape,
@@ -188,6 +213,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
                     cfg.train.seed,
                     coord.tp,
                     tp_size,
+                    tie,
                 )?)
             })
         })
@@ -198,7 +224,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         .collect();
     let norm_params: Vec<Param> = params
         .iter()
-        .filter(|p| p.tp_sharded || coord.tp == 0)
+        .filter(|p| (p.tp_sharded || coord.tp == 0) && !p.tied_copy)
         .map(Param::alias)
         .collect();
     let dataset = Dataset::load(&cfg.data_source()?, cfg.train.seed)?;
@@ -277,6 +303,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     };
 
     let mut summary = RunSummary {
+        coord: Some(coord),
         peak_stash: vec![0; world],
         bubble: vec![0.0; world],
         ..RunSummary::default()
@@ -299,7 +326,13 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
             &data,
             true,
         )?;
+        if let Some(numel) = tied_numel {
+            sum_tied_embedding_grads(&params, numel, comms.pp.as_mut())?;
+        }
         all_reduce_mean_grads(&params, comms.dp.as_mut())?;
+        if opts.capture_grads_at == Some(step) {
+            summary.grads = capture_grads(&params)?;
+        }
         let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = match cfg.train.grad_clip {
             Some(clip) => {
@@ -433,6 +466,27 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         comm.flush()?;
     }
     Ok(summary)
+}
+
+fn capture_grads(params: &[Param]) -> Result<Vec<CapturedGrad>> {
+    params
+        .iter()
+        .map(|p| {
+            let g = p.tensor.grad();
+            let n = g.numel();
+            let mut values = vec![0f32; n];
+            g.f_contiguous()
+                .and_then(|g| g.f_view([-1]).map(|v| v.f_copy_data(&mut values, n)))
+                .map_err(Error::torch("capturing gradients"))?
+                .map_err(Error::torch("capturing gradients"))?;
+            Ok(CapturedGrad {
+                name: p.name.clone(),
+                shape: g.size(),
+                values,
+                tied_copy: p.tied_copy,
+            })
+        })
+        .collect()
 }
 
 /// Packs this rank's step numbers for rank 0.

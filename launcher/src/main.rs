@@ -156,6 +156,7 @@ fn worker(path: &Path) -> ExitCode {
         fail_at,
         verbose: rank.0 == 0,
         write_outputs: true,
+        ..RunOptions::default()
     };
     let result = Config::load(path).and_then(|cfg| {
         cfg.check_world(size)?;

@@ -153,13 +153,18 @@ pub fn read_losses(dir: &Path) -> Vec<f64> {
 /// Runs a config in-process, one thread per rank on the local transport; returns rank 0's
 /// summary (per-step losses, per-rank peak stash and bubble).
 pub fn run_local(cfg: &Config) -> RunSummary {
+    run_local_with(cfg, &RunOptions::default()).swap_remove(0)
+}
+
+/// Runs a config in-process with `opts`; returns every rank's summary, in rank order.
+pub fn run_local_with(cfg: &Config, opts: &RunOptions) -> Vec<RunSummary> {
     let comms = ParallelComms::local(cfg.mesh().unwrap()).unwrap();
     let handles: Vec<_> = comms
         .into_iter()
         .map(|mut comms| {
-            let cfg = cfg.clone();
+            let (cfg, opts) = (cfg.clone(), opts.clone());
             std::thread::spawn(move || {
-                let result = engine::train(&cfg, &mut comms, &RunOptions::default());
+                let result = engine::train(&cfg, &mut comms, &opts);
                 if result.is_err() {
                     comms.world.abort_peers();
                 }
@@ -167,17 +172,15 @@ pub fn run_local(cfg: &Config) -> RunSummary {
             })
         })
         .collect();
-    let mut root = None;
-    for (r, h) in handles.into_iter().enumerate() {
-        let summary = h
-            .join()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("rank {r}: {e}"));
-        if r == 0 {
-            root = Some(summary);
-        }
-    }
-    root.unwrap()
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(r, h)| {
+            h.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("rank {r}: {e}"))
+        })
+        .collect()
 }
 
 /// Asserts two loss curves agree: step 1 within `first_rel` and every step within

@@ -48,25 +48,33 @@ fn every_schedule_under_mpiexec_matches_single_process() {
     }
 }
 
+/// 3-D layouts under mpiexec (MPI sub-communicators cut with MPI_Comm_split), tied and
+/// untied, against the single-process run.
 #[test]
-fn data_parallel_under_mpiexec_matches_single_process() {
-    let run = |pp: usize, dp: usize| {
-        let dir = scratch(&format!("mpi-dp-{pp}-{dp}"));
+fn three_d_layouts_under_mpiexec_match_single_process() {
+    let run = |pp: usize, tp: usize, dp: usize, tie: bool| {
+        let dir = scratch(&format!("mpi-3d-{pp}-{tp}-{dp}-{tie}"));
         let out = dir.join("run");
-        let cfg = write(&dir, "cfg.yaml", &layout_config(pp, 1, dp, "1f1b", 3, &out));
+        let text = layout_config(pp, tp, dp, "1f1b", 3, &out)
+            .replace("d_ff: 64}", &format!("d_ff: 64, tie_embeddings: {tie}}}"));
+        let cfg = write(&dir, "cfg.yaml", &text);
         let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
         assert_eq!(
             run.code,
             Some(0),
-            "pp={pp} dp={dp}:\n{}\n{}",
+            "({pp},{tp},{dp}) tie={tie}:\n{}\n{}",
             run.stdout,
             run.stderr
         );
         read_losses(&out)
     };
-    let reference = run(1, 1);
-    let losses = run(2, 2);
-    assert_losses_match(&reference, &losses, 1e-5, 1e-5, "mpiexec pp=2 dp=2");
+    for tie in [false, true] {
+        let reference = run(1, 1, 1, tie);
+        for (pp, tp, dp) in [(2, 2, 1), (2, 2, 2), (2, 1, 2)] {
+            let what = format!("mpiexec (pp, tp, dp) = ({pp}, {tp}, {dp}), tied = {tie}");
+            assert_losses_match(&reference, &run(pp, tp, dp, tie), 1e-5, 1e-5, &what);
+        }
+    }
 }
 
 #[test]
