@@ -61,9 +61,9 @@ fn all_reduce(t: &Tensor, tp: &mut dyn Communicator, op: ReduceOp) -> Result<Ten
 type V = usize;
 
 enum Node {
-    /// An autograd segment: (value, leaf, entered through copy_to) inputs and outputs.
+    /// An autograd segment: (value, leaf, how it entered) inputs and outputs.
     Seg {
-        inputs: Vec<(V, Tensor, bool)>,
+        inputs: Vec<(V, Tensor, Entry)>,
         outputs: Vec<(V, Tensor)>,
     },
     /// `reduce_from_tp_region`: `to = Σ_ranks from`; backward passes the gradient through.
@@ -95,7 +95,7 @@ impl Tape {
     /// `copy_to_tp_region`) and records it; returns the ids of its outputs.
     fn seg(
         &mut self,
-        inputs: &[(V, bool)],
+        inputs: &[(V, Entry)],
         f: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
     ) -> Result<Vec<V>> {
         let leaves: Vec<Tensor> = inputs
@@ -130,7 +130,7 @@ impl Tape {
 
     fn seg1(
         &mut self,
-        inputs: &[(V, bool)],
+        inputs: &[(V, Entry)],
         f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
     ) -> Result<V> {
         Ok(self.seg(inputs, |x| Ok(vec![f(x)?]))?[0])
@@ -185,13 +185,13 @@ impl Tape {
                     }
                     let Some(surrogate) = surrogate else { continue };
                     surrogate.f_backward().ctx("segment backward")?;
-                    for (v, leaf, copy_to) in inputs {
+                    for (v, leaf, entry) in inputs {
                         let g = leaf.grad();
                         if !g.defined() {
                             continue;
                         }
                         // copy_to_tp_region's backward: sum the partial gradients.
-                        let g = if copy_to {
+                        let g = if entry == Entry::CopyToTp {
                             all_reduce(&g, tp, ReduceOp::Sum)?
                         } else {
                             g
@@ -315,6 +315,41 @@ pub fn unshard(name: &str, shards: &[Tensor], vocab: usize) -> Result<Tensor> {
     }
 }
 
+/// `ColumnParallelLinear`: `Y = XA + b` with `A = [A1 .. Ap]` (and `b`) split by columns.
+/// Rank `i` computes `Yi = X Ai + bi` from the replicated `X`, which enters through
+/// `copy_to_tp_region`; the output stays split (no gather).
+struct ColumnParallelLinear(Linear);
+
+impl ColumnParallelLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+/// `RowParallelLinear`: `Y = XA + b` with `A = [A1; ..; Ap]` split by rows and the input
+/// `X = [X1 .. Xp]` split by columns. Rank `i` computes the partial `Xi Ai`;
+/// `reduce_from_tp_region` sums the partials and the replicated `b` is added after.
+struct RowParallelLinear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl RowParallelLinear {
+    /// This rank's partial product `Xi Ai` (to be summed over the tp group).
+    fn partial(&self, x: &Tensor) -> Result<Tensor> {
+        x.f_matmul(&self.weight).ctx("row-parallel linear")
+    }
+}
+
+/// How a segment input enters the segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    /// Directly: the gradient flows back unchanged.
+    Local,
+    /// Through `copy_to_tp_region`: identity forward, all-reduce of the gradient backward.
+    CopyToTp,
+}
+
 enum TpLayer {
     Embedding {
         wte: Tensor,
@@ -322,13 +357,11 @@ enum TpLayer {
     },
     Block {
         ln1: LayerNorm,
-        qkv: Linear,
-        proj: Tensor,
-        proj_bias: Tensor,
+        qkv: ColumnParallelLinear,
+        proj: RowParallelLinear,
         ln2: LayerNorm,
-        fc1: Linear,
-        fc2: Tensor,
-        fc2_bias: Tensor,
+        fc1: ColumnParallelLinear,
+        fc2: RowParallelLinear,
     },
     Head {
         ln_f: LayerNorm,
@@ -409,22 +442,26 @@ impl TpStageModel {
                         weight: p("ln1.weight", &[d], Init::Ones)?,
                         bias: p("ln1.bias", &[d], Init::Zeros)?,
                     },
-                    qkv: Linear {
+                    qkv: ColumnParallelLinear(Linear {
                         weight: p("attn.qkv.weight", &[d, 3 * d], Init::Normal(INIT_STD))?,
                         bias: Some(p("attn.qkv.bias", &[3 * d], Init::Zeros)?),
+                    }),
+                    proj: RowParallelLinear {
+                        weight: p("attn.proj.weight", &[d, d], Init::Normal(resid_std))?,
+                        bias: p("attn.proj.bias", &[d], Init::Zeros)?,
                     },
-                    proj: p("attn.proj.weight", &[d, d], Init::Normal(resid_std))?,
-                    proj_bias: p("attn.proj.bias", &[d], Init::Zeros)?,
                     ln2: LayerNorm {
                         weight: p("ln2.weight", &[d], Init::Ones)?,
                         bias: p("ln2.bias", &[d], Init::Zeros)?,
                     },
-                    fc1: Linear {
+                    fc1: ColumnParallelLinear(Linear {
                         weight: p("mlp.fc1.weight", &[d, f], Init::Normal(INIT_STD))?,
                         bias: Some(p("mlp.fc1.bias", &[f], Init::Zeros)?),
+                    }),
+                    fc2: RowParallelLinear {
+                        weight: p("mlp.fc2.weight", &[f, d], Init::Normal(resid_std))?,
+                        bias: p("mlp.fc2.bias", &[d], Init::Zeros)?,
                     },
-                    fc2: p("mlp.fc2.weight", &[f, d], Init::Normal(resid_std))?,
-                    fc2_bias: p("mlp.fc2.bias", &[d], Init::Zeros)?,
                 },
                 LayerKind::Head => {
                     let ln_f = LayerNorm {
@@ -499,7 +536,7 @@ impl TpStageModel {
                             .ctx("vocab-parallel embedding")
                     })?;
                     let summed = tape.reduce_from_tp_region(partial, tp)?;
-                    x = tape.seg1(&[(summed, false)], |h| {
+                    x = tape.seg1(&[(summed, Entry::Local)], |h| {
                         let seq = h[0].size()[1];
                         h[0].f_add(&wpe.f_narrow(0, 0, seq).ctx("positions")?)
                             .ctx("embedding add")
@@ -509,38 +546,36 @@ impl TpStageModel {
                     ln1,
                     qkv,
                     proj,
-                    proj_bias,
                     ln2,
                     fc1,
                     fc2,
-                    fc2_bias,
                 } => {
                     let size = tape.values[x].size();
                     let (b, s) = (size[0], size[1]);
                     let width = (self.shape.d_model / self.size) as i64;
-                    let h1 = tape.seg1(&[(x, false)], |t| ln1.forward(&t[0]))?;
-                    let partial = tape.seg1(&[(h1, true)], |t| {
+                    let h1 = tape.seg1(&[(x, Entry::Local)], |t| ln1.forward(&t[0]))?;
+                    let partial = tape.seg1(&[(h1, Entry::CopyToTp)], |t| {
                         let y = causal_attention(&qkv.forward(&t[0])?, b, s, width, heads_local)?;
-                        y.f_matmul(proj).ctx("row-parallel attention projection")
+                        proj.partial(&y)
                     })?;
                     let attn = tape.reduce_from_tp_region(partial, tp)?;
-                    let out = tape.seg(&[(x, false), (attn, false)], |t| {
+                    let out = tape.seg(&[(x, Entry::Local), (attn, Entry::Local)], |t| {
                         let x2 = t[0]
                             .f_add(&t[1])
-                            .and_then(|y| y.f_add(proj_bias))
+                            .and_then(|y| y.f_add(&proj.bias))
                             .ctx("attention residual")?;
                         let h2 = ln2.forward(&x2)?;
                         Ok(vec![x2, h2])
                     })?;
                     let (x2, h2) = (out[0], out[1]);
-                    let partial = tape.seg1(&[(h2, true)], |t| {
+                    let partial = tape.seg1(&[(h2, Entry::CopyToTp)], |t| {
                         let h = fc1.forward(&t[0])?.f_gelu("none").ctx("gelu")?;
-                        h.f_matmul(fc2).ctx("row-parallel fc2")
+                        fc2.partial(&h)
                     })?;
                     let mlp = tape.reduce_from_tp_region(partial, tp)?;
-                    x = tape.seg1(&[(x2, false), (mlp, false)], |t| {
+                    x = tape.seg1(&[(x2, Entry::Local), (mlp, Entry::Local)], |t| {
                         t[0].f_add(&t[1])
-                            .and_then(|y| y.f_add(fc2_bias))
+                            .and_then(|y| y.f_add(&fc2.bias))
                             .ctx("mlp residual")
                     })?;
                 }
@@ -551,9 +586,9 @@ impl TpStageModel {
                 } => {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
-                    let hf = tape.seg1(&[(x, false)], |t| ln_f.forward(&t[0]))?;
+                    let hf = tape.seg1(&[(x, Entry::Local)], |t| ln_f.forward(&t[0]))?;
                     let padded_from = self.shape.vocab as i64 - lo;
-                    let logits = tape.seg1(&[(hf, true)], |t| {
+                    let logits = tape.seg1(&[(hf, Entry::CopyToTp)], |t| {
                         let z = if *tied {
                             lm_head.f_transpose(0, 1).and_then(|w| t[0].f_matmul(&w))
                         } else {

@@ -75,6 +75,8 @@ struct RankMetrics {
     bubble: f64,
     peak_stash: usize,
     peak_rss_mib: f64,
+    /// Bytes of parameters this rank holds (shards, with tensor parallelism).
+    param_bytes: u64,
 }
 
 /// One line of metrics.jsonl.
@@ -94,7 +96,7 @@ struct StepRecord {
     ranks: Vec<RankMetrics>,
 }
 
-const REPORT_LEN: usize = 8;
+const REPORT_LEN: usize = 9;
 
 fn lr_at(cfg: &Config, step: usize) -> f64 {
     let t = &cfg.train;
@@ -222,6 +224,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         .iter()
         .flat_map(|c| c.params().iter().map(Param::alias))
         .collect();
+    let param_bytes: usize = params.iter().map(|p| p.tensor.numel() * 4).sum();
     let norm_params: Vec<Param> = params
         .iter()
         .filter(|p| (p.tp_sharded || coord.tp == 0) && !p.tied_copy)
@@ -392,7 +395,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
                 )?;
             }
         }
-        let mine = report(rank, &stats, train_s, val_sum);
+        let mine = report(rank, &stats, train_s, val_sum, param_bytes);
         if !is_root {
             comms
                 .world
@@ -490,7 +493,13 @@ fn capture_grads(params: &[Param]) -> Result<Vec<CapturedGrad>> {
 }
 
 /// Packs this rank's step numbers for rank 0.
-fn report(rank: Rank, s: &StepStats, step_s: f64, val_sum: f64) -> [f64; REPORT_LEN] {
+fn report(
+    rank: Rank,
+    s: &StepStats,
+    step_s: f64,
+    val_sum: f64,
+    param_bytes: usize,
+) -> [f64; REPORT_LEN] {
     [
         rank.0 as f64,
         s.loss_sum,
@@ -500,6 +509,7 @@ fn report(rank: Rank, s: &StepStats, step_s: f64, val_sum: f64) -> [f64; REPORT_
         s.peak_stash as f64,
         peak_rss_mib(),
         val_sum,
+        param_bytes as f64,
     ]
 }
 
@@ -512,6 +522,7 @@ fn rank_metrics(r: &[f64; REPORT_LEN]) -> RankMetrics {
         bubble: if r[4] > 0.0 { r[3] / r[4] } else { 0.0 },
         peak_stash: r[5] as usize,
         peak_rss_mib: r[6],
+        param_bytes: r[8] as u64,
     }
 }
 
