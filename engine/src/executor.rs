@@ -24,7 +24,7 @@
 use crate::comm::wire::{self, Expect};
 use crate::comm::{Communicator, Tag};
 use crate::error::{Error, Result};
-use crate::model::{Param, StageInput, StageModel, StageOutput};
+use crate::model::{LinearRecord, Param, StageInput, StageModel, StageOutput};
 use crate::tp::{Grad, TpForward, TpStageModel};
 use partitioner::{Action, ActionKind, MicrobatchId, Rank, StageId};
 use std::collections::HashMap;
@@ -90,12 +90,18 @@ pub struct StepStats {
 }
 
 enum Stashed {
-    /// A plain chunk: its input leaf (None on chunk 0), its output (hidden or loss), and
-    /// the backward seed kept between I and W.
+    /// A plain chunk: its input leaf (None on chunk 0), its output (hidden or loss), and,
+    /// for schedules that split the backward, every linear layer's input and output.
     Plain {
         input: Option<Tensor>,
         output: Tensor,
-        surrogate: Option<Tensor>,
+        records: Vec<LinearRecord>,
+    },
+    /// A plain chunk after its I: the linear layers' inputs and output gradients, from
+    /// which W forms the weight gradients.
+    PlainW {
+        records: Vec<LinearRecord>,
+        output_grads: Vec<Tensor>,
     },
     /// A tensor-parallel chunk's segmented forward.
     Tp(TpForward),
@@ -153,6 +159,8 @@ pub fn run_actions(
     };
     let bug = |what: &str, a: &Action| Error::Internal(format!("{a}: no {what} (schedule bug)"));
     let scale = 1.0 / data.microbatches as f64;
+    // Zero-bubble schedules split the backward: keep what W needs from each forward.
+    let split_backward = actions.iter().any(|a| a.kind == ActionKind::InputGrad);
     let model_of = |a: &Action| {
         chunks
             .get(layout.slot_of(a.stage.0))
@@ -241,11 +249,15 @@ pub fn run_actions(
                             Some(h) => StageInput::Hidden(h),
                             None => StageInput::Tokens(tokens()?),
                         };
+                        let mut records = Vec::new();
                         let out = if training {
-                            model.forward(stage_in, targets)?
+                            model.forward_recorded(stage_in, targets, &mut records)?
                         } else {
                             tch::no_grad(|| model.forward(stage_in, targets))?
                         };
+                        if !split_backward {
+                            records.clear();
+                        }
                         let output = match out {
                             StageOutput::Loss(loss) | StageOutput::Hidden(loss) => loss,
                         };
@@ -255,7 +267,7 @@ pub fn run_actions(
                             Stashed::Plain {
                                 input,
                                 output,
-                                surrogate: None,
+                                records,
                             },
                         )
                     }
@@ -294,7 +306,11 @@ pub fn run_actions(
                     )
                 };
                 match entry {
-                    Stashed::Plain { input, output, .. } => {
+                    Stashed::Plain {
+                        input,
+                        output,
+                        records,
+                    } => {
                         let surrogate = match &grad_out {
                             None => output.f_mul_scalar(scale),
                             Some(g) => output.f_mul(g).and_then(|t| t.f_sum(Kind::Float)),
@@ -308,23 +324,18 @@ pub fn run_actions(
                                 grads_out.insert(key, input.grad());
                             }
                         } else {
-                            if let Some(input) = &input {
-                                let g =
-                                    Tensor::f_run_backward(&[&surrogate], &[input], true, false)
-                                        .map_err(Error::torch(format!("input gradient of {a}")))?;
-                                grads_out.insert(
-                                    key,
-                                    g.into_iter()
-                                        .next()
-                                        .ok_or_else(|| bug("input gradient", a))?,
-                                );
+                            let params = model_of(a)?.params();
+                            let (input_grad, output_grads) =
+                                input_grad_pass(&surrogate, input.as_ref(), params, &records)
+                                    .map_err(Error::torch(format!("input gradient of {a}")))?;
+                            if let Some(g) = input_grad {
+                                grads_out.insert(key, g);
                             }
                             stash.insert(
                                 key,
-                                Stashed::Plain {
-                                    input,
-                                    output,
-                                    surrogate: Some(surrogate),
+                                Stashed::PlainW {
+                                    records,
+                                    output_grads,
                                 },
                             );
                         }
@@ -343,7 +354,9 @@ pub fn run_actions(
                             stash.insert(key, Stashed::TpDone);
                         }
                     }
-                    Stashed::TpDone => return Err(bug("forward before this backward", a)),
+                    Stashed::TpDone | Stashed::PlainW { .. } => {
+                        return Err(bug("forward before this backward", a))
+                    }
                 }
             }
             ActionKind::WeightGrad => {
@@ -351,23 +364,15 @@ pub fn run_actions(
                     .remove(&key)
                     .ok_or_else(|| bug("stashed forward", a))?
                 {
-                    Stashed::Plain { surrogate, .. } => {
-                        let surrogate =
-                            surrogate.ok_or_else(|| bug("input-gradient pass before W", a))?;
-                        let params = model_of(a)?.params();
-                        let tensors: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
-                        let grads = Tensor::f_run_backward(&[&surrogate], &tensors, false, false)
-                            .map_err(Error::torch(format!("weight gradients of {a}")))?;
-                        tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
-                            for (p, g) in params.iter().zip(&grads) {
-                                let _ = p.tensor.grad().f_add_(g)?;
-                            }
-                            Ok(())
-                        })
-                        .map_err(Error::torch(format!("accumulating gradients of {a}")))?;
-                    }
+                    Stashed::PlainW {
+                        records,
+                        output_grads,
+                    } => weight_grad_pass(&records, &output_grads)
+                        .map_err(Error::torch(format!("weight gradients of {a}")))?,
                     Stashed::TpDone => {}
-                    Stashed::Tp(_) => return Err(bug("input-gradient pass before W", a)),
+                    Stashed::Tp(_) | Stashed::Plain { .. } => {
+                        return Err(bug("input-gradient pass before W", a))
+                    }
                 }
             }
         }
@@ -392,4 +397,66 @@ pub fn run_actions(
         )));
     }
     Ok(stats)
+}
+
+/// Zero-bubble `I` for a plain chunk: one autograd pass from the backward seed to the
+/// chunk's input, the parameters that are not linear-layer weights (norms, embeddings),
+/// and every linear layer's output. Weight-gradient GEMMs are skipped (autograd computes
+/// only what the requested inputs need); the norm and embedding gradients, which are
+/// cheap, are accumulated now. Returns the input gradient and the linear output gradients.
+fn input_grad_pass(
+    surrogate: &Tensor,
+    input: Option<&Tensor>,
+    params: &[Param],
+    records: &[LinearRecord],
+) -> std::result::Result<(Option<Tensor>, Vec<Tensor>), tch::TchError> {
+    let linear: std::collections::HashSet<usize> = records
+        .iter()
+        .flat_map(|r| std::iter::once(&r.weight).chain(r.bias.as_ref()))
+        .map(|t| t.data_ptr() as usize)
+        .collect();
+    let others: Vec<&Param> = params
+        .iter()
+        .filter(|p| !linear.contains(&(p.tensor.data_ptr() as usize)))
+        .collect();
+    let mut wrt: Vec<&Tensor> = input.into_iter().collect();
+    wrt.extend(others.iter().map(|p| &p.tensor));
+    wrt.extend(records.iter().map(|r| &r.y));
+    let mut grads = Tensor::f_run_backward(&[surrogate], &wrt, false, false)?.into_iter();
+    let input_grad = if input.is_some() { grads.next() } else { None };
+    tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
+        for (p, g) in others.iter().zip(grads.by_ref()) {
+            let _ = p.tensor.grad().f_add_(&g)?;
+        }
+        Ok(())
+    })?;
+    Ok((input_grad, grads.collect()))
+}
+
+/// Zero-bubble `W` for a plain chunk: `dA += Xᵀ dY` and `db += Σ dY` for every linear
+/// layer, from the inputs recorded in the forward and the output gradients from `I`.
+fn weight_grad_pass(
+    records: &[LinearRecord],
+    output_grads: &[Tensor],
+) -> std::result::Result<(), tch::TchError> {
+    tch::no_grad(|| {
+        for (r, dy) in records.iter().zip(output_grads) {
+            let width_in = *r.x.size().last().unwrap_or(&1);
+            let width_out = *dy.size().last().unwrap_or(&1);
+            let x = r.x.detach().f_reshape([-1, width_in])?;
+            let dy = dy.f_reshape([-1, width_out])?;
+            let _ = r
+                .weight
+                .grad()
+                .f_add_(&x.f_transpose(0, 1)?.f_matmul(&dy)?)?;
+            if let Some(b) = &r.bias {
+                let _ = b.grad().f_add_(&dy.f_sum_dim_intlist(
+                    [0i64].as_slice(),
+                    false,
+                    Kind::Float,
+                )?)?;
+            }
+        }
+        Ok(())
+    })
 }

@@ -146,7 +146,29 @@ pub(crate) struct Linear {
     pub(crate) bias: Option<Tensor>,
 }
 
+/// One linear layer's input and output in one forward, kept so that its weight gradient
+/// can be formed later from the output gradient alone (zero-bubble `W`):
+/// `dA = Xᵀ dY`, `db = Σ dY`.
+pub struct LinearRecord {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
 impl Linear {
+    /// `forward`, also recording the call in `rec`.
+    fn forward_rec(&self, x: &Tensor, rec: &mut Vec<LinearRecord>) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        rec.push(LinearRecord {
+            x: x.shallow_clone(),
+            y: y.shallow_clone(),
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+        });
+        Ok(y)
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.f_matmul(&self.weight).ctx("linear")?;
         match &self.bias {
@@ -330,6 +352,17 @@ impl StageModel {
 
     /// Runs the stage. `targets` (`[b, s]` token ids) are needed iff the stage has the head.
     pub fn forward(&self, input: StageInput<'_>, targets: Option<&Tensor>) -> Result<StageOutput> {
+        self.forward_recorded(input, targets, &mut Vec::new())
+    }
+
+    /// [`StageModel::forward`], recording every linear layer's input and output in `rec`
+    /// (in call order) so that a later weight-gradient pass needs no autograd.
+    pub fn forward_recorded(
+        &self,
+        input: StageInput<'_>,
+        targets: Option<&Tensor>,
+        rec: &mut Vec<LinearRecord>,
+    ) -> Result<StageOutput> {
         let mut x = match input {
             StageInput::Tokens(t) => t.shallow_clone(),
             StageInput::Hidden(h) => h.shallow_clone(),
@@ -344,11 +377,11 @@ impl StageModel {
                         .f_add(&pos)
                         .ctx("embedding add")?;
                 }
-                Layer::Block(b) => x = b.forward(&x)?,
+                Layer::Block(b) => x = b.forward(&x, rec)?,
                 Layer::Head(h) => {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
-                    let logits = h.lm_head_logits(&x)?;
+                    let logits = h.lm_head_logits(&x, rec)?;
                     let v = self.shape.vocab as i64;
                     let loss = logits
                         .f_view([-1, v])
@@ -370,7 +403,7 @@ impl StageModel {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rec: &mut Vec<LinearRecord>) -> Result<Tensor> {
         let size = x.size();
         let (b, s, d) = match size.as_slice() {
             [b, s, d] => (*b, *s, *d),
@@ -381,11 +414,13 @@ impl Block {
             }
         };
         let h = self.ln1.forward(x)?;
-        let y = causal_attention(&self.qkv.forward(&h)?, b, s, d, self.n_heads)?;
-        let x = x.f_add(&self.proj.forward(&y)?).ctx("attention residual")?;
+        let y = causal_attention(&self.qkv.forward_rec(&h, rec)?, b, s, d, self.n_heads)?;
+        let x = x
+            .f_add(&self.proj.forward_rec(&y, rec)?)
+            .ctx("attention residual")?;
         let h = self.ln2.forward(&x)?;
-        let h = self.fc1.forward(&h)?.f_gelu("none").ctx("gelu")?;
-        x.f_add(&self.fc2.forward(&h)?).ctx("mlp residual")
+        let h = self.fc1.forward_rec(&h, rec)?.f_gelu("none").ctx("gelu")?;
+        x.f_add(&self.fc2.forward_rec(&h, rec)?).ctx("mlp residual")
     }
 }
 
@@ -410,13 +445,18 @@ pub(crate) fn causal_attention(qkv: &Tensor, b: i64, s: i64, w: i64, heads: i64)
 }
 
 impl Head {
-    fn lm_head_logits(&self, x: &Tensor) -> Result<Tensor> {
+    fn lm_head_logits(&self, x: &Tensor, rec: &mut Vec<LinearRecord>) -> Result<Tensor> {
         let h = self.ln_f.forward(x)?;
         if self.tied {
+            // The tied head shares E with the embedding: its gradient stays with autograd.
             h.f_matmul(&self.lm_head.f_transpose(0, 1).ctx("tied lm head")?)
                 .ctx("tied lm head")
         } else {
-            h.f_matmul(&self.lm_head).ctx("lm head")
+            let head = Linear {
+                weight: self.lm_head.shallow_clone(),
+                bias: None,
+            };
+            head.forward_rec(&h, rec)
         }
     }
 }
