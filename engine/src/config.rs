@@ -459,9 +459,14 @@ impl Config {
         if self.train.data == "random" {
             return None;
         }
-        let p = Path::new(&self.train.data);
+        Some(self.beside_config(&self.train.data))
+    }
+
+    /// `path` made absolute, resolving a relative one against the config's directory.
+    fn beside_config(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
         if p.is_absolute() {
-            return Some(p.to_path_buf());
+            return p.to_path_buf();
         }
         let base = self
             .source
@@ -469,7 +474,7 @@ impl Config {
             .filter(|b| !b.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let joined = base.join(p);
-        Some(std::path::absolute(&joined).unwrap_or(joined))
+        std::path::absolute(&joined).unwrap_or(joined)
     }
 
     /// Where the data comes from; checks that the file exists and is usable.
@@ -562,17 +567,7 @@ impl Config {
     /// Absolute path of `parallel.profile` (relative paths resolve against the config's
     /// directory, like `train.data`).
     pub fn profile_path(&self) -> Option<PathBuf> {
-        let p = Path::new(self.parallel.profile.as_ref()?);
-        if p.is_absolute() {
-            return Some(p.to_path_buf());
-        }
-        let base = self
-            .source
-            .parent()
-            .filter(|b| !b.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let joined = base.join(p);
-        Some(std::path::absolute(&joined).unwrap_or(joined))
+        Some(self.beside_config(self.parallel.profile.as_ref()?))
     }
 
     /// The partitioner's inputs for this config and a resolved `shape`.

@@ -138,6 +138,27 @@ pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
     }
 }
 
+/// Asserts a clean bad-input failure: exit code 2, no hang or panic, and one line on
+/// stderr that starts `strata: error: `, gives a fix, and contains every needle.
+pub fn assert_clean_error(run: &Run, needles: &[&str]) {
+    assert!(!run.timed_out, "hung");
+    assert_eq!(
+        run.code,
+        Some(2),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let err = run.stderr.trim_end();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("strata: error: "), "{err}");
+    assert!(err.contains("fix:"), "no fix in: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+}
+
 /// Losses of every step in `dir/metrics.jsonl`.
 pub fn read_losses(dir: &Path) -> Vec<f64> {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();

@@ -2,7 +2,7 @@
 //! panic or a hang.
 
 use std::time::Duration;
-use strata_tests::{repo_root, run_strata, scratch, tiny_config, write, Run};
+use strata_tests::{assert_clean_error, repo_root, run_strata, scratch, tiny_config, write, Run};
 
 fn launch_text(name: &str, text: &str, env: &[(&str, &str)]) -> Run {
     let dir = scratch(name);
@@ -12,25 +12,6 @@ fn launch_text(name: &str, text: &str, env: &[(&str, &str)]) -> Run {
         env,
         Duration::from_secs(60),
     )
-}
-
-fn assert_clean_error(run: &Run, needles: &[&str]) {
-    assert!(!run.timed_out, "hung");
-    assert_eq!(
-        run.code,
-        Some(2),
-        "stdout: {}\nstderr: {}",
-        run.stdout,
-        run.stderr
-    );
-    let err = run.stderr.trim_end();
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("strata: error: "), "{err}");
-    assert!(err.contains("fix:"), "no fix in: {err}");
-    for n in needles {
-        assert!(err.contains(n), "`{n}` missing from: {err}");
-    }
 }
 
 fn good(name: &str) -> String {

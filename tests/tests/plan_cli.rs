@@ -3,7 +3,7 @@
 //! the numbers.
 
 use std::time::Duration;
-use strata_tests::{repo_root, run_strata, scratch, write, Run};
+use strata_tests::{assert_clean_error, repo_root, run_strata, scratch, write, Run};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -13,22 +13,6 @@ fn plan_text(name: &str, text: &str, extra: &[&str]) -> Run {
     let mut args = vec!["plan", cfg.to_str().unwrap()];
     args.extend_from_slice(extra);
     run_strata(&args, &[], LIMIT)
-}
-
-fn assert_one_line_error(run: &Run, needles: &[&str]) {
-    assert_eq!(
-        run.code,
-        Some(2),
-        "stdout: {}\nstderr: {}",
-        run.stdout,
-        run.stderr
-    );
-    let err = run.stderr.trim_end();
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.contains("fix:") && !err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "`{n}` not in: {err}");
-    }
 }
 
 fn tiny(parallel: &str) -> String {
@@ -66,7 +50,7 @@ fn llama_plans_but_does_not_launch() {
     assert_eq!(plan["stages"].as_array().unwrap().len(), 4);
     assert_eq!(plan["stages"][3]["rank"], 3);
     let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
-    assert_one_line_error(
+    assert_clean_error(
         &run,
         &["model.arch = llama:", "not supported yet by the engine"],
     );
@@ -105,19 +89,19 @@ fn auto_plans_world_1024_quickly() {
 fn bad_layouts_name_the_field_and_numbers() {
     let base = "pp: 2, microbatches: 4, micro_batch_size: 2";
     let run = plan_text("tp-heads", &tiny(&format!("{base}, tp: 4")), &[]);
-    assert_one_line_error(&run, &["model.n_heads = 6", "parallel.tp = 4"]);
+    assert_clean_error(&run, &["model.n_heads = 6", "parallel.tp = 4"]);
     let run = plan_text(
         "pp-layers",
         &tiny("pp: 5, microbatches: 4, micro_batch_size: 2"),
         &[],
     );
-    assert_one_line_error(&run, &["parallel.pp = 5", "model.n_layers = 4"]);
+    assert_clean_error(&run, &["parallel.pp = 5", "model.n_layers = 4"]);
     let run = plan_text(
         "mem",
         &tiny(&format!("{base}, partition: optimal, memory_gib: 0.00001")),
         &[],
     );
-    assert_one_line_error(
+    assert_clean_error(
         &run,
         &["parallel.memory_gib", "needs at least", "bytes", "stage"],
     );
