@@ -30,33 +30,7 @@ struct Cli {
 enum Command {
     /// Print the pipeline plan of a config (per stage: layers, params, FLOPs, memory,
     /// predicted time), or search layouts with --auto.
-    Plan {
-        /// Experiment YAML file.
-        config: PathBuf,
-        /// Print the plan (or the --auto result) as JSON (the schema the engine consumes).
-        #[arg(long)]
-        json: bool,
-        /// Search (pp, tp, dp, microbatches, schedule, virtual stages) for the config's
-        /// model and global batch, and rank the layouts by predicted step time.
-        #[arg(long)]
-        auto: bool,
-        /// World size for --auto (default: the config's pp·tp·dp).
-        #[arg(long)]
-        world: Option<usize>,
-        /// Per-device memory cap in GiB (overrides parallel.memory_gib).
-        #[arg(long)]
-        memory_gib: Option<f64>,
-        /// How many --auto candidates to print.
-        #[arg(long, default_value_t = 10)]
-        top: usize,
-        /// Sequences per optimizer step for --auto (default: the config's
-        /// dp · microbatches · micro_batch_size).
-        #[arg(long)]
-        global_batch: Option<usize>,
-        /// Bytes per element for --auto (4 = fp32 like the engine, 2 = bf16).
-        #[arg(long, default_value_t = 4)]
-        dtype_bytes: usize,
-    },
+    Plan(plan_cmd::PlanArgs),
     /// Time each layer kind forward and backward on this machine (libtorch) and write a
     /// profile for `parallel.partition: profile`.
     Profile {
@@ -96,25 +70,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan {
-            config,
-            json,
-            auto,
-            world,
-            memory_gib,
-            top,
-            global_batch,
-            dtype_bytes,
-        } => plan_cmd::plan(&plan_cmd::PlanArgs {
-            config,
-            json,
-            auto,
-            world,
-            memory_gib,
-            top,
-            global_batch,
-            dtype_bytes,
-        }),
+        Command::Plan(args) => plan_cmd::plan(&args),
         Command::Profile { config, out, runs } => plan_cmd::profile(&config, out, runs),
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
         Command::Simulate { config, svg } => simulate_cmd::simulate_config(&config, svg),

@@ -18,14 +18,32 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What `strata plan` was asked for.
+#[derive(clap::Args)]
 pub struct PlanArgs {
+    /// Experiment YAML file.
     pub config: PathBuf,
+    /// Print the plan (or the --auto result) as JSON (the schema the engine consumes).
+    #[arg(long)]
     pub json: bool,
+    /// Search (pp, tp, dp, microbatches, schedule, virtual stages) for the config's
+    /// model and global batch, and rank the layouts by predicted step time.
+    #[arg(long)]
     pub auto: bool,
+    /// World size for --auto (default: the config's pp·tp·dp).
+    #[arg(long)]
     pub world: Option<usize>,
+    /// Per-device memory cap in GiB (overrides parallel.memory_gib).
+    #[arg(long)]
     pub memory_gib: Option<f64>,
+    /// How many --auto candidates to print.
+    #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Sequences per optimizer step for --auto (default: the config's
+    /// dp · microbatches · micro_batch_size).
+    #[arg(long)]
     pub global_batch: Option<usize>,
+    /// Bytes per element for --auto (4 = fp32 like the engine, 2 = bf16).
+    #[arg(long, default_value_t = 4)]
     pub dtype_bytes: usize,
 }
 
