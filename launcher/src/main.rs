@@ -19,7 +19,7 @@ use std::process::ExitCode;
 #[command(
     name = "strata",
     version,
-    about = "Pipeline-parallel transformer training on libtorch and MPI"
+    about = "Pipeline-, tensor- and data-parallel transformer training on libtorch and MPI"
 )]
 struct Cli {
     #[command(subcommand)]
