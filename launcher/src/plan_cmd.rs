@@ -13,7 +13,7 @@ use engine::Config;
 use partitioner::auto::{self, AutoSpec};
 use partitioner::plan::{bytes, seconds};
 use partitioner::schedule::simulate;
-use partitioner::{ActionKind, Plan};
+use partitioner::Plan;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -149,20 +149,10 @@ fn predicted_step(cfg: &Config, plan: &Plan, hw: &partitioner::Hardware) {
     let msg = hw.p2p_s(
         (plan.dtype_bytes * plan.micro_batch_size * plan.model.seq_len * plan.model.d_model) as u64,
     );
-    let sim = cfg.schedule().and_then(|s| s.lower()).and_then(|lowered| {
-        simulate(&lowered, |a| {
-            let s = &plan.stages[a.stage.0];
-            let share = s.fwd_flops / (s.fwd_flops + s.bwd_flops).max(f64::MIN_POSITIVE);
-            let f = s.time_s * share;
-            match a.kind {
-                ActionKind::Forward => f,
-                ActionKind::Backward => s.time_s - f,
-                ActionKind::InputGrad | ActionKind::WeightGrad => (s.time_s - f) / 2.0,
-                ActionKind::SendAct | ActionKind::SendGrad => msg,
-                _ => 0.0,
-            }
-        })
-    });
+    let sim = cfg
+        .schedule()
+        .and_then(|s| s.lower())
+        .and_then(|lowered| simulate(&lowered, |a| plan.action_time(a, msg)));
     match sim {
         Ok(sim) => {
             let bubbles: Vec<String> = (0..sim.busy.len())

@@ -19,7 +19,7 @@ use crate::cost::{Hardware, PipeSchedule};
 use crate::error::{Error, Result};
 use crate::graph::ModelShape;
 use crate::plan::{Plan, PlanSpec};
-use crate::schedule::{self, ActionKind, Schedule, ScheduleKind};
+use crate::schedule::{self, Schedule, ScheduleKind};
 use crate::split::PartitionMethod;
 use serde::{Deserialize, Serialize};
 
@@ -202,19 +202,7 @@ fn simulate_candidate(a: &AutoSpec, c: &Candidate) -> Option<Candidate> {
     let msg = a
         .hardware
         .p2p_s((a.dtype_bytes * c.micro_batch_size * a.shape.seq_len * a.shape.d_model) as u64);
-    let sim = schedule::simulate(&sched, |act| {
-        let s = &plan.stages[act.stage.0];
-        let fwd_share = s.fwd_flops / (s.fwd_flops + s.bwd_flops).max(f64::MIN_POSITIVE);
-        let f = s.time_s * fwd_share;
-        match act.kind {
-            ActionKind::Forward => f,
-            ActionKind::Backward => s.time_s - f,
-            ActionKind::InputGrad | ActionKind::WeightGrad => (s.time_s - f) / 2.0,
-            ActionKind::SendAct | ActionKind::SendGrad => msg,
-            _ => 0.0,
-        }
-    })
-    .ok()?;
+    let sim = schedule::simulate(&sched, |act| plan.action_time(act, msg)).ok()?;
     let step = sim.makespan + dp_time(a, &plan);
     Some(Candidate {
         step_time_s: step,

@@ -408,6 +408,23 @@ impl Plan {
     }
 
     /// Predicted seconds per microbatch per pipeline rank (sum over its chunks).
+    /// Predicted seconds of one schedule action on this plan: a chunk's per-microbatch
+    /// time split between forward and backward by FLOPs (I and W are half a backward
+    /// each), `message_s` for a send, nothing for a receive (its wait is simulated).
+    pub fn action_time(&self, action: &crate::schedule::Action, message_s: f64) -> f64 {
+        use crate::schedule::ActionKind;
+        let s = &self.stages[action.stage.0];
+        let share = s.fwd_flops / (s.fwd_flops + s.bwd_flops).max(f64::MIN_POSITIVE);
+        let forward = s.time_s * share;
+        match action.kind {
+            ActionKind::Forward => forward,
+            ActionKind::Backward => s.time_s - forward,
+            ActionKind::InputGrad | ActionKind::WeightGrad => (s.time_s - forward) / 2.0,
+            ActionKind::SendAct | ActionKind::SendGrad => message_s,
+            ActionKind::RecvAct | ActionKind::RecvGrad => 0.0,
+        }
+    }
+
     pub fn rank_time_s(&self) -> Vec<f64> {
         (0..self.pp)
             .map(|r| self.chunks_of(Rank(r)).iter().map(|s| s.time_s).sum())
