@@ -22,11 +22,19 @@ STAMP="$VENV/.strata-complete"
 log() { echo "[setup] $*" >&2; }
 
 # ---------------------------------------------------------------- apt packages
+# True when a libclang-dev package (any version) is installed: it owns libclang.so.
+has_libclang_dev() {
+  dpkg-query -W -f='${Status} ${Package}\n' 'libclang-dev' 'libclang-*-dev' 2>/dev/null \
+    | grep -Eq '^install ok installed libclang(-[0-9]+)?-dev$'
+}
+[ "${1:-}" = "--check-libclang" ] && { has_libclang_dev && echo present || echo missing; exit 0; }
 need_apt=()
 command -v mpiexec >/dev/null 2>&1 || need_apt+=(mpich)
 [ -e /usr/include/x86_64-linux-gnu/mpich/mpi.h ] || [ -e /usr/include/mpich/mpi.h ] \
   || dpkg -s libmpich-dev >/dev/null 2>&1 || need_apt+=(libmpich-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# bindgen (mpi-sys) needs libclang.so itself. Check the package, not a file glob: other
+# packages install libclang-cpp.so.N, which matches `libclang*.so*` but is not libclang.
+has_libclang_dev || need_apt+=(libclang-dev)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v c++ >/dev/null 2>&1 || need_apt+=(build-essential)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
