@@ -15,6 +15,7 @@ pub mod model;
 pub mod optim;
 pub mod profile;
 pub mod rng;
+pub mod shard;
 pub mod tp;
 pub mod trace;
 pub mod trainer;
