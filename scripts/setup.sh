@@ -6,6 +6,9 @@
 #   * torch==2.11.0 from PyPI into a cached venv OUTSIDE the clone:
 #       ${STRATA_CACHE:-$HOME/.cache/strata}/torch-2.11.0
 #     (reused by later runs; an interrupted install is detected and redone);
+#   * transformers (pinned, with its pure-Python and wheel dependencies) into the same
+#     venv, for the tests that compare Strata against Hugging Face models only (offline:
+#     the tests build models from configs, never download any); its own stamp;
 #   * .cargo/config.toml (git-ignored) that points tch's build at that libtorch, so a
 #     plain `cargo build --release` works afterwards. The binaries find libtorch at run
 #     time through an rpath emitted by engine/torch_link.rs; nothing needs exporting.
@@ -14,6 +17,8 @@
 set -euo pipefail
 
 TORCH_VERSION=2.11.0
+# The outside reference of tests/hf_*.rs (tests/python/hf_reference.py).
+TRANSFORMERS_VERSION=5.24.0
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${STRATA_CACHE:-$HOME/.cache/strata}"
 VENV="$CACHE/torch-$TORCH_VERSION"
@@ -67,6 +72,19 @@ if [ ! -f "$STAMP" ]; then
   python3 -m venv --upgrade "$VENV" >/dev/null
   "$VENV/bin/python" -W ignore -c "import torch; assert torch.__version__.split('+')[0] == '$TORCH_VERSION'"
   touch "$STAMP"
+fi
+
+# ---------------------------------------------------------------- transformers (tests only)
+HF_STAMP="$VENV/.strata-transformers-$TRANSFORMERS_VERSION"
+if [ ! -f "$HF_STAMP" ]; then
+  log "installing transformers==$TRANSFORMERS_VERSION into $VENV (tests only, first run only)"
+  # Naming torch's installed version keeps pip from touching it.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
+    "transformers==$TRANSFORMERS_VERSION" "torch==$TORCH_VERSION"
+  HF_HUB_OFFLINE=1 "$VENV/bin/python" -W ignore -c \
+    "import transformers; assert transformers.__version__ == '$TRANSFORMERS_VERSION'"
+  rm -f "$VENV"/.strata-transformers-*
+  touch "$HF_STAMP"
 fi
 
 read -r TORCH_DIR CXX11 < <("$VENV/bin/python" -W ignore -c \

@@ -32,6 +32,16 @@ pub enum Error {
         #[source]
         source: partitioner::Error,
     },
+    /// A Hugging Face model directory (config.json, safetensors, vocab.json) that Strata
+    /// cannot read or that disagrees with the Strata config; `field` names the HF field,
+    /// tensor or file.
+    #[error("{path}: {field}: {problem}; fix: {fix}")]
+    Hf {
+        path: String,
+        field: String,
+        problem: String,
+        fix: String,
+    },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -72,7 +82,10 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            Error::ConfigSyntax { .. } | Error::Config { .. } | Error::Plan { .. }
+            Error::ConfigSyntax { .. }
+                | Error::Config { .. }
+                | Error::Plan { .. }
+                | Error::Hf { .. }
         )
     }
 

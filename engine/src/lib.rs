@@ -11,6 +11,7 @@ pub mod data;
 pub mod dp;
 pub mod error;
 pub mod executor;
+pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod profile;
