@@ -77,10 +77,12 @@ impl ShardSpec {
             {
                 return bad(format!("block {b:?} has the wrong number of dims"));
             }
-            for d in 0..dims {
-                if b.global_offset[d] + b.shape[d] > self.global_shape[d]
-                    || b.local_offset[d] + b.shape[d] > local_shape[d]
-                {
+            let extents = b
+                .shape
+                .iter()
+                .zip(b.global_offset.iter().zip(&b.local_offset));
+            for (d, (&len, (&g, &l))) in extents.enumerate() {
+                if g + len > self.global_shape[d] || l + len > local_shape[d] {
                     return bad(format!("block {b:?} lies outside the tensor in dim {d}"));
                 }
             }

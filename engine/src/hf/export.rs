@@ -16,7 +16,6 @@ use crate::data::CharVocab;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 /// Where an export reads whole Strata tensors from, by global name.
@@ -38,7 +37,7 @@ pub fn export(
     dir: &Path,
     spec: &ModelSpec,
     vocab: Option<&CharVocab>,
-    source: Arc<dyn StrataSource>,
+    source: &dyn StrataSource,
     kind: Kind,
 ) -> Result<()> {
     let io = |p: &Path| {
@@ -46,14 +45,13 @@ pub fn export(
         move |source| Error::Io { path: p, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let maps = mappings(spec, spec)?;
     let mut tensors = Vec::new();
-    for m in mappings(spec, spec)? {
-        let m = Arc::new(m);
+    for m in &maps {
         for (i, p) in m.pieces.iter().enumerate() {
-            let (m, source) = (Arc::clone(&m), Arc::clone(&source));
             let load = move || -> Result<Tensor> {
                 let whole = source.tensor(&m.strata)?;
-                let mut parts = split(&m, &whole)?;
+                let mut parts = split(m, &whole)?;
                 Ok(parts.swap_remove(i).1)
             };
             tensors.push((

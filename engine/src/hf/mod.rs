@@ -38,7 +38,6 @@ mod tests {
     use partitioner::Arch;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
-    use std::sync::Arc;
     use tch::{Device, Kind, Tensor};
 
     fn spec(arch: Arch, tie: bool) -> ModelSpec {
@@ -133,14 +132,7 @@ mod tests {
             let p = random_params(&s);
             let dir = scratch(&format!("rt-{}", arch.name()));
             let vocab = CharVocab::from_text("abcdefghijk");
-            export(
-                &dir,
-                &s,
-                Some(&vocab),
-                Arc::new(random_params(&s)),
-                Kind::Float,
-            )
-            .unwrap();
+            export(&dir, &s, Some(&vocab), &random_params(&s), Kind::Float).unwrap();
             let ck = HfCheckpoint::open(&dir).unwrap();
             assert_eq!(ck.config.spec, s);
             assert_eq!(
@@ -198,7 +190,7 @@ mod tests {
         };
         let p = random_params(&hf_spec);
         let dir = scratch("crop");
-        export(&dir, &hf_spec, None, Arc::new(p.shallow()), Kind::Float).unwrap();
+        export(&dir, &hf_spec, None, &p.shallow(), Kind::Float).unwrap();
         let ck = HfCheckpoint::open(&dir).unwrap();
         let st = ModelSpec {
             seq_len: 5,

@@ -184,7 +184,8 @@ impl HfSource for MappedFiles {
         let bytes = &self.files[e.file].1[e.start..e.end];
         let dims: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
         let ctx = || format!("reading {name}");
-        let aligned = (bytes.as_ptr() as usize) % e.kind.elt_size_in_bytes() == 0;
+        // Element sizes are powers of two.
+        let aligned = (bytes.as_ptr() as usize) & (e.kind.elt_size_in_bytes() - 1) == 0;
         let t = if aligned && !bytes.is_empty() {
             // SAFETY: `bytes` holds exactly shape·elt_size bytes of this dtype (checked by
             // read_metadata), stays mapped while `t` lives (dropped at the end of this
@@ -198,16 +199,45 @@ impl HfSource for MappedFiles {
     }
 }
 
+/// Reads a whole safetensors file: its tensors (copied out of the mapping) and its
+/// `__metadata__`. For small files (test references, exported models in tests).
+pub fn read_all(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let mut files = MappedFiles {
+        files: Vec::new(),
+        index: BTreeMap::new(),
+    };
+    files.add(path, &|n: &str| n.to_string())?;
+    let (_, meta) = SafeTensors::read_metadata(&files.files[0].1).map_err(|e| {
+        hf_err(
+            path,
+            "weights",
+            format!("not a valid safetensors file ({e})"),
+            RESAVE,
+        )
+    })?;
+    let names: Vec<String> = files.index.keys().cloned().collect();
+    let mut out = BTreeMap::new();
+    for name in names {
+        let t = files.with_tensor(&name, &mut |t| {
+            let mut owned = t.f_empty_like().map_err(Error::torch("copy"))?;
+            owned.f_copy_(t).map_err(Error::torch("copy"))?;
+            Ok(owned)
+        })?;
+        out.insert(name, t);
+    }
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
+}
+
 /// A tensor to write, produced when the writer reaches it.
-pub struct LazyTensor {
+pub struct LazyTensor<'a> {
     pub shape: Vec<usize>,
     pub kind: Kind,
-    pub load: Box<dyn Fn() -> Result<Tensor>>,
+    pub load: Box<dyn Fn() -> Result<Tensor> + 'a>,
 }
 
 struct WriteView<'a> {
     name: String,
-    t: &'a LazyTensor,
+    t: &'a LazyTensor<'a>,
     dtype: Dtype,
     failure: &'a RefCell<Option<Error>>,
 }
@@ -257,7 +287,7 @@ impl View for WriteView<'_> {
 
 /// Writes `tensors` to the safetensors file `path` with `__metadata__ {"format": "pt"}`
 /// (what transformers expects), through a temporary file renamed into place after fsync.
-pub fn write(path: &Path, tensors: &[(String, LazyTensor)]) -> Result<()> {
+pub fn write(path: &Path, tensors: &[(String, LazyTensor<'_>)]) -> Result<()> {
     let failure = RefCell::new(None);
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
