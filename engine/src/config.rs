@@ -11,6 +11,7 @@
 
 use crate::data::{CharVocab, DataSource};
 use crate::error::{Error, Result};
+use crate::model::{Activation, ModelSpec};
 use partitioner::mesh::Mesh;
 use partitioner::{
     Arch, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec, Profile, Schedule,
@@ -101,6 +102,23 @@ pub struct ModelConfig {
     /// then hold the same matrix and sum its gradient every step.
     #[serde(default)]
     pub tie_embeddings: bool,
+    /// GPT's MLP activation: `gelu` (erf form, the default) or `gelu_tanh` (GPT-2's
+    /// `gelu_new`). LLaMA's SwiGLU always uses SiLU and takes no activation key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+    /// LayerNorm (gpt) or RMSNorm (llama) epsilon.
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    /// Base of the rotary position embeddings (llama).
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+}
+
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn rope_theta() -> f64 {
+    10_000.0
 }
 
 /// `parallel`: the layout and the schedule.
@@ -332,7 +350,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
-        self.check_engine_support()?;
+        self.check_model_constants()?;
         let p = &self.parallel;
         if ScheduleKind::from_name(&p.schedule).is_none_or(|k| k == ScheduleKind::ForwardOnly) {
             return Err(self.field_error(
@@ -420,6 +438,46 @@ impl Config {
         let shape = self.shape_with(&source)?;
         self.plan_for(&shape)?;
         Ok(())
+    }
+
+    /// Checks the architecture constants (`activation`, `norm_eps`, `rope_theta`).
+    fn check_model_constants(&self) -> Result<()> {
+        let m = &self.model;
+        if !(m.norm_eps.is_finite() && m.norm_eps > 0.0) {
+            return Err(self.field_error(
+                "model.norm_eps",
+                format!("must be a positive number, got {}", m.norm_eps),
+                "set e.g. model.norm_eps: 1.0e-5".into(),
+            ));
+        }
+        if !(m.rope_theta.is_finite() && m.rope_theta > 1.0) {
+            return Err(self.field_error(
+                "model.rope_theta",
+                format!("must be a number above 1, got {}", m.rope_theta),
+                "set e.g. model.rope_theta: 10000".into(),
+            ));
+        }
+        if m.arch == Arch::Llama && m.activation.is_some() {
+            return Err(self.field_error(
+                "model.activation",
+                "llama blocks use SwiGLU (SiLU-gated); the activation key applies to gpt only"
+                    .into(),
+                "remove model.activation, or set model.arch: gpt".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Everything that fixes the model's numbers (shape, constants, dtype, device).
+    pub fn model_spec(&self) -> Result<ModelSpec> {
+        let m = &self.model;
+        Ok(ModelSpec {
+            tie_embeddings: m.tie_embeddings,
+            activation: m.activation.unwrap_or_default(),
+            norm_eps: m.norm_eps,
+            rope_theta: m.rope_theta,
+            ..ModelSpec::new(self.shape()?)
+        })
     }
 
     /// The schedule family named by `parallel.schedule`.
@@ -615,20 +673,6 @@ impl Config {
         Plan::build(&self.plan_spec(shape)?).map_err(self.plan_err())
     }
 
-    /// Refuses what the partitioner can plan but the engine cannot run yet.
-    fn check_engine_support(&self) -> Result<()> {
-        if self.model.arch == Arch::Llama {
-            return Err(self.field_error(
-                "model.arch = llama",
-                "LLaMA-style blocks (RMSNorm, SwiGLU, rotary, grouped-query attention) are \
-                 not supported yet by the engine"
-                    .into(),
-                "set model.arch: gpt to train; `strata plan` accepts llama configs".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Reads and checks a config for planning only (`strata plan`, `strata profile`):
     /// the model, parallel layout and data are validated, but not what only the engine
     /// needs (architecture support, tp/dp support, optimizer settings).
@@ -744,15 +788,24 @@ output: {dir: /tmp/strata-test}
     }
 
     #[test]
-    fn partitioner_keys_plan_and_engine_refuses_llama() {
+    fn partitioner_keys_plan_and_llama_constants_are_checked() {
         let llama = GOOD.replace("d_ff: 32}", "d_ff: 32, arch: llama, n_kv_heads: 1}");
-        let c = Config::parse_for_plan(&llama, Path::new("x.yaml")).unwrap();
+        let c = Config::parse(&llama, Path::new("x.yaml")).unwrap();
         assert_eq!(c.plan().unwrap().model.n_kv_heads, 1);
-        let e = err(&llama);
+        let e = err(&llama.replace("n_kv_heads: 1}", "n_kv_heads: 1, activation: gelu_tanh}"));
+        assert!(e.contains("model.activation") && e.contains("fix:"), "{e}");
+        let e = err(&llama.replace("n_kv_heads: 1}", "n_kv_heads: 1, rope_theta: 0}"));
+        assert!(e.contains("model.rope_theta") && e.contains("fix:"), "{e}");
+        let e = err(&GOOD.replace("d_ff: 32}", "d_ff: 32, norm_eps: -1}"));
+        assert!(e.contains("model.norm_eps") && e.contains("fix:"), "{e}");
+        let e = err(&GOOD.replace("d_ff: 32}", "d_ff: 32, activation: relu}"));
         assert!(
-            e.contains("model.arch = llama:")
-                && e.contains("not supported yet by the engine; fix:")
-                && !e.contains('\n'),
+            e.contains("model.activation") && e.contains("unknown variant"),
+            "{e}"
+        );
+        let e = err(&llama.replace("pp: 2,", "pp: 2, tp: 2,"));
+        assert!(
+            e.contains("model.n_kv_heads = 1") && e.contains("parallel.tp = 2"),
             "{e}"
         );
         let e = err(&GOOD.replace("d_ff: 32}", "d_ff: 32, n_kv_heads: 1}"));

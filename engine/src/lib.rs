@@ -1,4 +1,4 @@
-//! Strata's engine: pipeline stages of a GPT on libtorch, exchanging activations and
+//! Strata's engine: pipeline stages of GPT- and LLaMA-style models on libtorch, exchanging activations and
 //! gradients over a [`comm::Communicator`] (MPI, or in-process channels for tests), driven
 //! by schedules validated in the partitioner.
 //!
@@ -17,7 +17,6 @@ pub mod optim;
 pub mod profile;
 pub mod rng;
 pub mod shard;
-pub mod tp;
 pub mod trace;
 pub mod trainer;
 

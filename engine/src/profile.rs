@@ -7,8 +7,10 @@
 //! ones, each for one microbatch of the config's shape and micro-batch size; every block
 //! has the same cost, so one block stands for all of them.
 
+use crate::comm::local::LocalComm;
 use crate::error::{Error, Result};
-use crate::model::{tokens_tensor, StageInput, StageModel, StageOutput};
+use crate::model::sharding::TpRank;
+use crate::model::{tokens_tensor, Grad, Model, ModelSpec, Pass};
 use crate::rng::Rng;
 use partitioner::profile::{LayerTiming, Profile};
 use partitioner::{Arch, LayerKind, ModelShape};
@@ -50,7 +52,10 @@ fn time_layer(
     micro_batch_size: usize,
     opts: &ProfileOptions,
 ) -> Result<(f64, f64)> {
-    let model = StageModel::new(shape, &[layer], 0)?;
+    let model = Model::new(&ModelSpec::new(*shape), &[layer], 0, TpRank::SINGLE)?;
+    let mut tp = LocalComm::group(1)
+        .pop()
+        .ok_or_else(|| Error::Internal("no local group".into()))?;
     let (b, s, d) = (micro_batch_size, shape.seq_len, shape.d_model);
     let mut rng = Rng::from_key(&[7, b as u64, s as u64]);
     let ids: Vec<i64> = (0..b * s)
@@ -63,33 +68,31 @@ fn time_layer(
             [b as i64, s as i64, d as i64],
             (Kind::Float, tch::Device::Cpu),
         )
-        .map(|t| t.set_requires_grad(true))
         .map_err(Error::torch("profile input"))?;
         let input = match layer {
-            LayerKind::Embedding => StageInput::Tokens(&tokens),
-            _ => StageInput::Hidden(&hidden),
+            LayerKind::Embedding => &tokens,
+            _ => &hidden,
         };
         let targets = (layer == LayerKind::Head).then_some(&tokens);
         let t0 = Instant::now();
-        let out = model.forward(input, targets)?;
-        let scalar = match out {
-            StageOutput::Loss(l) => l,
-            StageOutput::Hidden(h) => h.f_sum(Kind::Float).map_err(Error::torch("profile sum"))?,
-        };
+        let out = model.forward(input, targets, &mut tp, Pass::Train { split: false })?;
         let t1 = Instant::now();
-        scalar
-            .f_backward()
-            .map_err(Error::torch("profile backward"))?;
+        let grad = match layer {
+            LayerKind::Head => Grad::LossScale(1.0),
+            _ => Grad::Output(
+                out.output
+                    .f_ones_like()
+                    .map_err(Error::torch("profile seed"))?,
+            ),
+        };
+        model.backward(out, grad, &mut tp)?;
         let t2 = Instant::now();
         if rep >= opts.warmup {
             fwd.push((t1 - t0).as_secs_f64());
             bwd.push((t2 - t1).as_secs_f64());
         }
         for p in model.params() {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.f_zero_();
-            }
+            let _ = p.tensor.grad().f_zero_();
         }
     }
     Ok((median(fwd), median(bwd)))

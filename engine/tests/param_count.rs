@@ -1,7 +1,8 @@
 //! The partitioner's parameter count must equal what the engine's model allocates: per
 //! layer, per planned stage, and for the whole model.
 
-use engine::model::StageModel;
+use engine::model::sharding::TpRank;
+use engine::model::{Model, ModelSpec};
 use partitioner::{LayerGraph, ModelShape, PartitionMethod, Plan, PlanSpec};
 
 fn shapes() -> Vec<ModelShape> {
@@ -9,7 +10,13 @@ fn shapes() -> Vec<ModelShape> {
         ModelShape::gpt(65, 16, 32, 4, 4, 64),
         ModelShape::gpt(97, 24, 48, 6, 3, 80),
         ModelShape::gpt(64, 8, 16, 2, 2, 16),
+        ModelShape::llama(65, 16, 32, 4, 2, 4, 48),
+        ModelShape::llama(64, 8, 48, 6, 3, 3, 40),
     ]
+}
+
+fn build(shape: &ModelShape, layers: &[partitioner::LayerKind], seed: u64) -> Model {
+    Model::new(&ModelSpec::new(*shape), layers, seed, TpRank::SINGLE).unwrap()
 }
 
 #[test]
@@ -17,7 +24,7 @@ fn every_layer_allocates_what_the_cost_model_counts() {
     for shape in shapes() {
         let graph = LayerGraph::new(&shape, 2, 4).unwrap();
         for node in &graph.nodes {
-            let model = StageModel::new(&shape, &[node.kind], 1).unwrap();
+            let model = build(&shape, &[node.kind], 1);
             assert_eq!(
                 model.num_params() as u64,
                 node.full_params,
@@ -30,7 +37,7 @@ fn every_layer_allocates_what_the_cost_model_counts() {
             );
         }
         let all: Vec<_> = graph.nodes.iter().map(|n| n.kind).collect();
-        let whole = StageModel::new(&shape, &all, 1).unwrap();
+        let whole = build(&shape, &all, 1);
         assert_eq!(whole.num_params() as u64, graph.total_params());
     }
 }
@@ -45,13 +52,54 @@ fn every_planned_stage_allocates_its_planned_params() {
                 let plan = Plan::build(&spec).unwrap();
                 let mut total = 0;
                 for stage in &plan.stages {
-                    let model = StageModel::new(&shape, &stage.layers, 3).unwrap();
+                    let model = build(&shape, &stage.layers, 3);
                     assert_eq!(model.num_params() as u64, stage.params);
                     // fp32: 4 bytes per parameter on one device.
                     assert_eq!(stage.param_bytes, 4 * stage.params);
                     total += model.num_params() as u64;
                 }
                 assert_eq!(total, plan.total_params);
+            }
+        }
+    }
+}
+
+/// Under tensor parallelism every rank holds what the cost model charges one device, and
+/// the shards of every parameter cover exactly the full tensor.
+#[test]
+fn every_tp_shard_holds_what_the_cost_model_counts() {
+    for shape in shapes() {
+        for tp in [2usize, shape.n_kv_heads]
+            .into_iter()
+            .filter(|&t| t > 1 && shape.n_kv_heads % t == 0)
+        {
+            let Ok(graph) = LayerGraph::with_tp(&shape, 2, 4, tp) else {
+                continue; // a layout the planner refuses (e.g. d_ff not divisible)
+            };
+            for node in &graph.nodes {
+                let mut covered = 0u64;
+                for r in 0..tp {
+                    let m = Model::new(
+                        &ModelSpec::new(shape),
+                        &[node.kind],
+                        1,
+                        TpRank { rank: r, size: tp },
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        m.num_params() as u64,
+                        node.cost.params,
+                        "{} tp={tp} {shape:?}",
+                        node.kind
+                    );
+                    covered += m
+                        .params()
+                        .iter()
+                        .filter(|p| p.owner)
+                        .map(|p| p.spec.numel() as u64)
+                        .sum::<u64>();
+                }
+                assert_eq!(covered, node.full_params, "{} tp={tp} {shape:?}", node.kind);
             }
         }
     }

@@ -3,7 +3,11 @@
 //! running the engine in-process on the local (crossbeam) transport.
 
 use engine::comm::groups::ParallelComms;
+use engine::model::sharding::assemble;
+use engine::shard::ShardSpec;
+use engine::tch::Tensor;
 use engine::{Config, RunOptions, RunSummary};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,6 +68,28 @@ output: {{dir: {}}}
 ",
         out.display()
     )
+}
+
+/// A tiny model of either architecture on a `pp × tp × dp` layout: GPT as
+/// [`layout_config`]; LLaMA with grouped-query attention (4 query heads sharing 2
+/// key/value heads, so tp = 2 splits the key/value heads too), `tie` for tied embeddings.
+#[allow(clippy::too_many_arguments)]
+pub fn arch_config(
+    arch: &str,
+    tie: bool,
+    pp: usize,
+    tp: usize,
+    dp: usize,
+    schedule: &str,
+    steps: usize,
+    out: &Path,
+) -> String {
+    let extra = match arch {
+        "llama" => format!("arch: llama, n_kv_heads: 2, tie_embeddings: {tie}"),
+        _ => format!("tie_embeddings: {tie}"),
+    };
+    layout_config(pp, tp, dp, schedule, steps, out)
+        .replace("d_ff: 64}", &format!("d_ff: 64, {extra}}}"))
 }
 
 /// Every training schedule a config can name.
@@ -285,4 +311,37 @@ pub fn max_rel_diff(a: &engine::tch::Tensor, b: &engine::tch::Tensor) -> f64 {
         .max()
         .double_value(&[]);
     diff / scale
+}
+
+/// Captured gradients of every parameter, reassembled to full shape from the
+/// tensor-parallel shards of data-parallel replica 0 (tied copies skipped: after the
+/// pipeline sum they equal the embedding's).
+pub fn full_grads(summaries: &[RunSummary]) -> BTreeMap<String, Tensor> {
+    let mut shards: BTreeMap<String, Vec<(ShardSpec, Tensor)>> = BTreeMap::new();
+    for s in summaries {
+        if s.coord.unwrap().dp != 0 {
+            continue;
+        }
+        for g in s.grads.iter().filter(|g| !g.tied_copy) {
+            let t = Tensor::from_slice(&g.values).view(g.shape.as_slice());
+            shards
+                .entry(g.name.clone())
+                .or_default()
+                .push((g.spec.clone(), t));
+        }
+    }
+    shards
+        .into_iter()
+        .map(|(name, parts)| {
+            let refs: Vec<_> = parts.iter().map(|(s, t)| (s, t)).collect();
+            let full = assemble(&name, &refs).unwrap();
+            (name, full)
+        })
+        .collect()
+}
+
+/// `|a − b| / |b|` (norms), the relative difference of two tensors.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = (a - b).norm().double_value(&[]);
+    diff / b.norm().double_value(&[]).max(1e-30)
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 use strata_tests::{
-    assert_losses_match, layout_config, read_losses, run_strata, scratch, tiny_config, write,
+    arch_config, assert_losses_match, read_losses, run_strata, scratch, tiny_config, write,
     SCHEDULES,
 };
 
@@ -35,6 +35,55 @@ fn launch(pp: usize, schedule: &str, steps: usize) -> Vec<f64> {
     read_losses(&out)
 }
 
+/// `grad_norm` of every step in `dir/metrics.jsonl`.
+fn read_grad_norms(dir: &std::path::Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// LLaMA (grouped-query attention, rotary, SwiGLU) on multi-process layouts and schedules,
+/// tied and untied: losses and grad_norm of every step match one process.
+#[test]
+fn llama_under_mpiexec_matches_single_process() {
+    let run = |tie: bool, (pp, tp, dp): (usize, usize, usize), schedule: &str| {
+        let dir = scratch(&format!("mpi-llama-{pp}{tp}{dp}-{schedule}-{tie}"));
+        let out = dir.join("run");
+        let cfg = write(
+            &dir,
+            "cfg.yaml",
+            &arch_config("llama", tie, pp, tp, dp, schedule, 3, &out),
+        );
+        let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "llama {pp}{tp}{dp} {schedule}:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        (read_losses(&out), read_grad_norms(&out))
+    };
+    for tie in [false, true] {
+        let (ref_loss, ref_norm) = run(tie, (1, 1, 1), "gpipe");
+        for (layout, schedule) in [
+            ((2, 2, 1), "zb-h1"),
+            ((2, 2, 2), "1f1b"),
+            ((2, 1, 1), "interleaved-1f1b"),
+        ] {
+            let what = format!("mpiexec llama {layout:?} {schedule} tied={tie}");
+            let (loss, norm) = run(tie, layout, schedule);
+            assert_losses_match(&ref_loss, &loss, 1e-5, 1e-5, &what);
+            assert_losses_match(&ref_norm, &norm, 1e-5, 1e-5, &format!("{what} grad_norm"));
+        }
+    }
+}
+
 #[test]
 fn every_schedule_under_mpiexec_matches_single_process() {
     let reference = launch(1, "gpipe", 5);
@@ -55,8 +104,7 @@ fn three_d_layouts_under_mpiexec_match_single_process() {
     let run = |pp: usize, tp: usize, dp: usize, tie: bool| {
         let dir = scratch(&format!("mpi-3d-{pp}-{tp}-{dp}-{tie}"));
         let out = dir.join("run");
-        let text = layout_config(pp, tp, dp, "1f1b", 3, &out)
-            .replace("d_ff: 64}", &format!("d_ff: 64, tie_embeddings: {tie}}}"));
+        let text = arch_config("gpt", tie, pp, tp, dp, "1f1b", 3, &out);
         let cfg = write(&dir, "cfg.yaml", &text);
         let run = run_strata(&["launch", cfg.to_str().unwrap()], &[], LIMIT);
         assert_eq!(

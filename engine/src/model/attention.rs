@@ -1,0 +1,131 @@
+//! Causal self-attention of one tensor-parallel rank: its query heads and their key/value
+//! heads (grouped-query attention), with rotary position embeddings for LLaMA.
+//!
+//! * The fused projection output is `[q | k | v]` of widths `hq·hd`, `hkv·hd`, `hkv·hd`
+//!   (the rank's heads; tp splits query and key/value heads alike, so rank `i`'s query heads
+//!   use exactly rank `i`'s key/value heads).
+//! * Grouped-query attention repeats each key/value head for its `hq / hkv` query heads
+//!   (query head `j` uses key/value head `j / (hq / hkv)`, as Hugging Face's `repeat_kv`).
+//! * Rotary embeddings use the rotate-half layout (GPT-NeoX, Hugging Face): for a head
+//!   vector `x = [x1 | x2]`, `rope(x) = x ⊙ cos + [−x2 | x1] ⊙ sin`, with
+//!   `θ_i = theta^(−2i/hd)` and `cos`, `sin` of `pos · θ` repeated over both halves.
+//!
+//! Invariant: heads are never mixed across ranks; the output `[b, s, hq·hd]` is the rank's
+//! slice of the merged heads, ready for the row-parallel output projection.
+
+use super::Ctx;
+use crate::error::Result;
+use tch::{Device, Kind, Tensor};
+
+/// Cosine and sine tables of rotary embeddings for positions `0..seq_len`, `[seq_len, hd]`.
+#[derive(Debug)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    pub fn new(
+        seq_len: usize,
+        head_dim: usize,
+        theta: f64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Rotary> {
+        let opts = (Kind::Float, device);
+        let half = Tensor::f_arange_start_step(0, head_dim as i64, 2, (Kind::Int64, device))
+            .and_then(|t| t.f_to_kind(Kind::Float))
+            .ctx("rotary frequencies")?;
+        let inv_freq = half
+            .f_div_scalar(head_dim as f64)
+            .and_then(|e| Tensor::f_pow_scalar(theta, &e))
+            .and_then(|p| p.f_reciprocal())
+            .ctx("rotary frequencies")?;
+        let pos = Tensor::f_arange(seq_len as i64, opts).ctx("rotary positions")?;
+        let freqs = pos
+            .f_unsqueeze(1)
+            .and_then(|p| p.f_matmul(&inv_freq.f_unsqueeze(0)?))
+            .ctx("rotary angles")?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1).ctx("rotary angles")?;
+        let cast = |t: Tensor| t.f_to_kind(kind).ctx("rotary tables");
+        Ok(Rotary {
+            cos: cast(emb.f_cos().ctx("rotary cos")?)?,
+            sin: cast(emb.f_sin().ctx("rotary sin")?)?,
+        })
+    }
+
+    /// Rotates `x` (`[b, h, s, hd]`) whose first position is `start`.
+    pub fn apply(&self, x: &Tensor, start: i64) -> Result<Tensor> {
+        let s = x.size()[2];
+        let hd = x.size()[3];
+        let cos = self.cos.f_narrow(0, start, s).ctx("rotary cos")?;
+        let sin = self.sin.f_narrow(0, start, s).ctx("rotary sin")?;
+        let x1 = x.f_narrow(-1, 0, hd / 2).ctx("rotary halves")?;
+        let x2 = x.f_narrow(-1, hd / 2, hd / 2).ctx("rotary halves")?;
+        let rotated =
+            Tensor::f_cat(&[&x2.f_neg().ctx("rotate half")?, &x1], -1).ctx("rotate half")?;
+        x.f_mul(&cos)
+            .and_then(|a| a.f_add(&rotated.f_mul(&sin)?))
+            .ctx("rotary")
+    }
+}
+
+/// The local head counts of one rank.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub q: i64,
+    pub kv: i64,
+    pub dim: i64,
+}
+
+impl Heads {
+    /// Widths of the fused `[q | k | v]` projection output.
+    pub fn qkv_widths(&self) -> [i64; 3] {
+        [self.q * self.dim, self.kv * self.dim, self.kv * self.dim]
+    }
+}
+
+/// `[b, s, h·hd]` → `[b, h, s, hd]`.
+fn split_heads(t: &Tensor, heads: i64, dim: i64) -> Result<Tensor> {
+    let (b, s) = (t.size()[0], t.size()[1]);
+    t.f_view([b, s, heads, dim])
+        .and_then(|t| t.f_transpose(1, 2))
+        .ctx("split heads")
+}
+
+/// Repeats each key/value head `n` times along the head dim (`[b, hkv, s, hd]` →
+/// `[b, hkv·n, s, hd]`).
+pub fn repeat_kv(t: &Tensor, n: i64) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(t.shallow_clone());
+    }
+    let size = t.size();
+    let (b, h, s, d) = (size[0], size[1], size[2], size[3]);
+    t.f_unsqueeze(2)
+        .and_then(|t| t.f_expand([b, h, n, s, d], false))
+        .and_then(|t| t.f_reshape([b, h * n, s, d]))
+        .ctx("repeat kv heads")
+}
+
+/// Causal attention of the fused projection `qkv` (`[b, s, (hq + 2·hkv)·hd]`); returns the
+/// merged heads `[b, s, hq·hd]`.
+pub fn causal_attention(qkv: &Tensor, heads: Heads, rotary: Option<&Rotary>) -> Result<Tensor> {
+    let [wq, wk, wv] = heads.qkv_widths();
+    let parts = qkv.f_split_with_sizes([wq, wk, wv], -1).ctx("qkv split")?;
+    let mut q = split_heads(&parts[0], heads.q, heads.dim)?;
+    let mut k = split_heads(&parts[1], heads.kv, heads.dim)?;
+    let v = split_heads(&parts[2], heads.kv, heads.dim)?;
+    if let Some(r) = rotary {
+        q = r.apply(&q, 0)?;
+        k = r.apply(&k, 0)?;
+    }
+    let group = heads.q / heads.kv;
+    let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
+    let (b, s) = (qkv.size()[0], qkv.size()[1]);
+    Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+        .ctx("attention")?
+        .f_transpose(1, 2)
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view([b, s, heads.q * heads.dim]))
+        .ctx("merge heads")
+}

@@ -1,0 +1,170 @@
+//! One transformer block, GPT or LLaMA, on one tensor-parallel rank:
+//! `x = x + Attn(Norm1(x)); x = x + MLP(Norm2(x))` (pre-norm).
+//!
+//! * Attention: column-parallel fused `qkv` (heads split over tp), causal attention of the
+//!   rank's heads (rotary and grouped-query for LLaMA), row-parallel output projection.
+//! * MLP: GPT `fc2(act(fc1 x))` with GELU (erf or tanh form); LLaMA SwiGLU
+//!   `down(silu(gate x) ⊙ up x)`, gate and up column-parallel, down row-parallel.
+//!
+//! On the tape a block is 2 × (norm → copy_to_tp_region → column-parallel work and the
+//! row-parallel partial → reduce_from_tp_region → residual): four tp collectives forward
+//! and four backward (two all-reduces each way), none at tp = 1.
+
+use super::attention::{causal_attention, Heads, Rotary};
+use super::layers::{ColumnParallelLinear, Norm, RowParallelLinear};
+use super::params::ParamBuilder;
+use super::tape::{Recorder, Tape, V};
+use super::{Activation, Ctx, ModelSpec, INIT_STD};
+use crate::comm::Communicator;
+use crate::error::Result;
+use partitioner::{Arch, LayerKind};
+use tch::Tensor;
+
+/// The feed-forward part of a block.
+#[derive(Debug)]
+enum Mlp {
+    Gelu {
+        fc1: ColumnParallelLinear,
+        fc2: RowParallelLinear,
+        approximate: &'static str,
+    },
+    SwiGlu {
+        gate: ColumnParallelLinear,
+        up: ColumnParallelLinear,
+        down: RowParallelLinear,
+    },
+}
+
+impl Mlp {
+    fn new(
+        b: &mut ParamBuilder,
+        layer: LayerKind,
+        spec: &ModelSpec,
+        resid_std: f64,
+    ) -> Result<Mlp> {
+        let (d, f) = (spec.shape.d_model, spec.shape.d_ff);
+        Ok(match spec.shape.arch {
+            Arch::Gpt => Mlp::Gelu {
+                fc1: ColumnParallelLinear::new(b, layer, "mlp.fc1", d, f, INIT_STD, true, None)?,
+                fc2: RowParallelLinear::new(b, layer, "mlp.fc2", f, d, resid_std, true)?,
+                approximate: match spec.activation {
+                    Activation::Gelu => "none",
+                    Activation::GeluTanh => "tanh",
+                },
+            },
+            Arch::Llama => Mlp::SwiGlu {
+                gate: ColumnParallelLinear::new(b, layer, "mlp.gate", d, f, INIT_STD, false, None)?,
+                up: ColumnParallelLinear::new(b, layer, "mlp.up", d, f, INIT_STD, false, None)?,
+                down: RowParallelLinear::new(b, layer, "mlp.down", f, d, resid_std, false)?,
+            },
+        })
+    }
+
+    /// This rank's partial output (before the reduction over tp).
+    fn partial(&self, h: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        match self {
+            Mlp::Gelu {
+                fc1,
+                fc2,
+                approximate,
+            } => {
+                let a = fc1.forward(h, rec)?.f_gelu(approximate).ctx("gelu")?;
+                fc2.partial(&a, rec)
+            }
+            Mlp::SwiGlu { gate, up, down } => {
+                let g = gate.forward(h, rec)?.f_silu().ctx("silu")?;
+                let a = g.f_mul(&up.forward(h, rec)?).ctx("swiglu")?;
+                down.partial(&a, rec)
+            }
+        }
+    }
+
+    fn out(&self) -> &RowParallelLinear {
+        match self {
+            Mlp::Gelu { fc2, .. } => fc2,
+            Mlp::SwiGlu { down, .. } => down,
+        }
+    }
+}
+
+/// A pre-norm transformer block (see the module docs).
+#[derive(Debug)]
+pub struct Block {
+    norm1: Norm,
+    qkv: ColumnParallelLinear,
+    proj: RowParallelLinear,
+    norm2: Norm,
+    mlp: Mlp,
+    heads: Heads,
+}
+
+impl Block {
+    pub fn new(b: &mut ParamBuilder, layer: LayerKind, spec: &ModelSpec) -> Result<Block> {
+        let s = &spec.shape;
+        let (d, p) = (s.d_model, b.tp.size);
+        let rms = s.arch == Arch::Llama;
+        let bias = !rms;
+        let resid_std = INIT_STD / (2.0 * s.n_layers as f64).sqrt();
+        let (q_w, kv_w) = (s.n_heads * s.head_dim(), s.n_kv_heads * s.head_dim());
+        Ok(Block {
+            norm1: Norm::new(b, layer, "ln1", d, rms, spec.norm_eps)?,
+            qkv: ColumnParallelLinear::new(
+                b,
+                layer,
+                "attn.qkv",
+                d,
+                q_w + 2 * kv_w,
+                INIT_STD,
+                bias,
+                Some(vec![q_w, kv_w, kv_w]),
+            )?,
+            proj: RowParallelLinear::new(b, layer, "attn.proj", q_w, d, resid_std, bias)?,
+            norm2: Norm::new(b, layer, "ln2", d, rms, spec.norm_eps)?,
+            mlp: Mlp::new(b, layer, spec, resid_std)?,
+            heads: Heads {
+                q: (s.n_heads / p) as i64,
+                kv: (s.n_kv_heads / p) as i64,
+                dim: s.head_dim() as i64,
+            },
+        })
+    }
+
+    /// Runs the block on the hidden state `x`.
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        x: V,
+        tp: &mut dyn Communicator,
+        rotary: Option<&Rotary>,
+    ) -> Result<V> {
+        let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
+        let h1 = tape.copy_to_tp_region(h1);
+        let heads = self.heads;
+        let attn = tape.seg1(&[h1], |t, rec| {
+            let y = causal_attention(&self.qkv.forward(&t[0], rec)?, heads, rotary)?;
+            self.proj.partial(&y, rec)
+        })?;
+        let attn = tape.reduce_from_tp_region(attn, tp)?;
+        let out = tape.seg(&[x, attn], |t, _| {
+            let x2 = residual(&t[0], &t[1], self.proj.bias_after_reduce())?;
+            let h2 = self.norm2.forward(&x2)?;
+            Ok(vec![x2, h2])
+        })?;
+        let (x2, h2) = (out[0], out[1]);
+        let h2 = tape.copy_to_tp_region(h2);
+        let mlp = tape.seg1(&[h2], |t, rec| self.mlp.partial(&t[0], rec))?;
+        let mlp = tape.reduce_from_tp_region(mlp, tp)?;
+        tape.seg1(&[x2, mlp], |t, _| {
+            residual(&t[0], &t[1], self.mlp.out().bias_after_reduce())
+        })
+    }
+}
+
+/// `x + y (+ b)`.
+fn residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let sum = x.f_add(y).ctx("residual")?;
+    match bias {
+        Some(b) => sum.f_add(b).ctx("residual bias"),
+        None => Ok(sum),
+    }
+}

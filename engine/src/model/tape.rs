@@ -1,0 +1,462 @@
+//! The autograd tape of one chunk's forward: autograd *segments* joined by the tensor-
+//! parallel region collectives, so that a collective's backward (an all-reduce of a
+//! gradient) runs between segments without custom autograd functions.
+//!
+//! * With tensor parallelism (tp > 1, [`Mode::Cut`]) every [`Tape::seg`] call is its own
+//!   autograd graph from fresh leaves (detached views of its inputs, no copies) to its
+//!   outputs, and the collectives are [`Node`]s between segments:
+//!   - `copy_to_tp_region`: identity forward, all-reduce of the gradient backward;
+//!   - `reduce_from_tp_region`: all-reduce forward, identity backward.
+//!
+//!   Backward walks the nodes in reverse: a segment is differentiated from the surrogate
+//!   `Σ sum(out ⊙ grad)`, whose gradient w.r.t. each output is exactly its received grad.
+//! * Without it (tp = 1, [`Mode::Fused`]) the collectives are identities and `seg` runs on
+//!   the live tensors: the whole chunk is one ordinary autograd graph with no extra nodes,
+//!   copies or communication, and its backward is a single segment from the chunk input.
+//! * Forward-only ([`Mode::Eval`]) runs under `no_grad` and records nothing.
+//!
+//! Zero-bubble split ([`Tape::split`]): linear layers then multiply by *detached* weights and
+//! record `(X, Y)`; the input-gradient pass `I` asks autograd for the gradients of the
+//! segment inputs, of the other parameters (norms, embeddings, biases added outside a
+//! linear) and of each recorded `Y` only, so no weight-gradient GEMM runs. It returns the
+//! [`WeightWork`] — `X` and `dY` of every linear, nothing else — from which `W` forms
+//! `dA = Xᵀ dY` (or `dYᵀ X` for a transposed weight) and `db = Σ dY`.
+//!
+//! Invariant: value 0 is the chunk input; every value a node reads was produced earlier.
+
+use super::params::Param;
+use super::Ctx;
+use crate::comm::{Communicator, ReduceOp};
+use crate::error::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// Index of a value on a [`Tape`].
+pub type V = usize;
+
+/// How the tape builds autograd graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No gradients (evaluation, generation).
+    Eval,
+    /// One autograd graph for the whole chunk (tp = 1).
+    Fused,
+    /// One autograd graph per segment, joined by tp collectives (tp > 1).
+    Cut,
+}
+
+/// A linear layer's call in a split-backward forward.
+pub struct LinearRecord {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// The weight is stored `[out, in]` (a tied LM head uses the embedding `[V, d]`).
+    pub transposed: bool,
+}
+
+/// What `W` needs of one linear layer: its input and its output gradient.
+pub struct WeightGrad {
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    transposed: bool,
+}
+
+/// The weight-gradient work left by an input-gradient pass.
+#[derive(Default)]
+pub struct WeightWork(Vec<WeightGrad>);
+
+impl WeightWork {
+    /// `dA += Xᵀ dY` (or `dYᵀ X`), `db += Σ dY` for every recorded linear layer.
+    pub fn run(self) -> Result<()> {
+        tch::no_grad(|| {
+            for w in self.0 {
+                let width_in = *w.x.size().last().unwrap_or(&1);
+                let width_out = *w.dy.size().last().unwrap_or(&1);
+                let x = w.x.f_reshape([-1, width_in]).ctx("W input")?;
+                let dy = w.dy.f_reshape([-1, width_out]).ctx("W output grad")?;
+                let dw = if w.transposed {
+                    dy.f_transpose(0, 1).and_then(|t| t.f_matmul(&x))
+                } else {
+                    x.f_transpose(0, 1).and_then(|t| t.f_matmul(&dy))
+                }
+                .ctx("weight gradient")?;
+                let _ = w.weight.grad().f_add_(&dw).ctx("weight gradient")?;
+                if let Some(b) = &w.bias {
+                    let db = dy
+                        .f_sum_dim_intlist([0i64].as_slice(), false, Kind::Float)
+                        .ctx("bias gradient")?;
+                    let _ = b.grad().f_add_(&db).ctx("bias gradient")?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Where linear layers put their records during a segment.
+pub struct Recorder {
+    split: bool,
+    records: Vec<LinearRecord>,
+}
+
+impl Recorder {
+    /// True when linear layers must use detached weights and record their calls.
+    pub fn split(&self) -> bool {
+        self.split
+    }
+
+    pub fn push(&mut self, r: LinearRecord) {
+        self.records.push(r);
+    }
+}
+
+struct Segment {
+    inputs: Vec<(V, Tensor)>,
+    outputs: Vec<(V, Tensor)>,
+    records: Vec<LinearRecord>,
+}
+
+enum Node {
+    Seg(Segment),
+    /// `copy_to_tp_region`: `to` is `from`; backward all-reduces the gradient.
+    CopyToTp {
+        from: V,
+        to: V,
+    },
+    /// `reduce_from_tp_region`: `to = Σ_ranks from`; backward passes the gradient through.
+    ReduceFromTp {
+        from: V,
+        to: V,
+    },
+}
+
+/// A chunk's forward; see the module docs.
+pub struct Tape {
+    mode: Mode,
+    split: bool,
+    values: Vec<Tensor>,
+    nodes: Vec<Node>,
+    /// Fused mode: the chunk input's leaf (hidden inputs only) and every record.
+    input_leaf: Option<Tensor>,
+    records: Vec<LinearRecord>,
+}
+
+/// All-reduces `t` over the tensor-parallel group.
+pub fn all_reduce(t: &Tensor, tp: &mut dyn Communicator, op: ReduceOp) -> Result<Tensor> {
+    let t = t
+        .f_to_kind(Kind::Float)
+        .and_then(|t| t.f_contiguous())
+        .ctx("all-reduce input")?;
+    let n = t.numel();
+    let mut buf = vec![0f32; n];
+    t.f_view([-1])
+        .and_then(|v| v.f_copy_data(&mut buf, n))
+        .ctx("all-reduce copy")?;
+    tp.all_reduce_f32(&mut buf, op)?;
+    Tensor::f_from_slice(&buf)
+        .and_then(|r| r.f_view(t.size().as_slice()))
+        .ctx("all-reduce result")
+}
+
+impl Tape {
+    /// A tape whose value 0 is `input` (token ids, or a hidden state that receives a
+    /// gradient in training). `split` records linear layers for a zero-bubble backward.
+    pub fn new(mode: Mode, split: bool, input: &Tensor) -> Tape {
+        let mut tape = Tape {
+            mode,
+            split: split && mode != Mode::Eval,
+            values: Vec::new(),
+            nodes: Vec::new(),
+            input_leaf: None,
+            records: Vec::new(),
+        };
+        let hidden = input.is_floating_point();
+        let first = if mode == Mode::Fused && hidden {
+            let leaf = input.detach().set_requires_grad(true);
+            tape.input_leaf = Some(leaf.shallow_clone());
+            leaf
+        } else {
+            input.shallow_clone()
+        };
+        tape.values.push(first);
+        tape
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The tensor of value `v`.
+    pub fn value(&self, v: V) -> &Tensor {
+        &self.values[v]
+    }
+
+    pub fn push(&mut self, t: Tensor) -> V {
+        self.values.push(t);
+        self.values.len() - 1
+    }
+
+    /// Runs `f` on `inputs` as one autograd segment (see the module docs) and returns the
+    /// ids of its outputs.
+    pub fn seg(
+        &mut self,
+        inputs: &[V],
+        f: impl FnOnce(&[Tensor], &mut Recorder) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<V>> {
+        let mut rec = Recorder {
+            split: self.split,
+            records: Vec::new(),
+        };
+        match self.mode {
+            Mode::Eval => {
+                let xs: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|&v| self.values[v].shallow_clone())
+                    .collect();
+                let outs = tch::no_grad(|| f(&xs, &mut rec))?;
+                Ok(outs.into_iter().map(|o| self.push(o)).collect())
+            }
+            Mode::Fused => {
+                let xs: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|&v| self.values[v].shallow_clone())
+                    .collect();
+                let outs = f(&xs, &mut rec)?;
+                self.records.append(&mut rec.records);
+                Ok(outs.into_iter().map(|o| self.push(o)).collect())
+            }
+            Mode::Cut => {
+                let leaves: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|&v| {
+                        let t = self.values[v].detach();
+                        if t.is_floating_point() {
+                            t.set_requires_grad(true)
+                        } else {
+                            t
+                        }
+                    })
+                    .collect();
+                let outs = f(&leaves, &mut rec)?;
+                let ids: Vec<V> = outs.iter().map(|o| self.push(o.detach())).collect();
+                self.nodes.push(Node::Seg(Segment {
+                    inputs: inputs.iter().copied().zip(leaves).collect(),
+                    outputs: ids.iter().copied().zip(outs).collect(),
+                    records: rec.records,
+                }));
+                Ok(ids)
+            }
+        }
+    }
+
+    /// [`Tape::seg`] with one output.
+    pub fn seg1(
+        &mut self,
+        inputs: &[V],
+        f: impl FnOnce(&[Tensor], &mut Recorder) -> Result<Tensor>,
+    ) -> Result<V> {
+        Ok(self.seg(inputs, |x, rec| Ok(vec![f(x, rec)?]))?[0])
+    }
+
+    /// `copy_to_tp_region`: identity forward; backward all-reduces the gradient.
+    pub fn copy_to_tp_region(&mut self, v: V) -> V {
+        if self.mode != Mode::Cut {
+            return v;
+        }
+        let to = self.push(self.values[v].shallow_clone());
+        self.nodes.push(Node::CopyToTp { from: v, to });
+        to
+    }
+
+    /// `reduce_from_tp_region`: all-reduce (sum) forward; backward is the identity.
+    pub fn reduce_from_tp_region(&mut self, v: V, tp: &mut dyn Communicator) -> Result<V> {
+        if tp.size() == 1 {
+            return Ok(v);
+        }
+        let sum = all_reduce(&self.values[v], tp, ReduceOp::Sum)?;
+        let to = self.push(sum);
+        if self.mode == Mode::Cut {
+            self.nodes.push(Node::ReduceFromTp { from: v, to });
+        } else if self.mode == Mode::Fused {
+            return Err(Error::Internal(
+                "a fused (tp = 1) tape cannot reduce over a tensor-parallel group".into(),
+            ));
+        }
+        Ok(to)
+    }
+
+    /// Backpropagates `seeds` (value, gradient of that value), accumulating parameter
+    /// gradients into `.grad`. Returns the gradient of the chunk input (None for token
+    /// inputs) and, for a split backward, the weight-gradient work left for `W`.
+    /// `params` are the chunk's parameters (asked for by name-less position in a split).
+    pub fn backward(
+        self,
+        seeds: Vec<(V, Tensor)>,
+        tp: &mut dyn Communicator,
+        params: &[Param],
+    ) -> Result<(Option<Tensor>, WeightWork)> {
+        let split = self.split;
+        match self.mode {
+            Mode::Eval => Err(Error::Internal("backward of a forward-only tape".into())),
+            Mode::Fused => {
+                let outputs = seeds
+                    .iter()
+                    .map(|(v, _)| (*v, self.values[*v].shallow_clone()))
+                    .collect();
+                let seg = Segment {
+                    inputs: self.input_leaf.map(|l| (0, l)).into_iter().collect(),
+                    outputs,
+                    records: self.records,
+                };
+                let mut work = WeightWork::default();
+                let grads = backward_segment(seg, &seeds, split, params, &mut work)?;
+                Ok((grads.into_iter().next().flatten(), work))
+            }
+            Mode::Cut => backward_cut(self.values.len(), self.nodes, seeds, tp, split, params),
+        }
+    }
+}
+
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        Some(old) => old.f_add(&g).ctx("gradient accumulation")?,
+        None => g,
+    });
+    Ok(())
+}
+
+fn backward_cut(
+    n_values: usize,
+    nodes: Vec<Node>,
+    seeds: Vec<(V, Tensor)>,
+    tp: &mut dyn Communicator,
+    split: bool,
+    params: &[Param],
+) -> Result<(Option<Tensor>, WeightWork)> {
+    let mut grads: Vec<Option<Tensor>> = (0..n_values).map(|_| None).collect();
+    for (v, g) in seeds {
+        accumulate(&mut grads[v], g)?;
+    }
+    let mut work = WeightWork::default();
+    for node in nodes.into_iter().rev() {
+        match node {
+            Node::ReduceFromTp { from, to } => {
+                if let Some(g) = grads[to].take() {
+                    accumulate(&mut grads[from], g)?;
+                }
+            }
+            Node::CopyToTp { from, to } => {
+                if let Some(g) = grads[to].take() {
+                    accumulate(&mut grads[from], all_reduce(&g, tp, ReduceOp::Sum)?)?;
+                }
+            }
+            Node::Seg(seg) => {
+                let seeds: Vec<(V, Tensor)> = seg
+                    .outputs
+                    .iter()
+                    .filter_map(|(v, _)| grads[*v].take().map(|g| (*v, g)))
+                    .collect();
+                if seeds.is_empty() {
+                    continue;
+                }
+                let ids: Vec<V> = seg.inputs.iter().map(|(v, _)| *v).collect();
+                let leaf_grads = backward_segment(seg, &seeds, split, params, &mut work)?;
+                for (v, g) in ids.into_iter().zip(leaf_grads) {
+                    if let Some(g) = g {
+                        accumulate(&mut grads[v], g)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok((grads.swap_remove(0), work))
+}
+
+/// Differentiates one segment from `seeds`; returns the gradient of each input leaf (None
+/// where it has none). A split backward skips weight-gradient GEMMs and leaves them in
+/// `work`; otherwise `.backward()` fills every parameter's `.grad`.
+fn backward_segment(
+    seg: Segment,
+    seeds: &[(V, Tensor)],
+    split: bool,
+    params: &[Param],
+    work: &mut WeightWork,
+) -> Result<Vec<Option<Tensor>>> {
+    let mut surrogate: Option<Tensor> = None;
+    for (v, g) in seeds {
+        let Some((_, out)) = seg.outputs.iter().find(|(o, _)| o == v) else {
+            continue;
+        };
+        let term = out
+            .f_mul(g)
+            .and_then(|t| t.f_sum(Kind::Float))
+            .ctx("backward seed")?;
+        surrogate = Some(match surrogate {
+            Some(s) => s.f_add(&term).ctx("backward seed")?,
+            None => term,
+        });
+    }
+    let surrogate =
+        surrogate.ok_or_else(|| Error::Internal("a segment was seeded with no gradient".into()))?;
+    let leaves: Vec<&Tensor> = seg.inputs.iter().map(|(_, l)| l).collect();
+    if !split {
+        surrogate.f_backward().ctx("backward")?;
+        return Ok(leaves
+            .iter()
+            .map(|l| Some(l.grad()).filter(Tensor::defined))
+            .collect());
+    }
+    let trainable: Vec<&Param> = params.iter().filter(|p| p.tensor.requires_grad()).collect();
+    let wanted_leaves: Vec<&Tensor> = leaves
+        .iter()
+        .copied()
+        .filter(|l| l.requires_grad())
+        .collect();
+    if let Some(r) = seg.records.iter().find(|r| !r.y.requires_grad()) {
+        return Err(Error::Internal(format!(
+            "a recorded linear output of shape {:?} has no gradient path",
+            r.y.size()
+        )));
+    }
+    let mut wrt: Vec<&Tensor> = wanted_leaves.clone();
+    wrt.extend(trainable.iter().map(|p| &p.tensor));
+    wrt.extend(seg.records.iter().map(|r| &r.y));
+    let mut grads = Tensor::f_run_backward(&[&surrogate], &wrt, false, false)
+        .ctx("input-gradient pass")?
+        .into_iter();
+    let mut leaf_grads: Vec<Option<Tensor>> = Vec::with_capacity(leaves.len());
+    let mut by_leaf = grads
+        .by_ref()
+        .take(wanted_leaves.len())
+        .collect::<Vec<_>>()
+        .into_iter();
+    for l in &leaves {
+        leaf_grads.push(if l.requires_grad() {
+            by_leaf.next().filter(Tensor::defined)
+        } else {
+            None
+        });
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (p, g) in trainable.iter().zip(grads.by_ref()) {
+            if g.defined() {
+                let _ = p.tensor.grad().f_add_(&g).ctx("parameter gradient")?;
+            }
+        }
+        Ok(())
+    })?;
+    for (r, dy) in seg.records.into_iter().zip(grads) {
+        if dy.defined() {
+            work.0.push(WeightGrad {
+                x: r.x,
+                dy,
+                weight: r.weight,
+                bias: r.bias,
+                transposed: r.transposed,
+            });
+        }
+    }
+    Ok(leaf_grads)
+}

@@ -1,0 +1,85 @@
+//! The gradient reductions between a step's backward and its optimizer update: tied
+//! embeddings (summed over the pipeline), data parallelism (averaged over replicas),
+//! global-norm clipping (over the whole model), and capture for equivalence tests.
+//!
+//! Invariant: after [`reduce`], every replica and every copy of a tied embedding holds the
+//! same gradient, so identical AdamW updates keep them equal.
+
+use super::setup::RankState;
+use crate::comm::groups::ParallelComms;
+use crate::dp::{all_reduce_mean_grads, sum_tied_embedding_grads};
+use crate::error::{Error, Result};
+use crate::model::{grad_sq_norm, Param};
+use crate::optim::scale_grads;
+use crate::shard::ShardSpec;
+use std::time::Instant;
+
+/// A parameter's gradient as one rank holds it (a shard, with tensor parallelism).
+#[derive(Clone, Debug)]
+pub struct CapturedGrad {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub values: Vec<f32>,
+    pub tied_copy: bool,
+    /// Where the local gradient sits in the full one.
+    pub spec: ShardSpec,
+}
+
+/// Sums tied-embedding gradients over the pipeline and averages all over replicas.
+pub fn reduce(rank: &RankState, comms: &mut ParallelComms) -> Result<()> {
+    if let Some(numel) = rank.tied_numel {
+        sum_tied_embedding_grads(&rank.params, numel, comms.pp.as_mut())?;
+    }
+    all_reduce_mean_grads(&rank.params, comms.dp.as_mut())
+}
+
+/// With `clip`, the global gradient norm (every parameter counted once over the whole
+/// mesh), after scaling the gradients down to it when larger; the seconds spent waiting
+/// in the all-reduce are added to `wait_s`.
+pub fn clip(
+    rank: &RankState,
+    comms: &mut ParallelComms,
+    clip: Option<f64>,
+    wait_s: &mut f64,
+) -> Result<Option<f64>> {
+    let Some(clip) = clip else { return Ok(None) };
+    // Replicas hold identical gradients: count each parameter once, and one replicated
+    // over the tp group on its owner only.
+    let mut sq = [if comms.coord.dp == 0 {
+        grad_sq_norm(&rank.norm_params)?
+    } else {
+        0.0
+    }];
+    let t_reduce = Instant::now();
+    comms.world.all_reduce_sum(&mut sq)?;
+    *wait_s += t_reduce.elapsed().as_secs_f64();
+    let norm = sq[0].sqrt();
+    if norm > clip {
+        scale_grads(&rank.params, clip / (norm + 1e-6))?;
+    }
+    Ok(Some(norm))
+}
+
+/// Copies this rank's gradients (for equivalence tests).
+pub fn capture(params: &[Param]) -> Result<Vec<CapturedGrad>> {
+    params
+        .iter()
+        .map(|p| {
+            let g = p.tensor.grad();
+            let n = g.numel();
+            let mut values = vec![0f32; n];
+            g.f_to_kind(tch::Kind::Float)
+                .and_then(|g| g.f_contiguous())
+                .and_then(|g| g.f_view([-1]).map(|v| v.f_copy_data(&mut values, n)))
+                .map_err(Error::torch("capturing gradients"))?
+                .map_err(Error::torch("capturing gradients"))?;
+            Ok(CapturedGrad {
+                name: p.name.clone(),
+                shape: g.size(),
+                values,
+                tied_copy: p.tied_copy,
+                spec: p.spec.clone(),
+            })
+        })
+        .collect()
+}

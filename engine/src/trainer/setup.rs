@@ -1,0 +1,209 @@
+//! What one rank builds before its first step: the plan, its model chunks and parameters,
+//! the data, the training and evaluation schedules, the optimizer, and the ranks whose
+//! losses make each step's loss.
+//!
+//! Invariant: every rank derives all of it from the config alone, so nothing but
+//! activations, gradients and metrics crosses ranks.
+
+use crate::comm::groups::ParallelComms;
+use crate::config::Config;
+use crate::data::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::executor::{PipelineLayout, StepData};
+use crate::model::sharding::{padded, TpRank};
+use crate::model::{tokens_tensor, Model, Param};
+use crate::optim::{AdamW, AdamWConfig};
+use partitioner::mesh::MeshCoord;
+use partitioner::{Plan, Rank, Schedule, ScheduleKind};
+
+/// One rank's training state.
+pub struct RankState {
+    pub plan: Plan,
+    pub coord: MeshCoord,
+    pub layout: PipelineLayout,
+    /// This rank's model chunks, by slot (chunk `slot · pp + coord.pp`).
+    pub chunks: Vec<Model>,
+    /// Every parameter of every local chunk.
+    pub params: Vec<Param>,
+    /// The parameters this rank counts in the global gradient norm (their tp owner).
+    pub norm_params: Vec<Param>,
+    /// Elements of this rank's share of a tied embedding split over the pipeline (every
+    /// pipeline rank joins the gradient sum), or None.
+    pub tied_numel: Option<usize>,
+    pub dataset: Dataset,
+    pub schedule: Schedule,
+    pub eval_schedule: Schedule,
+    pub optim: AdamW,
+    pub has_first: bool,
+    pub has_last: bool,
+    /// The ranks whose last-stage losses make the step's loss (one per replica); the first
+    /// also reports the validation loss.
+    pub loss_ranks: Vec<Rank>,
+    pub param_bytes: usize,
+    pub microbatches: usize,
+    pub eval_microbatches: usize,
+    hidden_shape: Vec<i64>,
+}
+
+fn plan_error(cfg: &Config) -> impl Fn(partitioner::Error) -> Error + '_ {
+    move |source| Error::Plan {
+        path: cfg.source.display().to_string(),
+        source,
+    }
+}
+
+/// Checks that the job has pp · tp · dp ranks.
+fn check_world(cfg: &Config, world: usize) -> Result<()> {
+    if world == cfg.world_size() {
+        return Ok(());
+    }
+    Err(Error::Config {
+        path: cfg.source.display().to_string(),
+        field: "parallel".into(),
+        problem: format!(
+            "the job has {world} ranks but pp·tp·dp = {}",
+            cfg.world_size()
+        ),
+        fix: format!(
+            "launch with {} ranks (strata launch does this)",
+            cfg.world_size()
+        ),
+    })
+}
+
+impl RankState {
+    pub fn new(cfg: &Config, comms: &ParallelComms) -> Result<RankState> {
+        check_world(cfg, comms.world.size())?;
+        let plan = cfg.plan()?;
+        let coord = comms.coord;
+        let (pp, v) = (*cfg.parallel.pp, *cfg.parallel.virtual_stages);
+        let layout = PipelineLayout {
+            pp,
+            n_chunks: pp * v,
+        };
+        if plan.stages.len() != layout.n_chunks {
+            return Err(Error::Internal(format!(
+                "the plan has {} chunks, expected pp · virtual_stages = {}",
+                plan.stages.len(),
+                layout.n_chunks
+            )));
+        }
+        let spec = cfg.model_spec()?;
+        let tp = TpRank {
+            rank: coord.tp,
+            size: *cfg.parallel.tp,
+        };
+        let chunks: Vec<Model> = (0..v)
+            .map(|slot| {
+                Model::new(
+                    &spec,
+                    &plan.stages[slot * pp + coord.pp].layers,
+                    cfg.train.seed,
+                    tp,
+                )
+            })
+            .collect::<Result<_>>()?;
+        let params: Vec<Param> = chunks
+            .iter()
+            .flat_map(|c| c.params().iter().map(Param::alias))
+            .collect();
+        let norm_params = params
+            .iter()
+            .filter(|p| p.owner)
+            .map(Param::alias)
+            .collect();
+        let shape = plan.model;
+        let tied_numel = (spec.tie_embeddings && layout.n_chunks > 1)
+            .then(|| padded(shape.vocab, tp.size) / tp.size * shape.d_model);
+        let m = *cfg.parallel.microbatches;
+        let eval_m = cfg.train.eval_microbatches.map_or(m, |c| *c);
+        let schedule = cfg
+            .schedule()
+            .and_then(|s| s.lower())
+            .map_err(plan_error(cfg))?;
+        let eval_schedule = Schedule::build_virtual(ScheduleKind::ForwardOnly, pp, v, eval_m)
+            .and_then(|s| s.lower())
+            .map_err(plan_error(cfg))?;
+        let t = &cfg.train;
+        let optim = AdamW::new(
+            &params,
+            AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: 1e-8,
+                weight_decay: t.weight_decay,
+            },
+        )?;
+        let last_stage = layout.rank_of(layout.n_chunks - 1).0;
+        let mesh_rank = |dp: usize| {
+            comms
+                .mesh
+                .rank(MeshCoord {
+                    pp: last_stage,
+                    dp,
+                    tp: 0,
+                })
+                .map_err(|e| Error::Internal(e.to_string()))
+        };
+        Ok(RankState {
+            coord,
+            layout,
+            param_bytes: params
+                .iter()
+                .map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes())
+                .sum(),
+            norm_params,
+            tied_numel,
+            dataset: Dataset::load(&cfg.data_source()?, cfg.train.seed)?,
+            schedule,
+            eval_schedule,
+            optim,
+            has_first: layout.rank_of(0).0 == coord.pp,
+            has_last: coord.pp == last_stage,
+            loss_ranks: (0..*cfg.parallel.dp)
+                .map(mesh_rank)
+                .collect::<Result<_>>()?,
+            microbatches: m,
+            eval_microbatches: eval_m,
+            hidden_shape: vec![
+                *cfg.parallel.micro_batch_size as i64,
+                shape.seq_len as i64,
+                shape.d_model as i64,
+            ],
+            chunks,
+            params,
+            plan,
+        })
+    }
+
+    /// This rank's inputs and targets for `step` of `split`. Replica d trains on global
+    /// microbatches d·m .. (d+1)·m of each step; every replica evaluates the same batches.
+    pub fn step_data(&self, split: Split, step: u64) -> Result<StepData> {
+        let (microbatches, first_mb) = match split {
+            Split::Train => (self.microbatches, self.coord.dp * self.microbatches),
+            Split::Val => (self.eval_microbatches, 0),
+        };
+        let (mbs, seq) = (self.hidden_shape[0] as usize, self.hidden_shape[1] as usize);
+        let (mut tokens, mut targets) = (Vec::new(), Vec::new());
+        if self.has_first || self.has_last {
+            for mb in 0..microbatches {
+                let (x, y) = self
+                    .dataset
+                    .batch(split, step, (first_mb + mb) * mbs, mbs, seq);
+                if self.has_first {
+                    tokens.push(tokens_tensor(&x, mbs, seq)?);
+                }
+                if self.has_last {
+                    targets.push(tokens_tensor(&y, mbs, seq)?);
+                }
+            }
+        }
+        Ok(StepData {
+            tokens,
+            targets,
+            hidden_shape: self.hidden_shape.clone(),
+            hidden_kind: self.chunks[0].spec().kind,
+            microbatches,
+        })
+    }
+}
