@@ -72,13 +72,23 @@ pub enum Error {
     /// Another rank failed, so this one stops.
     #[error("rank {0} failed; stopping")]
     PeerFailed(Rank),
+    /// A checkpoint (or the path to one) is missing, truncated, corrupt, or disagrees with
+    /// what the run expects. `tensor` is empty when the problem is not about one tensor.
+    #[error("{}{}: {problem}; fix: {fix}", path.display(), if tensor.is_empty() { String::new() } else { format!(" (tensor {tensor})") })]
+    Checkpoint {
+        path: PathBuf,
+        tensor: String,
+        problem: String,
+        fix: String,
+    },
     /// A fault injected on purpose (STRATA_FAIL_AT), used to test failure handling.
     #[error("injected failure at step {step} (STRATA_FAIL_AT)")]
     Injected { step: usize },
 }
 
 impl Error {
-    /// True when the error comes from user input (config, data path, flags): exit code 2.
+    /// True when the error comes from user input (config, data path, flags, checkpoint):
+    /// exit code 2.
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
@@ -86,6 +96,7 @@ impl Error {
                 | Error::Config { .. }
                 | Error::Plan { .. }
                 | Error::Hf { .. }
+                | Error::Checkpoint { .. }
         )
     }
 

@@ -5,6 +5,7 @@
 //! Invariant: no global state. The communicator, config and model are passed explicitly;
 //! the only process-wide setting touched is libtorch's intra-op thread count.
 
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod data;

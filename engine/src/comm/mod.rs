@@ -34,6 +34,8 @@ impl Tag {
     pub const REDUCE: i32 = 4;
     pub const BROADCAST: i32 = 5;
     pub const TRACE: i32 = 6;
+    /// Checkpoint save protocol (piece tables to rank 0, go/outcome from rank 0).
+    pub const CHECKPOINT: i32 = 7;
 
     /// Tag for a per-microbatch message of `kind` to the chunk in `slot` on its rank.
     pub fn microbatch(kind: i32, slot: usize, mb: usize) -> Tag {
