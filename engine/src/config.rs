@@ -209,6 +209,10 @@ pub struct TrainConfig {
     /// Print a progress line every this many steps.
     #[serde(default = "ten")]
     pub log_every: Count,
+    /// Continue from a checkpoint: `latest` (the newest under `checkpoint.dir`; none
+    /// there starts fresh) or the path of a checkpoint directory or root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
 }
 
 fn beta1() -> f64 {
@@ -235,6 +239,41 @@ fn three() -> usize {
     3
 }
 
+/// `checkpoint`: where and how often the run saves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Checkpoint root (default `<output.dir>/checkpoints`; relative to the working
+    /// directory, like `output.dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Save every this many steps, and always after the last step; 0 saves only after the
+    /// last step.
+    #[serde(default)]
+    pub every: usize,
+    /// Keep the newest this many checkpoints (0 keeps all).
+    #[serde(default)]
+    pub keep: usize,
+    /// Save at all (`false`: never, e.g. for benchmarks).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: None,
+            every: 0,
+            keep: 0,
+            enabled: true,
+        }
+    }
+}
+
 /// A whole experiment file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -243,6 +282,8 @@ pub struct Config {
     pub parallel: ParallelConfig,
     pub train: TrainConfig,
     pub output: OutputConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
     /// Where the config was read from (not a YAML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -274,7 +315,7 @@ impl Config {
     }
 
     /// Parses YAML `text` (unknown keys and bad types rejected) without validation.
-    fn parse_unchecked(text: &str, path: &Path) -> Result<Config> {
+    pub(crate) fn parse_unchecked(text: &str, path: &Path) -> Result<Config> {
         let shown = path.display().to_string();
         let de = serde_yaml::Deserializer::from_str(text);
         let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -340,7 +381,7 @@ impl Config {
         Ok(cfg)
     }
 
-    fn field_error(&self, field: &str, problem: String, fix: String) -> Error {
+    pub(crate) fn field_error(&self, field: &str, problem: String, fix: String) -> Error {
         Error::Config {
             path: self.source.display().to_string(),
             field: field.into(),
@@ -437,6 +478,8 @@ impl Config {
         let source = self.data_source()?;
         let shape = self.shape_with(&source)?;
         self.plan_for(&shape)?;
+        self.check_checkpoint_keys()?;
+        self.check_resume(&source, &shape)?;
         Ok(())
     }
 

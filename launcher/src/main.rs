@@ -3,11 +3,13 @@
 //! Exit codes: 0 success; 1 the job failed at run time; 2 bad input (config, flags,
 //! missing mpiexec) — always with a one-line message naming the field and the fix.
 
+mod checkpoint_cmd;
 mod launch;
 mod plan_cmd;
 mod simulate_cmd;
 
 use clap::{Parser, Subcommand};
+use engine::checkpoint::SaveFault;
 use engine::comm::groups::ParallelComms;
 use engine::{Config, RunOptions};
 use mpi::topology::{Communicator as _, SimpleCommunicator};
@@ -59,6 +61,9 @@ enum Command {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+    /// Inspect or verify a checkpoint (a step-NNNNNN directory or a checkpoint root).
+    #[command(subcommand)]
+    Checkpoint(checkpoint_cmd::CheckpointCmd),
     /// Run one rank of a job; started by mpiexec, mpirun or srun.
     Worker {
         /// Experiment YAML file.
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         Command::Profile { config, out, runs } => plan_cmd::profile(&config, out, runs),
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
         Command::Simulate { config, svg } => simulate_cmd::simulate_config(&config, svg),
+        Command::Checkpoint(cmd) => checkpoint_cmd::run(&cmd),
         Command::Worker { config } => return worker(&config),
     };
     match result {
@@ -109,7 +115,10 @@ fn worker(path: &Path) -> ExitCode {
         Some(Err(msg)) => fail(msg, 2),
     };
     let opts = RunOptions {
-        fail_at,
+        fail_at: fail_at.filter(|f| !f.in_save).map(|f| (f.rank, f.step)),
+        fail_in_save: fail_at
+            .filter(|f| f.in_save)
+            .map(|f| (f.rank, f.step, SaveFault::Abort)),
         verbose: rank.0 == 0,
         write_outputs: true,
         ..RunOptions::default()
@@ -145,14 +154,53 @@ fn report_and_abort(world: &SimpleCommunicator, msg: String, code: i32) -> ! {
     world.abort(code)
 }
 
-/// Parses `STRATA_FAIL_AT=RANK:STEP`.
-fn parse_fail_at(v: &str) -> Result<(Rank, usize), String> {
-    let parsed = v
-        .split_once(':')
-        .and_then(|(r, s)| Some((Rank(r.trim().parse().ok()?), s.trim().parse().ok()?)));
-    parsed.ok_or_else(|| {
-        format!(
-            "STRATA_FAIL_AT = `{v}`: expected RANK:STEP; fix: e.g. STRATA_FAIL_AT=1:3, or unset it"
-        )
-    })
+/// Where `STRATA_FAIL_AT` makes a rank fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FailAt {
+    rank: Rank,
+    step: usize,
+    /// Inside the checkpoint save of that step (the rank aborts mid-write).
+    in_save: bool,
+}
+
+/// Parses `STRATA_FAIL_AT=RANK:STEP` or `RANK:save:STEP`.
+fn parse_fail_at(v: &str) -> Result<FailAt, String> {
+    let parts: Vec<&str> = v.split(':').map(str::trim).collect();
+    let (rank, step, in_save) = match parts.as_slice() {
+        [r, s] => (r, s, false),
+        [r, "save", s] => (r, s, true),
+        _ => (&"", &"", false),
+    };
+    match (rank.parse(), step.parse()) {
+        (Ok(r), Ok(step)) => Ok(FailAt {
+            rank: Rank(r),
+            step,
+            in_save,
+        }),
+        _ => Err(format!(
+            "STRATA_FAIL_AT = `{v}`: expected RANK:STEP or RANK:save:STEP; fix: e.g. STRATA_FAIL_AT=1:3 (fail at step 3) or 1:save:4 (die inside the checkpoint save of step 4), or unset it"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_at_forms() {
+        let at = |rank, step, in_save| {
+            Ok(FailAt {
+                rank: Rank(rank),
+                step,
+                in_save,
+            })
+        };
+        assert_eq!(parse_fail_at("1:3"), at(1, 3, false));
+        assert_eq!(parse_fail_at(" 0 : save : 4"), at(0, 4, true));
+        for bad in ["1", "1:x", "1:load:3", "a:3", "1:save:", ""] {
+            let e = parse_fail_at(bad).unwrap_err();
+            assert!(e.contains("RANK:save:STEP") && e.contains("fix:"), "{e}");
+        }
+    }
 }

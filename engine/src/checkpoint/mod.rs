@@ -24,6 +24,7 @@ mod fsutil;
 mod manifest;
 mod prune;
 mod read;
+mod resume;
 mod verify;
 mod write;
 
@@ -32,7 +33,8 @@ pub use manifest::{
 };
 pub use prune::{list_checkpoints, read_latest, resolve};
 pub use read::{Checkpoint, ReadOptions};
-pub use verify::{inspect, verify, Summary, VerifyReport};
+pub use resume::RESUME_LATEST;
+pub use verify::{human_bytes, inspect, verify, Summary, VerifyReport};
 pub use write::{save, SaveFault, SaveMeta, SaveOptions, SavedTensor};
 
 use crate::error::Error;

@@ -508,3 +508,111 @@ fn ranks_that_own_nothing_write_no_file() {
     assert!(outs[1].is_err());
     assert_eq!(read_latest(&root).unwrap(), Some(root.join("step-000001")));
 }
+
+/// A 1-rank save of one tensor under `root` with `config` as the manifest's config.
+fn save_with_config(root: &Path, step: usize, config: String) {
+    let mut comm = LocalComm::group(1).pop().unwrap();
+    let mut m = meta(step);
+    m.config = config;
+    m.vocab = None;
+    let tensors = vec![SavedTensor {
+        name: "w".into(),
+        tensor: global("w", &[2, 2]),
+        spec: ShardSpec::full(&[2, 2]),
+    }];
+    save(root, &m, &tensors, &mut comm, &SaveOptions::default()).unwrap();
+}
+
+#[test]
+fn train_resume_is_checked_before_the_run() {
+    let dir = scratch("resume-cfg");
+    let good = format!(
+        "model: {{vocab: 32, seq_len: 8, d_model: 16, n_heads: 2, n_layers: 4, d_ff: 32}}
+parallel: {{pp: 2, microbatches: 4, micro_batch_size: 2}}
+train: {{steps: 6, lr: 1.0e-3, seed: 1, data: random}}
+output: {{dir: {}}}
+",
+        dir.join("run").display()
+    );
+    let parse = |text: &str| crate::Config::parse(text, Path::new("x.yaml"));
+    let with = |resume: &str| {
+        good.replace(
+            "data: random}",
+            &format!("data: random, resume: {resume}}}"),
+        )
+    };
+    // `latest` with nothing saved yet starts fresh.
+    let cfg = parse(&with("latest")).unwrap();
+    assert_eq!(cfg.checkpoint_dir(), dir.join("run/checkpoints"));
+    assert_eq!(cfg.resume_from().unwrap(), None);
+    // A path that does not exist names the key.
+    let e = parse(&with("no/such/ckpt")).unwrap_err();
+    assert!(e.is_user_error(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("train.resume") && msg.contains("no/such/ckpt") && msg.contains("fix:"),
+        "{msg}"
+    );
+    // A checkpoint of this model resumes, by `latest` or by path; layouts may differ.
+    let root = cfg.checkpoint_dir();
+    save_with_config(&root, 3, cfg.resolved_yaml().unwrap());
+    let cfg = parse(&with("latest").replace("pp: 2", "pp: 1")).unwrap();
+    assert_eq!(cfg.resume_from().unwrap(), Some(root.join("step-000003")));
+    let by_path = with(&root.display().to_string());
+    assert_eq!(
+        parse(&by_path).unwrap().resume_from().unwrap(),
+        Some(root.join("step-000003"))
+    );
+    // Nothing left to train.
+    let msg = parse(&with("latest").replace("steps: 6", "steps: 3"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("train.resume") && msg.contains("nothing is left to train"),
+        "{msg}"
+    );
+    // Another model is refused by key.
+    let msg = parse(&with("latest").replace("d_model: 16", "d_model: 32"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("model.d_model = 16, but the config has 32"),
+        "{msg}"
+    );
+    let msg = parse(&with("latest").replace("d_ff: 32}", "d_ff: 32, tie_embeddings: true}"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("model.tie_embeddings = false"), "{msg}");
+    // A damaged manifest is refused naming the key and the file.
+    std::fs::write(root.join("step-000003").join(MANIFEST), "[]").unwrap();
+    let msg = parse(&with("latest")).unwrap_err().to_string();
+    assert!(
+        msg.contains("train.resume")
+            && msg.contains("manifest.json")
+            && msg.contains("does not parse"),
+        "{msg}"
+    );
+    // checkpoint.* keys.
+    let text = format!(
+        "{good}checkpoint: {{every: 2, keep: 3, dir: {}}}\n",
+        dir.join("ck").display()
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(
+        (
+            cfg.checkpoint.every,
+            cfg.checkpoint.keep,
+            cfg.checkpoint.enabled
+        ),
+        (2, 3, true)
+    );
+    assert_eq!(cfg.checkpoint_dir(), dir.join("ck"));
+    let msg = parse(&format!("{good}checkpoint: {{every: -1}}\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("checkpoint.every"), "{msg}");
+    let msg = parse(&format!("{good}checkpoint: {{keepp: 1}}\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("unknown field `keepp`"), "{msg}");
+}

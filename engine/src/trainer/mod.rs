@@ -34,6 +34,9 @@ use std::time::Instant;
 pub struct RunOptions {
     /// Fail on purpose at (rank, step), to test failure handling.
     pub fail_at: Option<(Rank, usize)>,
+    /// Die on purpose in the middle of the checkpoint save of (rank, step), after part of
+    /// that rank's file is written (`STRATA_FAIL_AT=RANK:save:STEP`).
+    pub fail_in_save: Option<(Rank, usize, crate::checkpoint::SaveFault)>,
     /// Print progress lines (rank 0).
     pub verbose: bool,
     /// Write the run directory (rank 0).
