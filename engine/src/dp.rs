@@ -1,68 +1,60 @@
 //! Data parallelism: averaging gradients over the data-parallel group with bucketed
-//! all-reduces (as Horovod and PyTorch DDP do): gradients are packed, in parameter order,
-//! into flat f32 buckets of at most [`BUCKET_BYTES`], each bucket is summed across the
-//! group in one collective, divided by the group size and unpacked.
+//! all-reduces that work in place on the flat gradient buffers ([`crate::flat`]): each
+//! bucket is a contiguous view of at most [`BUCKET_BYTES`] of a group's buffer, summed
+//! across the group in one collective directly in the buffer's memory (no packing), then
+//! divided by the group size.
 //!
 //! Invariant: after [`all_reduce_mean_grads`], every replica holds bit-identical
 //! gradients (the collective's result is the same on every rank).
 
 use crate::comm::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
+use crate::flat::FlatBuffers;
 use crate::model::Param;
 use tch::{Kind, Tensor};
 
 /// Largest bucket, in bytes (25 MiB, PyTorch DDP's default).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
-/// Averages the gradients of `params` over `dp`. A no-op for a group of one.
-pub fn all_reduce_mean_grads(params: &[Param], dp: &mut dyn Communicator) -> Result<()> {
+/// The f32 elements of a contiguous CPU tensor, for a collective to work on in place.
+///
+/// # Safety
+/// `t` must be a contiguous f32 CPU tensor that outlives the slice, and nothing else may
+/// touch its memory while the slice is alive.
+unsafe fn f32_slice_mut(t: &mut Tensor) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
+}
+
+/// Averages every gradient buffer of `flat` over `dp`. A no-op for a group of one.
+pub fn all_reduce_mean_grads(flat: &FlatBuffers, dp: &mut dyn Communicator) -> Result<()> {
     let n = dp.size();
     if n == 1 {
         return Ok(());
     }
-    let torch = |what: &'static str| Error::torch(what);
-    let mut start = 0;
-    while start < params.len() {
-        // Fill one bucket (always at least one parameter).
-        let mut end = start;
-        let mut elems = 0usize;
-        while end < params.len()
-            && (end == start || (elems + params[end].tensor.numel()) * 4 <= BUCKET_BYTES)
+    let per_bucket = (BUCKET_BYTES / 4) as i64;
+    for g in &flat.groups {
+        if g.kind != Kind::Float || !g.grads.is_contiguous() || g.grads.device() != tch::Device::Cpu
         {
-            elems += params[end].tensor.numel();
-            end += 1;
+            return Err(Error::Internal(format!(
+                "data-parallel all-reduce needs contiguous f32 CPU gradients, got {:?}",
+                g.kind
+            )));
         }
-        let mut flat = vec![0f32; elems];
-        let mut at = 0;
-        for p in &params[start..end] {
-            let g = p.tensor.grad();
-            let k = p.tensor.numel();
-            g.f_to_kind(Kind::Float)
-                .and_then(|g| g.f_contiguous())
-                .and_then(|g| {
-                    g.f_view([-1])
-                        .map(|v| v.f_copy_data(&mut flat[at..at + k], k))
-                })
-                .map_err(torch("packing gradients"))?
-                .map_err(torch("packing gradients"))?;
-            at += k;
+        let total = g.grads.numel() as i64;
+        let mut start = 0;
+        while start < total {
+            let len = per_bucket.min(total - start);
+            let mut bucket = g
+                .grads
+                .f_narrow(0, start, len)
+                .map_err(Error::torch("gradient bucket"))?;
+            // SAFETY: a contiguous slice of the f32 CPU buffer, used only by this call.
+            dp.all_reduce_f32(unsafe { f32_slice_mut(&mut bucket) }, ReduceOp::Sum)?;
+            let _ = bucket
+                .f_mul_scalar_(1.0 / n as f64)
+                .map_err(Error::torch("gradient average"))?;
+            start += len;
         }
-        dp.all_reduce_f32(&mut flat, ReduceOp::Sum)?;
-        let scale = 1.0 / n as f32;
-        flat.iter_mut().for_each(|x| *x *= scale);
-        let mut at = 0;
-        tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
-            for p in &params[start..end] {
-                let k = p.tensor.numel();
-                let mut g = p.tensor.grad();
-                let avg = Tensor::f_from_slice(&flat[at..at + k])?.f_view(g.size().as_slice())?;
-                g.f_copy_(&avg)?;
-                at += k;
-            }
-            Ok(())
-        })
-        .map_err(torch("unpacking gradients"))?;
-        start = end;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod dp;
 pub mod error;
 pub mod executor;
+pub mod flat;
 pub mod hf;
 pub mod model;
 pub mod optim;

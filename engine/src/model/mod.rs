@@ -276,19 +276,3 @@ pub fn tokens_tensor(ids: &[i64], rows: usize, seq_len: usize) -> Result<Tensor>
         .and_then(|t| t.f_view([rows as i64, seq_len as i64]))
         .map_err(Error::torch("token tensor"))
 }
-
-/// Sum of squares of every parameter gradient in `params` (0 for missing grads).
-pub fn grad_sq_norm(params: &[Param]) -> Result<f64> {
-    let mut total = 0.0;
-    for p in params {
-        let g = p.tensor.grad();
-        if g.defined() {
-            total += g
-                .f_square()
-                .and_then(|t| t.f_sum(Kind::Double))
-                .and_then(|t| t.f_double_value(&[]))
-                .map_err(Error::torch("gradient norm"))?;
-        }
-    }
-    Ok(total)
-}

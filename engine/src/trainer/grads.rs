@@ -9,8 +9,7 @@ use super::setup::RankState;
 use crate::comm::groups::ParallelComms;
 use crate::dp::{all_reduce_mean_grads, sum_tied_embedding_grads};
 use crate::error::{Error, Result};
-use crate::model::{grad_sq_norm, Param};
-use crate::optim::scale_grads;
+use crate::model::Param;
 use crate::shard::ShardSpec;
 use std::time::Instant;
 
@@ -30,7 +29,7 @@ pub fn reduce(rank: &RankState, comms: &mut ParallelComms) -> Result<()> {
     if let Some(numel) = rank.tied_numel {
         sum_tied_embedding_grads(&rank.params, numel, comms.pp.as_mut())?;
     }
-    all_reduce_mean_grads(&rank.params, comms.dp.as_mut())
+    all_reduce_mean_grads(&rank.flat, comms.dp.as_mut())
 }
 
 /// With `clip`, the global gradient norm (every parameter counted once over the whole
@@ -46,7 +45,7 @@ pub fn clip(
     // Replicas hold identical gradients: count each parameter once, and one replicated
     // over the tp group on its owner only.
     let mut sq = [if comms.coord.dp == 0 {
-        grad_sq_norm(&rank.norm_params)?
+        rank.flat.owned_grad_sq_norm()?
     } else {
         0.0
     }];
@@ -55,7 +54,7 @@ pub fn clip(
     *wait_s += t_reduce.elapsed().as_secs_f64();
     let norm = sq[0].sqrt();
     if norm > clip {
-        scale_grads(&rank.params, clip / (norm + 1e-6))?;
+        rank.flat.scale_grads(clip / (norm + 1e-6))?;
     }
     Ok(Some(norm))
 }

@@ -127,7 +127,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         }
         let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = grads::clip(&rank, comms, cfg.train.grad_clip, &mut stats.wait_s)?;
-        rank.optim.step(&rank.params, lr)?;
+        rank.optim.step(&rank.flat, lr)?;
         let train_s = t0.elapsed().as_secs_f64();
         let evaluated = step == 1
             || step == steps

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::executor::{PipelineLayout, StepData};
+use crate::flat::FlatBuffers;
 use crate::model::sharding::{padded, TpRank};
 use crate::model::{tokens_tensor, Model, Param};
 use crate::optim::{AdamW, AdamWConfig};
@@ -25,8 +26,9 @@ pub struct RankState {
     pub chunks: Vec<Model>,
     /// Every parameter of every local chunk.
     pub params: Vec<Param>,
-    /// The parameters this rank counts in the global gradient norm (their tp owner).
-    pub norm_params: Vec<Param>,
+    /// The parameters and gradients as flat buffers (the optimizer's and collectives'
+    /// view of `params`).
+    pub flat: FlatBuffers,
     /// Elements of this rank's share of a tied embedding split over the pipeline (every
     /// pipeline rank joins the gradient sum), or None.
     pub tied_numel: Option<usize>,
@@ -107,11 +109,7 @@ impl RankState {
             .iter()
             .flat_map(|c| c.params().iter().map(Param::alias))
             .collect();
-        let norm_params = params
-            .iter()
-            .filter(|p| p.owner)
-            .map(Param::alias)
-            .collect();
+        let flat = FlatBuffers::adopt(&params)?;
         let shape = plan.model;
         let tied_numel = (spec.tie_embeddings && layout.n_chunks > 1)
             .then(|| padded(shape.vocab, tp.size) / tp.size * shape.d_model);
@@ -126,7 +124,7 @@ impl RankState {
             .map_err(plan_error(cfg))?;
         let t = &cfg.train;
         let optim = AdamW::new(
-            &params,
+            &flat,
             AdamWConfig {
                 beta1: t.beta1,
                 beta2: t.beta2,
@@ -152,7 +150,7 @@ impl RankState {
                 .iter()
                 .map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes())
                 .sum(),
-            norm_params,
+            flat,
             tied_numel,
             dataset: Dataset::load(&cfg.data_source()?, cfg.train.seed)?,
             schedule,
