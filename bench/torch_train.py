@@ -35,6 +35,9 @@ def parse_args():
     ap.add_argument("--steps", type=int, help="override train.steps")
     ap.add_argument("--micro-batch-size", type=int,
                     help="sequences per forward on each rank (default: the config's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (default: eager); compilation happens in "
+                         "the first steps, which the driver's --warmup discards")
     return ap.parse_args()
 
 
@@ -57,7 +60,7 @@ def main():
     mbs = args.micro_batch_size or par.micro_batch_size
     if per_rank % mbs:
         raise SystemExit(f"--micro-batch-size {mbs} does not divide {per_rank} sequences per rank")
-    peer = peers.make(shape, train, par, per_rank // mbs)
+    peer = peers.make(shape, train, par, per_rank // mbs, args.compile)
     batches = [ds.batch(data.TRAIN, t, 0, par.global_batch, shape.seq_len)
                for t in range(1, steps + 1)]
     if world > 1:
@@ -90,7 +93,8 @@ def report(args, cfg, shape, microbatches, mbs, ranks):
         "config": os.path.abspath(cfg.path), "torch": torch.__version__,
         "layout": {"pp": par.pp, "tp": par.tp, "dp": par.dp, "v": par.virtual_stages},
         "threads_per_rank": cfg.train.threads, "microbatches_per_rank": microbatches,
-        "micro_batch_size": mbs, "tokens_per_step": par.global_batch * shape.seq_len,
+        "micro_batch_size": mbs, "compiled": args.compile,
+        "tokens_per_step": par.global_batch * shape.seq_len,
         "params": shape.params, "flops_per_token": flops.per_token(shape),
         "loss": loss, "step_s": step_s, "peak_rss_mib": [r[2] for r in ranks],
     }

@@ -61,6 +61,9 @@ def add_args(ap) -> None:
     ap.add_argument("--tune-torch", action="store_true",
                     help="first pick each non-pipeline peer's fastest micro-batch size "
                          "(whole batch, halves, quarters, eighths) in short runs")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="torch.compile the PyTorch peers (default eager); raise --warmup to "
+                         "discard the compiling steps")
     ap.add_argument("--skip-strata", action="store_true",
                     help="run only the PyTorch peers (checks the peers' losses)")
     ap.add_argument("--peak-n", type=int, default=2048, help="sgemm matrix size")
@@ -92,6 +95,7 @@ def _torch_run(args, lay: Layout, cfg: str, run_dir: str, mbs: int | None,
     cmd = launcher + [script, "--config", cfg, "--out", out]
     cmd += ["--micro-batch-size", str(mbs)] if mbs else []
     cmd += ["--steps", str(steps)] if steps else []
+    cmd += ["--compile"] if args.torch_compile else []
     env = {"OMP_NUM_THREADS": str(lay.threads), "MKL_NUM_THREADS": str(lay.threads)}
     res = common.run(cmd, os.path.join(run_dir, "torch.log"), args.timeout, env)
     if not res.ok or not os.path.exists(out):

@@ -63,6 +63,7 @@ class Shape:
     n_layers: int
     d_ff: int
     activation: str = "gelu"
+    norm_eps: float = 1e-5
 
     @property
     def params(self) -> int:
@@ -165,6 +166,7 @@ def load(path: str) -> Config:
         schedule=par.get("schedule", "gpipe"), virtual_stages=par.get("virtual_stages", 1))
     shape = {k: _get(model, k, path) for k in ("seq_len", "d_model", "n_heads", "n_layers", "d_ff")}
     shape["activation"] = model.get("activation", "gelu")
+    shape["norm_eps"] = float(model.get("norm_eps", 1e-5))
     return Config(path=path, vocab_spec=model.get("vocab", "auto"), shape_partial=shape,
                   parallel=parallel, train=train,
                   output_dir=doc.get("output", {}).get("dir", ""))

@@ -1,9 +1,10 @@
-"""The GPT of Strata's engine (engine/src/model.rs) as a PyTorch user writes it.
+"""The GPT of Strata's engine (engine/src/model/, arch gpt) as a PyTorch user writes it.
 
-Pre-LayerNorm blocks (eps 1e-5): causal multi-head attention through
-`F.scaled_dot_product_attention` on a fused q|k|v projection, GELU MLP, residuals; learned
-positions; untied LM head without bias. `GptStage` holds a contiguous run of the layers
-(`embed`, `block.i`, `head`), so one class serves a whole model and a pipeline stage.
+Pre-LayerNorm blocks (eps `model.norm_eps`, 1e-5 by default): causal multi-head attention
+through `F.scaled_dot_product_attention` on a fused q|k|v projection, GELU MLP (the config's
+`activation`), residuals; learned positions; untied LM head without bias. `GptStage` holds
+a contiguous run of the layers (`embed`, `block.i`, `head`), so one class serves a whole
+model and a pipeline stage.
 
 Invariant: `init_from_strata` gives every parameter Strata's initial value (Strata stores
 linear weights `[in, out]`; `nn.Linear` holds the transpose), so a stage is the same
@@ -21,7 +22,6 @@ from torch import nn
 from .config import Shape
 from .rng import init_normal
 
-LN_EPS = 1e-5
 INIT_STD = 0.02
 
 
@@ -62,9 +62,9 @@ class Block(nn.Module):
     def __init__(self, shape: Shape):
         super().__init__()
         d = shape.d_model
-        self.ln1 = nn.LayerNorm(d, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(d, eps=shape.norm_eps)
         self.attn = Attention(d, shape.n_heads)
-        self.ln2 = nn.LayerNorm(d, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(d, eps=shape.norm_eps)
         self.mlp = Mlp(d, shape.d_ff, shape.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ class Embed(nn.Module):
 class Head(nn.Module):
     def __init__(self, shape: Shape):
         super().__init__()
-        self.ln_f = nn.LayerNorm(shape.d_model, eps=LN_EPS)
+        self.ln_f = nn.LayerNorm(shape.d_model, eps=shape.norm_eps)
         self.lm_head = nn.Linear(shape.d_model, shape.vocab, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ returns this rank's mean loss over the rows it scored (None where it scores none
   (the embedding in chunk 0, the head in the last) and lives on rank c % pp.
 * `Tensor`: the hand-written Megatron layers of `tp`, whole batch.
 
+With `compiled`, the model (DDP: the wrapped model; pipeline: each stage module) goes
+through `torch.compile` (inductor); the default is eager, as in issue 12's table.
+
 Invariant: every peer's step-1 loss is the full model's mean cross-entropy over the same
 B rows (equal-size microbatches average to the batch mean).
 """
@@ -28,14 +31,19 @@ from .gpt import GptStage, full_model, init_from_strata
 from .tp import TpGpt
 
 
+def maybe_compile(module: torch.nn.Module, on: bool) -> torch.nn.Module:
+    return torch.compile(module) if on else module
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 class Single:
-    def __init__(self, shape: Shape, train: Train, microbatches: int):
+    def __init__(self, shape: Shape, train: Train, microbatches: int, compiled: bool = False):
         self.model = init_from_strata(full_model(shape), train.seed)
         self.params = list(self.model.parameters())
+        self.model = maybe_compile(self.model, compiled)
         self.opt, self.train, self.m = optim.adamw(self.params, train), train, microbatches
 
     def step(self, x, y, lr):
@@ -52,10 +60,10 @@ class Single:
 
 
 class Ddp(Single):
-    def __init__(self, shape: Shape, train: Train, microbatches: int):
+    def __init__(self, shape: Shape, train: Train, microbatches: int, compiled: bool = False):
         super().__init__(shape, train, microbatches)
-        self.model = torch.nn.parallel.DistributedDataParallel(
-            self.model, gradient_as_bucket_view=True, broadcast_buffers=False)
+        self.model = maybe_compile(torch.nn.parallel.DistributedDataParallel(
+            self.model, gradient_as_bucket_view=True, broadcast_buffers=False), compiled)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def step(self, x, y, lr):
@@ -88,7 +96,8 @@ def block_split(n_blocks: int, n_chunks: int) -> list[tuple[int, int]]:
 
 
 class Pipeline:
-    def __init__(self, shape: Shape, train: Train, par: Parallel, microbatches: int):
+    def __init__(self, shape: Shape, train: Train, par: Parallel, microbatches: int,
+                 compiled: bool = False):
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                                   ScheduleInterleaved1F1B)
         pp, v = par.pp, par.virtual_stages
@@ -100,7 +109,8 @@ class Pipeline:
             mod = init_from_strata(
                 GptStage(shape, first, n, embed=c == 0, head=c == n_chunks - 1), train.seed)
             self.modules.append(mod)
-            stages.append(PipelineStage(mod, c, n_chunks, torch.device("cpu")))
+            stages.append(PipelineStage(maybe_compile(mod, compiled), c, n_chunks,
+                                        torch.device("cpu")))
         self.first, self.last = self.rank == 0, self.rank == (n_chunks - 1) % pp
         if v == 1:
             self.schedule = Schedule1F1B(stages[0], microbatches, loss_fn=cross_entropy)
@@ -121,10 +131,11 @@ class Pipeline:
 
 
 class Tensor:
-    def __init__(self, shape: Shape, train: Train, microbatches: int):
+    def __init__(self, shape: Shape, train: Train, microbatches: int, compiled: bool = False):
         self.rank, tp = dist.get_rank(), dist.get_world_size()
         self.model = TpGpt(init_from_strata(full_model(shape), train.seed), self.rank, tp)
         self.params = list(self.model.parameters())
+        self.model = maybe_compile(self.model, compiled)
         self.counted = [p for p in self.params if p.tp_sharded or self.rank == 0]
         self.opt, self.train, self.m = optim.adamw(self.params, train), train, microbatches
 
@@ -141,14 +152,14 @@ class Tensor:
         return total
 
 
-def make(shape: Shape, train: Train, par: Parallel, microbatches: int):
+def make(shape: Shape, train: Train, par: Parallel, microbatches: int, compiled: bool = False):
     """The peer for the config's layout (one of pp, tp, dp above 1, or none)."""
     if sum(n > 1 for n in (par.pp, par.tp, par.dp)) > 1:
         raise SystemExit("torch peers: one parallel dimension at a time (pp, tp or dp)")
     if par.pp > 1:
-        return Pipeline(shape, train, par, microbatches)
+        return Pipeline(shape, train, par, microbatches, compiled)
     if par.tp > 1:
-        return Tensor(shape, train, microbatches)
+        return Tensor(shape, train, microbatches, compiled)
     if par.dp > 1:
-        return Ddp(shape, train, microbatches)
-    return Single(shape, train, microbatches)
+        return Ddp(shape, train, microbatches, compiled)
+    return Single(shape, train, microbatches, compiled)

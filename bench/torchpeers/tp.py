@@ -77,10 +77,10 @@ class TpBlock(nn.Module):
         q, k, v = qkv.view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = F.linear(y.transpose(1, 2).reshape(b, s, -1), self.proj_w)
-        x = x + (_ReduceFromTp.apply(y, self.group) + self.proj_b)
+        x = x + _ReduceFromTp.apply(y, self.group) + self.proj_b
         h = _CopyToTp.apply(self.ln2(x), self.group)
         h = F.linear(self.act(F.linear(h, self.fc1_w, self.fc1_b)), self.fc2_w)
-        return x + (_ReduceFromTp.apply(h, self.group) + self.fc2_b)
+        return x + _ReduceFromTp.apply(h, self.group) + self.fc2_b
 
 
 class TpGpt(nn.Module):
