@@ -5,9 +5,10 @@ returns this rank's mean loss over the rows it scored (None where it scores none
 * `Single`: one process; the batch in `microbatches` chunks (1 = whole batch).
 * `Ddp`: `DistributedDataParallel` over gloo; replica r takes rows r·B/dp ..; gradient
   accumulation under `no_sync` when it uses more than one microbatch.
-* `Pipeline`: `torch.distributed.pipelining` with `Schedule1F1B` (v = 1) or
-  `ScheduleInterleaved1F1B` (v > 1); chunk c of pp·v holds an even share of the blocks
-  (the embedding in chunk 0, the head in the last) and lives on rank c % pp.
+* `Pipeline`: `torch.distributed.pipelining` with the config's schedule (`ScheduleGPipe`,
+  `Schedule1F1B`, or `ScheduleInterleaved1F1B` for v > 1); chunk c of pp·v holds an even
+  share of the blocks (the embedding in chunk 0, the head in the last) and lives on rank
+  c % pp.
 * `Tensor`: the hand-written Megatron layers of `tp`, whole batch.
 
 With `compiled`, the model (DDP: the wrapped model; pipeline: each stage module) goes
@@ -95,12 +96,25 @@ def block_split(n_blocks: int, n_chunks: int) -> list[tuple[int, int]]:
     return out
 
 
+def _schedule_class(schedule: str, v: int):
+    """torch.distributed.pipelining's schedule for Strata's `parallel.schedule`."""
+    from torch.distributed import pipelining as tpp
+    classes = {("gpipe", 1): tpp.ScheduleGPipe, ("1f1b", 1): tpp.Schedule1F1B,
+               ("interleaved-1f1b", 2): tpp.ScheduleInterleaved1F1B,
+               ("interleaved-1f1b", 3): tpp.ScheduleInterleaved1F1B,
+               ("interleaved-1f1b", 4): tpp.ScheduleInterleaved1F1B}
+    if (schedule, v) not in classes:
+        raise SystemExit(f"torch peers: parallel.schedule `{schedule}` with virtual_stages {v} "
+                         "has no peer; fix: gpipe or 1f1b (v = 1), or interleaved-1f1b (v > 1)")
+    return classes[(schedule, v)]
+
+
 class Pipeline:
     def __init__(self, shape: Shape, train: Train, par: Parallel, microbatches: int,
                  compiled: bool = False):
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
-                                                  ScheduleInterleaved1F1B)
+        from torch.distributed.pipelining import PipelineStage
         pp, v = par.pp, par.virtual_stages
+        schedule_class = _schedule_class(par.schedule, v)
         self.rank, n_chunks = dist.get_rank(), pp * v
         split = block_split(shape.n_layers, n_chunks)
         self.modules, stages = [], []
@@ -112,10 +126,8 @@ class Pipeline:
             stages.append(PipelineStage(maybe_compile(mod, compiled), c, n_chunks,
                                         torch.device("cpu")))
         self.first, self.last = self.rank == 0, self.rank == (n_chunks - 1) % pp
-        if v == 1:
-            self.schedule = Schedule1F1B(stages[0], microbatches, loss_fn=cross_entropy)
-        else:
-            self.schedule = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=cross_entropy)
+        self.schedule = schedule_class(stages[0] if v == 1 else stages, microbatches,
+                                       loss_fn=cross_entropy)
         self.params = [p for m in self.modules for p in m.parameters()]
         self.opt, self.train = optim.adamw(self.params, train), train
 
