@@ -4,9 +4,10 @@ Strata config, fp32 or int8 (`quantize_dynamic`), at a given batch of prompts.
 
     python bench/torch_decode.py --config configs/demo.yaml --batch 1 --precision fp32
     python bench/torch_decode.py --config bench/configs/gpt-100m.yaml --batch 32 --precision int8
+    python bench/torch_decode.py --checkpoint runs/demo/checkpoints --batch 1 --verify
 
-Weights are Strata's initial weights for the config's seed (speed does not depend on their
-values). Prompts are `--prompt-len` characters of validation lines (torchpeers/prompts.py),
+With --config the weights are Strata's initial weights for the config's seed (speed does
+not depend on their values); with --checkpoint, a trained Strata checkpoint's. Prompts are `--prompt-len` characters of validation lines (torchpeers/prompts.py),
 the same that bench/compare.py gives `strata generate`. Prints one JSON object (see
 torchpeers/decode.py for the timing definitions).
 """
@@ -21,12 +22,31 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torchpeers import config, data, decode, gpt, prompts  # noqa: E402
+from torchpeers import checkpoint, config, data, decode, gpt, prompts  # noqa: E402
+
+
+def build(args):
+    """(config, dataset, fp32 model) from --config (initial weights) or --checkpoint."""
+    if args.config:
+        cfg = config.load(args.config)
+        ds = data.Dataset(cfg.train.data, cfg.train.seed)
+        model = gpt.full_model(config.shape_of(cfg, ds.vocab))
+        return cfg, ds, gpt.init_from_strata(model, cfg.train.seed).eval()
+    manifest, tensors = checkpoint.load(args.checkpoint)
+    cfg = config.loads(manifest["config"], os.path.join(args.checkpoint, "manifest.json"))
+    ds = data.Dataset(cfg.train.data, cfg.train.seed)
+    if manifest.get("vocab") not in (None, ds.chars):
+        raise SystemExit(f"{args.checkpoint}: its vocabulary differs from {cfg.train.data}'s")
+    model = gpt.full_model(config.shape_of(cfg, ds.vocab))
+    return cfg, ds, gpt.load_from_checkpoint(model, tensors).eval()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="Strata experiment YAML (its model)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="Strata experiment YAML: its model, Strata's initial weights")
+    src.add_argument("--checkpoint", help="Strata checkpoint (step-N directory or root): its "
+                                          "model, config and trained weights")
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -39,10 +59,8 @@ def main():
                          "the rows quantised together, so they may differ)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = config.load(args.config)
-    ds = data.Dataset(cfg.train.data, cfg.train.seed)
-    shape = config.shape_of(cfg, ds.vocab)
-    model = gpt.init_from_strata(gpt.full_model(shape), cfg.train.seed).eval()
+    cfg, ds, model = build(args)
+    model_params = sum(p.numel() for p in model.parameters())
     if args.precision == "int8":
         model = decode.quantize_int8(model)
     texts = prompts.prompts(cfg.train.data, args.batch, args.prompt_len)
@@ -58,8 +76,8 @@ def main():
             raise SystemExit("torch_decode: KV-cache tokens differ from a full recompute")
     text = texts[0] + "".join(ds.chars[int(t)] for t in best["tokens"][0])
     print(json.dumps({
-        "config": os.path.abspath(args.config), "torch": torch.__version__,
-        "params": shape.params, "batch": args.batch, "precision": args.precision,
+        "source": os.path.abspath(args.config or args.checkpoint), "torch": torch.__version__,
+        "params": model_params, "batch": args.batch, "precision": args.precision,
         "threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "prefill_tok_s": best["prefill_tok_s"], "decode_tok_s": best["decode_tok_s"],
         "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"], "sample": text,

@@ -3,7 +3,9 @@
 GPT, at batch 1 and 32.
 
 Strata's side runs only where `strata generate` exists and a checkpoint is given with
-`--checkpoint MODEL:PRECISION=DIR`; otherwise its cells read `skipped` and say why. Its
+`--checkpoint MODEL:PRECISION=DIR`; otherwise its cells read `skipped` and say why. The
+PyTorch side decodes the `MODEL:fp32` checkpoint when one is given (for int8 too, through
+`quantize_dynamic`), else the model config's initial weights. Its
 output must end with a line such as
 
     prefill 12,345.6 tok/s | decode 678.9 tok/s | per token p50 1.47 ms p99 2.10 ms | ...
@@ -35,7 +37,7 @@ def add_args(ap) -> None:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--checkpoint", action="append", default=[],
                     help="MODEL:PRECISION=DIR, a Strata checkpoint for `strata generate` "
-                         "(e.g. demo:fp32=runs/demo/checkpoints/latest); repeatable")
+                         "(e.g. demo:fp32=runs/demo/checkpoints); repeatable")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -111,8 +113,8 @@ def _strata(args, ckpt, texts, run_dir) -> dict:
     return dict(figures, ok=True, log=res.log)
 
 
-def _torch(args, cfg, batch, precision, run_dir) -> dict:
-    cmd = [args.python, os.path.join(common.BENCH, "torch_decode.py"), "--config", cfg,
+def _torch(args, source: list[str], batch, precision, run_dir) -> dict:
+    cmd = [args.python, os.path.join(common.BENCH, "torch_decode.py"), *source,
            "--batch", str(batch), "--precision", precision, "--threads", str(args.threads),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -129,7 +131,7 @@ def main(args) -> int:
         key, _, path = spec.partition("=")
         if ":" not in key or not path:
             raise SystemExit(f"--checkpoint {spec}: expected MODEL:PRECISION=DIR")
-        ckpts[tuple(key.split(":", 1))] = path
+        ckpts[tuple(key.split(":", 1))] = os.path.abspath(path)
     out = os.path.abspath(args.out or os.path.join(
         common.REPO, "runs", "bench", time.strftime("decode-%Y%m%d-%H%M%S")))
     print(f"bench: run directory {out}")
@@ -151,7 +153,11 @@ def main(args) -> int:
             else:
                 why = "no strata generate" if not has_gen else f"no --checkpoint {model}:{prec}=DIR"
                 s = {"ok": False, "why": why, "skipped": True}
-            t = _torch(args, cfg, batch, prec, os.path.join(run_dir, "torch"))
+            # PyTorch decodes the fp32 checkpoint where there is one (int8: quantised by
+            # quantize_dynamic), else the config's initial weights.
+            source = ["--checkpoint", ckpts[(model, "fp32")]] if (model, "fp32") in ckpts \
+                else ["--config", cfg]
+            t = _torch(args, source, batch, prec, os.path.join(run_dir, "torch"))
             results[(model, batch, prec)]["strata"].append(s)
             results[(model, batch, prec)]["torch"].append(t)
             _progress(rep, model, batch, prec, s, t)

@@ -21,6 +21,8 @@ def _scalar(text: str):
     text = text.strip()
     if text in ("true", "false"):
         return text == "true"
+    if text in ("null", "~"):
+        return None
     if re.fullmatch(r"[+-]?\d+", text):
         return int(text)
     try:
@@ -139,7 +141,13 @@ def _get(section: dict, key: str, source: str, default=dataclasses.MISSING):
 def load(path: str) -> Config:
     """Loads `path`; `train.data` is resolved against the config's directory, as Strata does."""
     with open(path, encoding="utf-8") as f:
-        doc = parse_yaml_subset(f.read(), path)
+        return loads(f.read(), path)
+
+
+def loads(text: str, path: str) -> Config:
+    """Parses config `text` read from `path` (a checkpoint's resolved config holds absolute
+    paths, so any `path` in its directory will do)."""
+    doc = parse_yaml_subset(text, path)
     model, par, tr = doc.get("model", {}), doc.get("parallel", {}), doc.get("train", {})
     if model.get("arch", "gpt") != "gpt":
         raise ConfigError(f"{path}: model.arch `{model['arch']}`: the peers build GPT only")

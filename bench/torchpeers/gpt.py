@@ -148,13 +148,30 @@ def strata_value(shape: Shape, seed: int, layer: str, pname: str) -> torch.Tenso
 
 
 @torch.no_grad()
-def init_from_strata(stage: GptStage, seed: int) -> GptStage:
+def _assign(stage: GptStage, value_of) -> GptStage:
+    """Sets every parameter from `value_of(layer, pname)`, a tensor in Strata's layout."""
     for name, p in stage.named_parameters():
         layer, pname = strata_name(stage, name)
-        value = strata_value(stage.shape, seed, layer, pname)
+        value = value_of(layer, pname)
         is_linear = value.dim() == 2 and pname not in ("wte", "wpe")
         p.copy_(value.T if is_linear else value)
     return stage
+
+
+def init_from_strata(stage: GptStage, seed: int) -> GptStage:
+    """Strata's initial weights for `seed`."""
+    return _assign(stage, lambda layer, pname: strata_value(stage.shape, seed, layer, pname))
+
+
+def load_from_checkpoint(stage: GptStage, tensors: dict[str, torch.Tensor]) -> GptStage:
+    """The weights of a Strata checkpoint (`checkpoint.load`), by global name."""
+    def value_of(layer, pname):
+        key = f"{layer}.{pname}"
+        if key not in tensors:
+            raise SystemExit(f"checkpoint: no tensor `{key}`; fix: a GPT checkpoint with an "
+                             "untied head")
+        return tensors[key].float()
+    return _assign(stage, value_of)
 
 
 def decay_groups(params, weight_decay: float) -> list[dict]:
