@@ -7,9 +7,10 @@ Strata config, fp32 or int8 (`quantize_dynamic`), at a given batch of prompts.
     python bench/torch_decode.py --checkpoint runs/demo/checkpoints --batch 1 --verify
 
 With --config the weights are Strata's initial weights for the config's seed (speed does
-not depend on their values); with --checkpoint, a trained Strata checkpoint's. Prompts are `--prompt-len` characters of validation lines (torchpeers/prompts.py),
-the same that bench/compare.py gives `strata generate`. Prints one JSON object (see
-torchpeers/decode.py for the timing definitions).
+not depend on their values); with --checkpoint, a trained Strata checkpoint's. Prompts are
+`--prompt-len` characters of validation lines (torchpeers/prompts.py), the same that
+bench/compare.py gives `strata generate`. Prints one JSON object (see torchpeers/decode.py
+for the timing definitions).
 """
 
 from __future__ import annotations
