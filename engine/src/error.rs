@@ -42,6 +42,14 @@ pub enum Error {
         problem: String,
         fix: String,
     },
+    /// A command-line flag or its input (a prompt, a sparsity, a scheme) is unusable;
+    /// `flag` names it.
+    #[error("{flag}: {problem}; fix: {fix}")]
+    Usage {
+        flag: String,
+        problem: String,
+        fix: String,
+    },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -97,7 +105,17 @@ impl Error {
                 | Error::Plan { .. }
                 | Error::Hf { .. }
                 | Error::Checkpoint { .. }
+                | Error::Usage { .. }
         )
+    }
+
+    /// A [`Error::Usage`] error.
+    pub fn usage(flag: &str, problem: impl Into<String>, fix: impl Into<String>) -> Error {
+        Error::Usage {
+            flag: flag.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     /// Wraps a libtorch error with what was being done.

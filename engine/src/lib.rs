@@ -13,6 +13,7 @@ pub mod dp;
 pub mod error;
 pub mod executor;
 pub mod flat;
+pub mod generate;
 pub mod hf;
 pub mod model;
 pub mod optim;

@@ -21,6 +21,10 @@ transformers once costs seconds). Each job is an object with an "op":
   logits against the targets, as Strata computes it) and, with "backward", "grad.NAME"
   for every parameter after loss.backward(); the file's metadata holds the loading info
   ("missing_keys", "unexpected_keys", "mismatched_keys" as JSON lists) and "loss" as text.
+
+* {"op": "generate", "model": DIR, "prompts": [[...], ...], "max_new_tokens": N, "out": FILE}
+  loads DIR as "run" does and writes FILE (JSON) with "tokens": for each prompt, the N
+  new ids of model.generate(do_sample=False) (greedy; no end-of-sequence stop).
 """
 
 import json
@@ -85,6 +89,30 @@ def run(job):
     save_file(out, job["out"], metadata=meta)
 
 
+def generate(job):
+    model = AutoModelForCausalLM.from_pretrained(
+        job["model"], dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    n = job["max_new_tokens"]
+    tokens = []
+    for prompt in job["prompts"]:
+        ids = torch.tensor([prompt], dtype=torch.long)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        tokens.append(out[0, len(prompt):].tolist())
+    with open(job["out"], "w") as f:
+        json.dump({"tokens": tokens}, f)
+
+
 def main():
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
@@ -92,7 +120,7 @@ def main():
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
     for job in jobs:
-        {"make": make, "run": run}[job["op"]](job)
+        {"make": make, "run": run, "generate": generate}[job["op"]](job)
 
 
 if __name__ == "__main__":

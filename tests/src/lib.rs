@@ -345,3 +345,75 @@ pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let diff = (a - b).norm().double_value(&[]);
     diff / b.norm().double_value(&[]).max(1e-30)
 }
+
+/// Weights for generation tests: every parameter a fixed function of its name, scaled so
+/// that logits are far apart (greedy choices then do not hinge on rounding). Norm weights
+/// are `1 + 0.1·N(0, 1)`, everything else `std · N(0, 1)`.
+pub struct TestWeights {
+    pub seed: u64,
+    pub std: f64,
+}
+
+impl engine::generate::Weights for TestWeights {
+    fn load(&mut self, name: &str, spec: &ShardSpec, dst: &Tensor) -> engine::Result<()> {
+        use engine::model::{init_param, Init};
+        let norm = name.contains(".ln") || name.contains("norm") || name.contains("ln_f");
+        let init = if norm {
+            Init::Normal(0.1)
+        } else {
+            Init::Normal(self.std)
+        };
+        let mut full = init_param(
+            self.seed,
+            partitioner::LayerKind::Embedding,
+            name,
+            &spec.global_shape,
+            init,
+        )?;
+        if norm && name.ends_with("weight") {
+            full += 1.0;
+        }
+        let shape: Vec<usize> = dst.size().iter().map(|&d| d as usize).collect();
+        let local = engine::model::sharding::take_local(&full, spec, &shape)?;
+        engine::tch::no_grad(|| dst.shallow_clone().copy_(&local));
+        Ok(())
+    }
+}
+
+/// Runs a generation job in-process on a `pp × tp` layout (one thread per rank), each
+/// rank loading from `weights()`; returns rank 0's report.
+pub fn generate_local(
+    setup: &engine::generate::ModelSetup,
+    job: &engine::generate::Job,
+    weights: impl Fn() -> Box<dyn engine::generate::Weights> + Send + Sync + Clone + 'static,
+) -> engine::generate::Report {
+    use engine::generate::Source;
+    let mesh = partitioner::mesh::Mesh::new(setup.pp(), setup.tp, 1).unwrap();
+    let comms = ParallelComms::local(mesh).unwrap();
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|mut comms| {
+            let (setup, job, weights) = (setup.clone(), job.clone(), weights.clone());
+            std::thread::spawn(move || {
+                let mut w = weights();
+                let result =
+                    engine::generate::run(&setup, Source::Trained(w.as_mut()), &job, &mut comms);
+                if result.is_err() {
+                    comms.world.abort_peers();
+                }
+                result
+            })
+        })
+        .collect();
+    let mut report = None;
+    for (r, h) in handles.into_iter().enumerate() {
+        let out = h
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        if r == 0 {
+            report = out;
+        }
+    }
+    report.expect("rank 0 reports")
+}

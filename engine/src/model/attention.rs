@@ -10,9 +10,14 @@
 //!   vector `x = [x1 | x2]`, `rope(x) = x ⊙ cos + [−x2 | x1] ⊙ sin`, with
 //!   `θ_i = theta^(−2i/hd)` and `cos`, `sin` of `pos · θ` repeated over both halves.
 //!
+//! * Incremental decoding ([`super::kv`]): the new tokens' keys and values (after rotary)
+//!   are appended to the block's cache and the queries attend to every filled slot, under
+//!   the step's causal and padding mask.
+//!
 //! Invariant: heads are never mixed across ranks; the output `[b, s, hq·hd]` is the rank's
 //! slice of the merged heads, ready for the row-parallel output projection.
 
+use super::kv::Cached;
 use super::Ctx;
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
@@ -57,17 +62,33 @@ impl Rotary {
     /// Rotates `x` (`[b, h, s, hd]`) whose first position is `start`.
     pub fn apply(&self, x: &Tensor, start: i64) -> Result<Tensor> {
         let s = x.size()[2];
-        let hd = x.size()[3];
         let cos = self.cos.f_narrow(0, start, s).ctx("rotary cos")?;
         let sin = self.sin.f_narrow(0, start, s).ctx("rotary sin")?;
-        let x1 = x.f_narrow(-1, 0, hd / 2).ctx("rotary halves")?;
-        let x2 = x.f_narrow(-1, hd / 2, hd / 2).ctx("rotary halves")?;
-        let rotated =
-            Tensor::f_cat(&[&x2.f_neg().ctx("rotate half")?, &x1], -1).ctx("rotate half")?;
-        x.f_mul(&cos)
-            .and_then(|a| a.f_add(&rotated.f_mul(&sin)?))
-            .ctx("rotary")
+        rotate(x, &cos, &sin)
     }
+
+    /// Rotates `x` (`[b, h, s, hd]`) at per-row positions `positions` (`[b, s]`, int64).
+    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, s, hd) = (x.size()[0], x.size()[2], x.size()[3]);
+        let flat = positions.f_reshape([-1]).ctx("rotary positions")?;
+        let table = |t: &Tensor| {
+            t.f_index_select(0, &flat)
+                .and_then(|t| t.f_view([b, 1, s, hd]))
+                .ctx("rotary tables")
+        };
+        rotate(x, &table(&self.cos)?, &table(&self.sin)?)
+    }
+}
+
+/// `x ⊙ cos + rotate_half(x) ⊙ sin`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.size()[3];
+    let x1 = x.f_narrow(-1, 0, hd / 2).ctx("rotary halves")?;
+    let x2 = x.f_narrow(-1, hd / 2, hd / 2).ctx("rotary halves")?;
+    let rotated = Tensor::f_cat(&[&x2.f_neg().ctx("rotate half")?, &x1], -1).ctx("rotate half")?;
+    x.f_mul(cos)
+        .and_then(|a| a.f_add(&rotated.f_mul(sin)?))
+        .ctx("rotary")
 }
 
 /// The local head counts of one rank.
@@ -108,21 +129,38 @@ pub fn repeat_kv(t: &Tensor, n: i64) -> Result<Tensor> {
 }
 
 /// Causal attention of the fused projection `qkv` (`[b, s, (hq + 2·hkv)·hd]`); returns the
-/// merged heads `[b, s, hq·hd]`.
-pub fn causal_attention(qkv: &Tensor, heads: Heads, rotary: Option<&Rotary>) -> Result<Tensor> {
+/// merged heads `[b, s, hq·hd]`. With a cache, the tokens are the step's new ones: their
+/// keys and values join the cache and the queries attend to every filled slot.
+pub fn causal_attention(
+    qkv: &Tensor,
+    heads: Heads,
+    rotary: Option<&Rotary>,
+    cached: Option<Cached<'_>>,
+) -> Result<Tensor> {
     let [wq, wk, wv] = heads.qkv_widths();
     let parts = qkv.f_split_with_sizes([wq, wk, wv], -1).ctx("qkv split")?;
     let mut q = split_heads(&parts[0], heads.q, heads.dim)?;
     let mut k = split_heads(&parts[1], heads.kv, heads.dim)?;
-    let v = split_heads(&parts[2], heads.kv, heads.dim)?;
-    if let Some(r) = rotary {
+    let mut v = split_heads(&parts[2], heads.kv, heads.dim)?;
+    let (b, s) = (qkv.size()[0], qkv.size()[1]);
+    let mut mask = None;
+    let mut causal = true;
+    if let Some(c) = cached {
+        if let Some(r) = rotary {
+            let pos = c.step.positions(b, qkv.device())?;
+            q = r.apply_at(&q, &pos)?;
+            k = r.apply_at(&k, &pos)?;
+        }
+        (k, v) = c.layer.append(c.step, &k, &v)?;
+        mask = c.step.mask(qkv.device())?;
+        causal = mask.is_none() && c.step.start == 0;
+    } else if let Some(r) = rotary {
         q = r.apply(&q, 0)?;
         k = r.apply(&k, 0)?;
     }
     let group = heads.q / heads.kv;
     let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
-    let (b, s) = (qkv.size()[0], qkv.size()[1]);
-    Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+    Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, causal, None, false)
         .ctx("attention")?
         .f_transpose(1, 2)
         .and_then(|t| t.f_contiguous())

@@ -11,6 +11,7 @@
 //! and four backward (two all-reduces each way), none at tp = 1.
 
 use super::attention::{causal_attention, Heads, Rotary};
+use super::kv::Cached;
 use super::layers::{ColumnParallelLinear, Norm, RowParallelLinear};
 use super::params::ParamBuilder;
 use super::tape::{Recorder, Tape, V};
@@ -129,19 +130,20 @@ impl Block {
         })
     }
 
-    /// Runs the block on the hidden state `x`.
+    /// Runs the block on the hidden state `x` (the step's new tokens, with a cache).
     pub fn forward(
         &self,
         tape: &mut Tape,
         x: V,
         tp: &mut dyn Communicator,
         rotary: Option<&Rotary>,
+        cached: Option<Cached<'_>>,
     ) -> Result<V> {
         let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
         let h1 = tape.copy_to_tp_region(h1);
         let heads = self.heads;
         let attn = tape.seg1(&[h1], |t, rec| {
-            let y = causal_attention(&self.qkv.forward(&t[0], rec)?, heads, rotary)?;
+            let y = causal_attention(&self.qkv.forward(&t[0], rec)?, heads, rotary, cached)?;
             self.proj.partial(&y, rec)
         })?;
         let attn = tape.reduce_from_tp_region(attn, tp)?;

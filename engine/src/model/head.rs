@@ -150,6 +150,42 @@ impl Head {
         Ok((loss, Seed::Logits(logits, dlogits)))
     }
 
+    /// The logits of the last position of `x` (`[b, s, d]`) over the whole vocabulary,
+    /// `[b, V]` in f32, the same on every tensor-parallel rank (each rank's vocabulary
+    /// slice is gathered by a sum of zero-padded slices: `b·V` values, not `b·s·V`).
+    pub fn next_token_logits(
+        &self,
+        tape: &mut Tape,
+        x: V,
+        tp: &mut dyn Communicator,
+    ) -> Result<Tensor> {
+        let seq = tape.value(x).size()[1];
+        let last = tape.seg1(&[x], |t, _| {
+            t[0].f_narrow(1, seq - 1, 1).ctx("last position")
+        })?;
+        let h = tape.seg1(&[last], |t, _| self.norm.forward(&t[0]))?;
+        let z = tape.seg1(&[h], |t, rec| {
+            let z = self.lm_head.forward(&t[0], rec)?;
+            z.f_squeeze_dim(1)
+                .and_then(|z| z.f_to_kind(Kind::Float))
+                .ctx("logits")
+        })?;
+        let z = tape.value(z);
+        if self.tp_size == 1 {
+            return Ok(z.shallow_clone());
+        }
+        let real = (self.vocab as i64 - self.lo).clamp(0, self.n_local);
+        let b = z.size()[0];
+        let c = "gathering logits";
+        let full = Tensor::f_zeros([b, self.vocab as i64], (Kind::Float, z.device())).ctx(c)?;
+        if real > 0 {
+            full.f_narrow(1, self.lo, real)
+                .and_then(|mut dst| dst.f_copy_(&z.f_narrow(1, 0, real)?))
+                .ctx(c)?;
+        }
+        all_reduce(&full, tp, ReduceOp::Sum)
+    }
+
     /// Adds −∞ to the padded vocabulary columns of this rank's logits.
     fn mask_padding(&self, z: Tensor) -> Result<Tensor> {
         let real = (self.vocab as i64 - self.lo).clamp(0, self.n_local);

@@ -291,12 +291,14 @@ impl VocabParallelEmbedding {
         })
     }
 
-    /// `h = E[tokens] (+ P[0..s])` for token ids `[b, s]`.
+    /// `h = E[tokens] (+ P[0..s])` for token ids `[b, s]`; with `positions` (`[b, s]`,
+    /// int64: incremental decoding), `P[positions]`.
     pub fn forward(
         &self,
         tape: &mut Tape,
         tokens: &Tensor,
         tp: &mut dyn Communicator,
+        positions: Option<&Tensor>,
     ) -> Result<V> {
         let (lo, n_local, wte) = (self.lo, self.n_local, &self.wte);
         let looked_up = if self.tp_size == 1 {
@@ -321,8 +323,11 @@ impl VocabParallelEmbedding {
             None => Ok(looked_up),
             Some(wpe) => tape.seg1(&[looked_up], |h, _| {
                 let seq = h[0].size()[1];
-                h[0].f_add(&wpe.f_narrow(0, 0, seq).ctx("positions")?)
-                    .ctx("position embedding")
+                let p = match positions {
+                    Some(at) => Tensor::f_embedding(wpe, at, -1, false, false),
+                    None => wpe.f_narrow(0, 0, seq),
+                };
+                h[0].f_add(&p.ctx("positions")?).ctx("position embedding")
             }),
         }
     }

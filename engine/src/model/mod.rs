@@ -8,6 +8,7 @@
 //! * [`attention`]: causal attention, grouped-query heads and rotary embeddings.
 //! * [`block`]: the pre-norm transformer block for both architectures.
 //! * [`head`]: final norm, LM head and (vocabulary-parallel) cross-entropy.
+//! * [`kv`]: the key/value cache of incremental decoding ([`Model::infer`]).
 //! * [`tape`]: the forward as autograd segments joined by tp collectives, and the
 //!   backward (whole, or split into input-gradient `I` and weight-gradient `W`).
 //!
@@ -21,6 +22,7 @@
 pub mod attention;
 pub mod block;
 pub mod head;
+pub mod kv;
 pub mod layers;
 pub mod params;
 pub mod sharding;
@@ -31,6 +33,7 @@ use crate::error::{Error, Result};
 use attention::Rotary;
 use block::Block;
 use head::{Head, Seed};
+use kv::{CacheShape, Cached, KvCache};
 use layers::VocabParallelEmbedding;
 use params::{init_grads, ParamBuilder};
 use partitioner::{Arch, LayerKind, ModelShape};
@@ -142,6 +145,21 @@ impl Model {
     /// Builds `layers` of the model as tp rank `tp` holds them, initialised from `seed`.
     /// With tied embeddings, a head chunk without the embedding holds a copy of it.
     pub fn new(spec: &ModelSpec, layers: &[LayerKind], seed: u64, tp: TpRank) -> Result<Model> {
+        Self::build(spec, layers, Some(seed), tp)
+    }
+
+    /// [`Model::new`] for inference: the parameters are allocated but not initialised (the
+    /// caller loads them), and nothing requires or holds a gradient.
+    pub fn for_inference(spec: &ModelSpec, layers: &[LayerKind], tp: TpRank) -> Result<Model> {
+        Self::build(spec, layers, None, tp)
+    }
+
+    fn build(
+        spec: &ModelSpec,
+        layers: &[LayerKind],
+        seed: Option<u64>,
+        tp: TpRank,
+    ) -> Result<Model> {
         let s = &spec.shape;
         let mut b = ParamBuilder {
             seed,
@@ -177,7 +195,9 @@ impl Model {
             )?),
             _ => None,
         };
-        init_grads(&b.params)?;
+        if seed.is_some() {
+            init_grads(&b.params)?;
+        }
         Ok(Model {
             spec: *spec,
             tp,
@@ -220,8 +240,8 @@ impl Model {
         let mut x: tape::V = 0;
         for layer in &self.layers {
             match layer {
-                Layer::Embedding(e) => x = e.forward(&mut tape, input, tp)?,
-                Layer::Block(b) => x = b.forward(&mut tape, x, tp, self.rotary.as_ref())?,
+                Layer::Embedding(e) => x = e.forward(&mut tape, input, tp, None)?,
+                Layer::Block(b) => x = b.forward(&mut tape, x, tp, self.rotary.as_ref(), None)?,
                 Layer::Head(h) => {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
@@ -237,6 +257,63 @@ impl Model {
             output,
             seed: Seed::Hidden(x),
         })
+    }
+
+    /// The shape of this chunk's key/value cache for `batch` sequences of up to `max_len`
+    /// slots.
+    pub fn cache_shape(&self, batch: usize, max_len: usize) -> CacheShape {
+        let s = &self.spec.shape;
+        CacheShape {
+            layers: self
+                .layers
+                .iter()
+                .filter(|l| matches!(l, Layer::Block(_)))
+                .count(),
+            batch: batch as i64,
+            heads: (s.n_kv_heads / self.tp.size) as i64,
+            head_dim: s.head_dim() as i64,
+            max_len: max_len as i64,
+            kind: self.spec.kind,
+            device: self.spec.device,
+        }
+    }
+
+    /// Incremental decoding: runs the chunk on the step's new tokens (ids `[b, s]` on the
+    /// first chunk, else the hidden state `[b, s, d]`), reading and extending `cache`.
+    /// Returns the hidden output, or on the last chunk the logits of each row's last
+    /// position over the whole vocabulary, `[b, V]` (f32, the same on every tp rank).
+    pub fn infer(
+        &self,
+        input: &Tensor,
+        cache: &mut KvCache,
+        tp: &mut dyn Communicator,
+    ) -> Result<Tensor> {
+        let (b, s) = (input.size()[0], input.size()[1]);
+        let (step, layers) = cache.step(s)?;
+        let positions = step.positions(b, self.spec.device)?;
+        let mut layers = layers.iter_mut();
+        let mut tape = Tape::new(Mode::Eval, false, input);
+        let mut x: tape::V = 0;
+        for layer in &self.layers {
+            match layer {
+                Layer::Embedding(e) => x = e.forward(&mut tape, input, tp, Some(&positions))?,
+                Layer::Block(blk) => {
+                    let layer = layers
+                        .next()
+                        .ok_or_else(|| Error::Internal("kv cache has too few layers".into()))?;
+                    let cached = Cached { layer, step: &step };
+                    x = blk.forward(&mut tape, x, tp, self.rotary.as_ref(), Some(cached))?;
+                }
+                Layer::Head(h) => {
+                    let logits = h.next_token_logits(&mut tape, x, tp)?;
+                    cache.advance(s);
+                    return Ok(logits);
+                }
+            }
+        }
+        let out = tape.value(x).shallow_clone();
+        cache.advance(s);
+        Ok(out)
     }
 
     /// The backward of `fwd`: parameter gradients accumulate into `.grad` (all of them, or

@@ -88,7 +88,10 @@ pub fn init_param(
 
 /// Builds the parameters of one chunk on one tensor-parallel rank.
 pub struct ParamBuilder {
-    pub seed: u64,
+    /// The initialisation seed; None builds an inference model whose weights will be
+    /// loaded: no initial values are drawn (only vocabulary padding is zeroed) and no
+    /// tensor requires a gradient.
+    pub seed: Option<u64>,
     pub tp: TpRank,
     pub kind: Kind,
     pub device: Device,
@@ -105,14 +108,30 @@ impl ParamBuilder {
         init: Init,
         split: Split,
     ) -> Result<Tensor> {
-        let full = init_param(self.seed, layer, name, shape, init)?;
         let (local_shape, spec) = spec_for(shape, &split, self.tp);
-        let local = take_local(&full, &spec, &local_shape)?
-            .f_to_dtype(self.kind, false, false)
-            .and_then(|t| t.f_to(self.device))
-            .and_then(|t| t.f_contiguous())
-            .ctx("placing a parameter")?
-            .set_requires_grad(true);
+        let local = match self.seed {
+            Some(seed) => {
+                let full = init_param(seed, layer, name, shape, init)?;
+                take_local(&full, &spec, &local_shape)?
+                    .f_to_dtype(self.kind, false, false)
+                    .and_then(|t| t.f_to(self.device))
+                    .and_then(|t| t.f_contiguous())
+                    .ctx("placing a parameter")?
+                    .set_requires_grad(true)
+            }
+            None => {
+                let dims: Vec<i64> = local_shape.iter().map(|&d| d as i64).collect();
+                let opts = (self.kind, self.device);
+                let covered = spec.numel() == local_shape.iter().product::<usize>();
+                // Untouched pages cost no memory until the weights are loaded into them.
+                if covered {
+                    Tensor::f_empty(dims.as_slice(), opts)
+                } else {
+                    Tensor::f_zeros(dims.as_slice(), opts)
+                }
+                .ctx("allocating a parameter")?
+            }
+        };
         let replicated = split == Split::Replicated;
         self.params.push(Param {
             name: format!("{}.{name}", layer.name()),
