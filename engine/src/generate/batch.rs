@@ -128,8 +128,8 @@ mod tests {
     #[test]
     fn a_character_outside_the_vocabulary_is_named() {
         let v = CharVocab::from_text("abc ");
-        assert_eq!(encode(&v, "cab a", 0).unwrap(), [2, 0, 1, 3, 0]);
-        assert_eq!(decode(&v, &[2, 0, 1]), "cab");
+        assert_eq!(encode(&v, "cab a", 0).unwrap(), [3, 1, 2, 0, 1]);
+        assert_eq!(decode(&v, &[3, 1, 2]), "cab");
         let e = encode(&v, "abz", 1).unwrap_err().to_string();
         assert!(
             e.contains("'z'") && e.contains("prompt 2") && e.contains("column 3"),
