@@ -49,6 +49,16 @@ fn find_program(program: &Path) -> Option<PathBuf> {
 /// Runs the config on this machine under mpiexec.
 pub fn launch(config: &Path, mpiexec: Option<&Path>) -> Result<(), LaunchError> {
     let cfg = Config::load(config)?;
+    // A damaged checkpoint is bad input: refuse it (exit 2) before any rank starts.
+    if let Some(dir) = cfg.resume_from()? {
+        let r = engine::checkpoint::verify(&dir)?;
+        eprintln!(
+            "strata: resuming from {} (step {}, {} files verified)",
+            r.dir.display(),
+            r.step,
+            r.files
+        );
+    }
     let requested = mpiexec.unwrap_or(Path::new("mpiexec"));
     let program = find_program(requested)
         .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;

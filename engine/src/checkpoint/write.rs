@@ -267,9 +267,15 @@ fn build_manifest(meta: &SaveMeta, reports: Vec<RankReport>) -> Result<Manifest>
         files,
         extra: meta.extra.clone(),
     };
-    manifest
-        .validate(Path::new(MANIFEST))
-        .map_err(|e| Error::Internal(format!("refusing to commit the checkpoint: {e}")))?;
+    manifest.validate(Path::new(MANIFEST)).map_err(|e| match e {
+        Error::Checkpoint {
+            tensor, problem, ..
+        } => Error::Internal(format!(
+            "refusing to commit the checkpoint of step {}: tensor {tensor}: {problem} (the ranks' ownership of the tensors is wrong)",
+            meta.step
+        )),
+        other => other,
+    })?;
     Ok(manifest)
 }
 

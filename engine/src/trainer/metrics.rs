@@ -168,8 +168,10 @@ pub struct MetricsFile {
 }
 
 impl MetricsFile {
-    /// Creates the run directory with `config.yaml` and `plan.json`, and metrics.jsonl.
-    pub fn create(cfg: &Config, plan: &Plan) -> Result<MetricsFile> {
+    /// Creates the run directory with `config.yaml` and `plan.json`, and metrics.jsonl;
+    /// a run resumed after step `start` > 0 keeps the lines of steps up to `start` and
+    /// appends to them.
+    pub fn create(cfg: &Config, plan: &Plan, start: usize) -> Result<MetricsFile> {
         let dir = cfg.output_dir();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let cfg_path = dir.join("config.yaml");
@@ -179,7 +181,15 @@ impl MetricsFile {
             serde_json::to_string_pretty(plan).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(&plan_path, json + "\n").map_err(io_err(&plan_path))?;
         let path = dir.join("metrics.jsonl");
-        let file = std::fs::File::create(&path).map_err(io_err(&path))?;
+        let kept = match start {
+            0 => String::new(),
+            _ => lines_up_to(&path, start),
+        };
+        std::fs::write(&path, kept).map_err(io_err(&path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         Ok(MetricsFile { file, path })
     }
 
@@ -189,6 +199,21 @@ impl MetricsFile {
             .and_then(|_| self.file.flush())
             .map_err(io_err(&self.path))
     }
+}
+
+/// The lines of an existing metrics.jsonl whose step is at most `step` (a resumed run
+/// continues the file; lines of steps after its checkpoint are dropped).
+fn lines_up_to(path: &Path, step: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// The progress line of a step.

@@ -8,11 +8,13 @@
 //! rank 0 is the only writer of the run directory; chunk `c` of the plan lives on rank
 //! `c % pp`.
 
+mod checkpointing;
 mod grads;
 mod lr;
 mod metrics;
 mod setup;
 
+pub use checkpointing::{Checkpointer, TrainState, EXP_AVG, EXP_AVG_SQ};
 pub use grads::CapturedGrad;
 pub use lr::lr_at;
 pub use metrics::peak_rss_mib;
@@ -37,9 +39,11 @@ pub struct RunOptions {
     /// Die on purpose in the middle of the checkpoint save of (rank, step), after part of
     /// that rank's file is written (`STRATA_FAIL_AT=RANK:save:STEP`).
     pub fail_in_save: Option<(Rank, usize, crate::checkpoint::SaveFault)>,
+    /// Save a checkpoint after this step and stop, as a preempted job does.
+    pub stop_after: Option<usize>,
     /// Print progress lines (rank 0).
     pub verbose: bool,
-    /// Write the run directory (rank 0).
+    /// Write the run directory (rank 0) and checkpoints (every rank; the same on all).
     pub write_outputs: bool,
     /// Record this rank's parameter gradients at this step (after the data-parallel and
     /// tied-embedding reductions, before clipping), for equivalence tests.
@@ -82,13 +86,13 @@ impl RunSummary {
     }
 }
 
-/// Steps whose spans go into trace.json: `trace_steps` steps after the first (which
-/// includes one-off warm-up costs), or step 1 alone for one-step runs. The trace is
-/// written after the window's last step, or after the run's last step if that is sooner.
-fn traced(cfg: &Config, step: usize) -> bool {
-    let (n, steps) = (cfg.output.trace_steps, *cfg.train.steps);
-    let first = if steps == 1 { 1 } else { 2 };
-    n > 0 && step >= first && step < first + n
+/// Steps whose spans go into trace.json: `trace_steps` steps from `first` (after the
+/// run's first step, which includes one-off warm-up costs, or that step alone for one-step
+/// runs; None: no trace, see [`checkpointing::trace_window_start`]). The trace is written
+/// after the window's last step, or after the run's last step if that is sooner.
+fn traced(cfg: &Config, step: usize, first: Option<usize>) -> bool {
+    let n = cfg.output.trace_steps;
+    first.is_some_and(|first| n > 0 && step >= first && step < first + n)
 }
 
 /// Runs the whole training job on this rank, with its pipeline, tensor- and
@@ -99,12 +103,17 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     let me = comms.rank();
     let world = comms.world.size();
     let is_root = me.0 == 0;
+    let (start, resumed) = checkpointing::resume(cfg, &mut rank)?;
+    let fault = opts.fail_in_save.filter(|f| f.0 == me).map(|f| (f.1, f.2));
+    let saver = Checkpointer::new(cfg, &rank, opts.write_outputs, fault)?;
+    let trace_from = checkpointing::trace_window_start(cfg, start);
     let mut metrics_file = match is_root && opts.write_outputs {
-        true => Some(MetricsFile::create(cfg, &rank.plan)?),
+        true => Some(MetricsFile::create(cfg, &rank.plan, start)?),
         false => None,
     };
     if is_root && opts.verbose {
         println!("{}", banner(cfg, &rank, world));
+        resumed.iter().for_each(|line| println!("{line}"));
     }
     let mut summary = RunSummary {
         coord: Some(comms.coord),
@@ -114,7 +123,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     };
     let mut trace = Trace::default();
     let steps = *cfg.train.steps;
-    for step in 1..=steps {
+    for step in start + 1..=steps {
         let t0 = Instant::now();
         if opts.fail_at == Some((me, step)) {
             return Err(Error::Injected { step });
@@ -137,9 +146,10 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         } else {
             0.0
         };
-        if traced(cfg, step) {
+        let stop = opts.stop_after == Some(step);
+        if traced(cfg, step, trace_from) {
             trace.add_step(me, step, &stats, t_opt, train_s, t0.elapsed().as_secs_f64());
-            if !traced(cfg, step + 1) || step == steps {
+            if !traced(cfg, step + 1, trace_from) || step == steps || stop {
                 let path = cfg.output_dir().join("trace.json");
                 trace.gather_and_write(
                     comms.world.as_mut(),
@@ -153,7 +163,14 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
             train_s,
             val_sum,
         };
+        let saved = match saver.due(step, steps, stop) {
+            true => Some(saver.save(cfg, &rank, comms, step)?.1),
+            false => None,
+        };
         let Some(reports) = metrics::gather(comms.world.as_mut(), &rank, &measured)? else {
+            if stop {
+                break;
+            }
             continue;
         };
         let info = StepInfo {
@@ -171,6 +188,12 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         let log = step == 1 || step == steps || step % *cfg.train.log_every == 0 || evaluated;
         if opts.verbose && log {
             println!("{}", metrics::progress_line(&record));
+        }
+        if let Some(line) = saved.filter(|_| opts.verbose) {
+            println!("{line}");
+        }
+        if stop {
+            break;
         }
     }
     for comm in [
