@@ -107,7 +107,7 @@ impl Checkpointer {
     /// stops there (preemption), unless the run writes no files.
     pub fn due(&self, step: usize, steps: usize, stopping: bool) -> bool {
         let scheduled =
-            self.enabled && (step == steps || (self.every > 0 && step % self.every == 0));
+            self.enabled && (step == steps || (self.every > 0 && step.is_multiple_of(self.every)));
         self.writes && (scheduled || stopping)
     }
 
