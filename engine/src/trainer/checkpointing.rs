@@ -19,12 +19,15 @@ use crate::checkpoint::{
     RESUME_LATEST,
 };
 use crate::comm::groups::ParallelComms;
+use crate::comm::ReduceOp;
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::Tensor;
 
@@ -122,6 +125,7 @@ impl Checkpointer {
         step: usize,
     ) -> Result<(PathBuf, String)> {
         let t0 = Instant::now();
+        let sampler = RssSampler::start();
         let tensors = if comms.coord.dp == 0 {
             owned_tensors(rank)?
         } else {
@@ -144,10 +148,18 @@ impl Checkpointer {
             fault: self.fault.filter(|f| f.0 == step).map(|f| f.1),
         };
         let dir = checkpoint::save(&self.root, &meta, &tensors, comms.world.as_mut(), &opts)?;
+        drop(tensors);
+        // The slowest rank's time and the largest extra memory of any rank.
+        let mut worst = [t0.elapsed().as_secs_f32(), sampler.stop_mib()];
+        comms.world.all_reduce_f32(&mut worst, ReduceOp::Max)?;
+        let bytes = dir_bytes(&dir);
         let line = format!(
-            "strata: saved checkpoint {} ({:.2} s)",
+            "strata: saved checkpoint {} ({}, {:.2} s, {:.0} MB/s; peak extra memory {:.1} MiB per rank)",
             dir.display(),
-            t0.elapsed().as_secs_f64()
+            checkpoint::human_bytes(bytes),
+            worst[0],
+            bytes as f64 / 1e6 / worst[0].max(1e-9) as f64,
+            worst[1]
         );
         Ok((dir, line))
     }
@@ -175,6 +187,62 @@ fn param_moments(rank: &RankState) -> Result<Vec<(Tensor, Tensor)>> {
         .collect()
 }
 
+/// Bytes of the files directly in `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of this process in KiB (Linux; 0 elsewhere).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Samples this process's resident memory every 2 ms while a save runs, to report the
+/// save's peak extra memory (the store promises one bounded temporary, never a second
+/// copy of the model).
+struct RssSampler {
+    base: u64,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start() -> RssSampler {
+        let base = rss_kib();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = base;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib());
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak.max(rss_kib())
+        });
+        RssSampler { base, stop, thread }
+    }
+
+    /// Peak minus the resident memory at the start, in MiB.
+    fn stop_mib(self) -> f32 {
+        self.stop.store(true, Ordering::Relaxed);
+        let peak = self.thread.join().unwrap_or(self.base);
+        peak.saturating_sub(self.base) as f32 / 1024.0
+    }
+}
+
 /// This rank's owned parameters and their moments, named for the checkpoint.
 fn owned_tensors(rank: &RankState) -> Result<Vec<SavedTensor>> {
     let mut out = Vec::new();
@@ -199,7 +267,11 @@ fn owned_tensors(rank: &RankState) -> Result<Vec<SavedTensor>> {
 
 /// Loads `train.resume` into this rank's parameters and optimizer, if set; returns the
 /// step the checkpoint was taken after (0: start fresh) and a line for rank 0 to print.
-pub fn resume(cfg: &Config, rank: &mut RankState) -> Result<(usize, Option<String>)> {
+pub fn resume(
+    cfg: &Config,
+    rank: &mut RankState,
+    comms: &mut ParallelComms,
+) -> Result<(usize, Option<String>)> {
     let Some(dir) = cfg.resume_from()? else {
         let line = (cfg.train.resume.as_deref() == Some(RESUME_LATEST)).then(|| {
             format!(
@@ -218,9 +290,12 @@ pub fn resume(cfg: &Config, rank: &mut RankState) -> Result<(usize, Option<Strin
         ck.read_into(&format!("{EXP_AVG_SQ}{}", p.name), &v, &p.spec)?;
     }
     rank.optim.set_steps_taken(state.optimizer_steps);
+    let mut slowest = [t0.elapsed().as_secs_f32()];
+    comms.world.all_reduce_f32(&mut slowest, ReduceOp::Max)?;
+    let bytes = ck.manifest().total_bytes();
     let l = &ck.manifest().layout;
     let line = format!(
-        "strata: resumed from {} at step {} (saved at pp {}, tp {}, dp {}, v {}, {}; {:.2} s)",
+        "strata: resumed from {} at step {} (saved at pp {}, tp {}, dp {}, v {}, {}; {} loaded in {:.2} s, {:.0} MB/s)",
         ck.dir().display(),
         state.step,
         l.pp,
@@ -228,7 +303,9 @@ pub fn resume(cfg: &Config, rank: &mut RankState) -> Result<(usize, Option<Strin
         l.dp,
         l.virtual_stages,
         l.schedule,
-        t0.elapsed().as_secs_f64()
+        checkpoint::human_bytes(bytes),
+        slowest[0],
+        bytes as f64 / 1e6 / slowest[0].max(1e-9) as f64
     );
     Ok((state.step, Some(line)))
 }

@@ -103,7 +103,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     let me = comms.rank();
     let world = comms.world.size();
     let is_root = me.0 == 0;
-    let (start, resumed) = checkpointing::resume(cfg, &mut rank)?;
+    let (start, resumed) = checkpointing::resume(cfg, &mut rank, comms)?;
     let fault = opts.fail_in_save.filter(|f| f.0 == me).map(|f| (f.1, f.2));
     let saver = Checkpointer::new(cfg, &rank, opts.write_outputs, fault)?;
     let trace_from = checkpointing::trace_window_start(cfg, start);
