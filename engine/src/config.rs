@@ -149,6 +149,22 @@ pub struct ParallelConfig {
     /// Device and link figures of the cost model.
     #[serde(default)]
     pub hardware: Hardware,
+    /// Deadline in seconds of every blocking wait (receive, send completion, all-reduce,
+    /// barrier); a wait that passes it fails the job naming the rank it waited on.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    /// A rank whose heartbeat has been missing this many seconds is declared stuck (a
+    /// stopped or dead process) by its peers, even while they compute.
+    #[serde(default = "default_heartbeat_s")]
+    pub heartbeat_s: f64,
+}
+
+fn default_timeout_s() -> f64 {
+    300.0
+}
+
+fn default_heartbeat_s() -> f64 {
+    10.0
 }
 
 fn default_partition() -> PartitionMethod {
@@ -420,6 +436,7 @@ impl Config {
                 format!("use at most {MAX_VIRTUAL_STAGES} virtual stages per rank"),
             ));
         }
+        self.check_watchdog()?;
         // The schedule must build (and so be deadlock-free) for this layout.
         self.schedule().map_err(|e| Error::Plan {
             path: self.source.display().to_string(),
@@ -521,6 +538,33 @@ impl Config {
             rope_theta: m.rope_theta,
             ..ModelSpec::new(self.shape()?)
         })
+    }
+
+    /// Checks `parallel.timeout_s` and `parallel.heartbeat_s`.
+    fn check_watchdog(&self) -> Result<()> {
+        let p = &self.parallel;
+        for (field, v, example) in [
+            ("parallel.timeout_s", p.timeout_s, "300"),
+            ("parallel.heartbeat_s", p.heartbeat_s, "10"),
+        ] {
+            // At least a millisecond, and no more than a year (Duration-safe).
+            if !(v.is_finite() && (1e-3..=3.2e7).contains(&v)) {
+                return Err(self.field_error(
+                    field,
+                    format!("must be a number of seconds in [0.001, 3.2e7], got {v}"),
+                    format!("set e.g. {field}: {example}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The watchdog's deadlines (validated by [`Config::load`]).
+    pub fn watchdog(&self) -> crate::watchdog::Deadlines {
+        crate::watchdog::Deadlines {
+            timeout: std::time::Duration::from_secs_f64(self.parallel.timeout_s),
+            heartbeat: std::time::Duration::from_secs_f64(self.parallel.heartbeat_s),
+        }
     }
 
     /// The schedule family named by `parallel.schedule`.

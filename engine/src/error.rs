@@ -77,6 +77,10 @@ pub enum Error {
     /// A broken internal invariant (a schedule bug, a failed serialisation).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A wait passed its deadline (`parallel.timeout_s`), or a peer went silent; the
+    /// message names the stuck rank, the step, the action and how long it waited.
+    #[error("{0}")]
+    Stalled(Box<crate::watchdog::Stall>),
     /// Another rank failed, so this one stops.
     #[error("rank {0} failed; stopping")]
     PeerFailed(Rank),

@@ -13,15 +13,18 @@ pub mod dp;
 pub mod error;
 pub mod executor;
 pub mod flat;
+pub mod flight;
 pub mod generate;
 pub mod hf;
 pub mod model;
 pub mod optim;
+pub mod preempt;
 pub mod profile;
 pub mod rng;
 pub mod shard;
 pub mod trace;
 pub mod trainer;
+pub mod watchdog;
 
 pub use config::Config;
 pub use error::{Error, Result};

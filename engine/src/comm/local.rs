@@ -2,10 +2,13 @@
 //!
 //! Used by the fast equivalence tests: the engine runs unchanged, without mpiexec. A rank
 //! that fails calls [`LocalComm::poison`]; every other rank's wait then returns
-//! [`Error::PeerFailed`] within one polling interval instead of hanging.
+//! [`Error::PeerFailed`] within one polling interval instead of hanging, and every wait
+//! has the watchdog's deadline (a hang in a test fails it, naming the rank).
 
 use super::{Communicator, Tag};
 use crate::error::{Error, Result};
+use crate::flight::{CommOp, FlightRecorder, Group};
+use crate::watchdog::{Deadline, Deadlines, Watch};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use partitioner::Rank;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +28,10 @@ pub struct LocalComm {
     rank: Rank,
     /// This rank's rank in the whole job (what a failure is reported as).
     world_rank: Rank,
+    /// World rank of each member, by group rank.
+    world_ranks: Vec<Rank>,
+    watch: Watch,
+    group: Group,
     peers: Vec<Sender<Msg>>,
     inbox: Receiver<Msg>,
     /// Messages that arrived before they were asked for, in arrival order.
@@ -35,7 +42,14 @@ pub struct LocalComm {
 impl LocalComm {
     /// Creates the communicators of an `n`-rank group; hand one to each thread.
     pub fn group(n: usize) -> Vec<LocalComm> {
-        Self::subgroup(&(0..n).map(Rank).collect::<Vec<_>>(), &Self::failure_flag())
+        let watches: Vec<Watch> = (0..n)
+            .map(|r| {
+                let flight = FlightRecorder::new(Rank(r), None, crate::flight::DEFAULT_CAPACITY);
+                Watch::new(flight, None, Deadlines::default(), None)
+            })
+            .collect();
+        let ranks: Vec<Rank> = (0..n).map(Rank).collect();
+        Self::subgroup(&ranks, &Self::failure_flag(), Group::World, &watches)
     }
 
     /// A failure flag to share between all the groups of one job.
@@ -43,9 +57,15 @@ impl LocalComm {
         Arc::new(AtomicUsize::new(NOBODY))
     }
 
-    /// Creates a group whose members have the given world ranks, sharing `failed` with
-    /// the job's other groups so that a failure anywhere unblocks waits everywhere.
-    pub fn subgroup(world_ranks: &[Rank], failed: &Arc<AtomicUsize>) -> Vec<LocalComm> {
+    /// Creates a group (the `group` axis) whose members have the given world ranks,
+    /// sharing `failed` with the job's other groups so that a failure anywhere unblocks
+    /// waits everywhere; `watches[w]` is the watchdog state of world rank `w`.
+    pub fn subgroup(
+        world_ranks: &[Rank],
+        failed: &Arc<AtomicUsize>,
+        group: Group,
+        watches: &[Watch],
+    ) -> Vec<LocalComm> {
         let n = world_ranks.len();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded()).unzip();
         rxs.into_iter()
@@ -53,6 +73,9 @@ impl LocalComm {
             .map(|(r, inbox)| LocalComm {
                 rank: Rank(r),
                 world_rank: world_ranks[r],
+                world_ranks: world_ranks.to_vec(),
+                watch: watches[world_ranks[r].0].clone(),
+                group,
                 peers: txs.clone(),
                 inbox,
                 early: Vec::new(),
@@ -69,6 +92,35 @@ impl LocalComm {
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
+    }
+
+    /// Waits for the next message from `from` with `tag`, within the deadline.
+    fn wait_for(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
+        if let Some(i) = self
+            .early
+            .iter()
+            .position(|m| m.from == from && m.tag == tag)
+        {
+            return Ok(self.early.remove(i).data);
+        }
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
+        loop {
+            match self.inbox.recv_timeout(Duration::from_millis(20)) {
+                Ok(m) if m.from == from && m.tag == tag => return Ok(m.data),
+                Ok(m) => self.early.push(m),
+                Err(RecvTimeoutError::Timeout) => self.check_peers()?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Comm("all peers have exited".into()))
+                }
+            }
+            if deadline.passed() {
+                let peer = self.world_ranks.get(from.0).copied();
+                let what = format!("recv {} from rank {from}, tag {}", self.group.name(), tag.0);
+                return Err(self
+                    .watch
+                    .timeout(what, peer, &self.world_ranks, deadline.waited()));
+            }
+        }
     }
 
     fn check_peers(&self) -> Result<()> {
@@ -101,27 +153,22 @@ impl Communicator for LocalComm {
     }
 
     fn recv(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
-        if let Some(i) = self
-            .early
-            .iter()
-            .position(|m| m.from == from && m.tag == tag)
-        {
-            return Ok(self.early.remove(i).data);
-        }
-        loop {
-            match self.inbox.recv_timeout(Duration::from_millis(20)) {
-                Ok(m) if m.from == from && m.tag == tag => return Ok(m.data),
-                Ok(m) => self.early.push(m),
-                Err(RecvTimeoutError::Timeout) => self.check_peers()?,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::Comm("all peers have exited".into()))
-                }
-            }
-        }
+        let peer = self.world_ranks.get(from.0).copied();
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::Recv, self.group, peer, tag.0, 0);
+        let data = self.wait_for(from, tag)?;
+        self.watch.flight().end(event);
+        Ok(data)
     }
 
     fn flush(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    fn flight(&self) -> Option<&FlightRecorder> {
+        Some(self.watch.flight())
     }
 
     fn abort_peers(&self) {
@@ -168,5 +215,38 @@ mod tests {
         c1.poison();
         let err = c0.recv(Rank(1), Tag(1)).unwrap_err();
         assert!(matches!(err, Error::PeerFailed(Rank(1))), "{err}");
+    }
+
+    #[test]
+    fn a_wait_past_its_deadline_names_the_silent_peer() {
+        let mesh = partitioner::mesh::Mesh::new(2, 1, 1).unwrap();
+        let deadlines = Deadlines {
+            timeout: Duration::from_millis(100),
+            ..Deadlines::default()
+        };
+        let watches: Vec<Watch> = (0..2)
+            .map(|r| {
+                let f = FlightRecorder::new(Rank(r), mesh.coords(Rank(r)).ok(), 8);
+                Watch::new(f, Some(mesh), deadlines, None)
+            })
+            .collect();
+        let ranks = [Rank(0), Rank(1)];
+        let mut comms =
+            LocalComm::subgroup(&ranks, &LocalComm::failure_flag(), Group::Pp, &watches);
+        let _c1 = comms.pop().unwrap();
+        let mut c0 = comms.pop().unwrap();
+        let span = watches[0]
+            .flight()
+            .action("0RECV_B1".parse().unwrap(), false);
+        let start = std::time::Instant::now();
+        let e = c0.recv(Rank(1), Tag(34)).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(
+            e.contains("rank 1 (pp 1, tp 0, dp 0) is stuck")
+                && e.contains("rank 0 (pp 0, tp 0, dp 0) waited 0.1 s in 0RECV_B1")
+                && e.contains("recv pp from rank 1, tag 34"),
+            "{e}"
+        );
+        drop(span);
     }
 }

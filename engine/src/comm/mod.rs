@@ -9,8 +9,13 @@
 //!   deadlock on sends;
 //! * messages between one (sender, receiver, tag) triple arrive in order;
 //! * waiting never busy-spins a core: waits poll with an exponential sleep back-off;
-//! * if a peer fails, waits return [`Error::PeerFailed`] (local) or the process is
-//!   torn down by the MPI launcher (MPI) instead of hanging.
+//! * every wait has a deadline (`parallel.timeout_s`, see [`crate::watchdog`]): past it,
+//!   the wait returns [`Error::Stalled`] naming the rank it waited on;
+//! * if a peer fails, waits return [`Error::PeerFailed`] (local) or the job is aborted
+//!   by the watchdog (MPI) instead of hanging.
+//!
+//! [`Error::Stalled`]: crate::error::Error::Stalled
+//! [`Error::PeerFailed`]: crate::error::Error::PeerFailed
 
 pub mod groups;
 pub mod local;
@@ -18,6 +23,7 @@ pub mod mpi;
 pub mod wire;
 
 use crate::error::Result;
+use crate::flight::FlightRecorder;
 use partitioner::Rank;
 use std::time::Duration;
 
@@ -84,6 +90,12 @@ pub trait Communicator: Send {
     fn post_recv(&mut self, from: Rank, tag: Tag, len: usize) -> Result<()> {
         let _ = (from, tag, len);
         Ok(())
+    }
+
+    /// This rank's flight recorder, if the transport keeps one: actions are recorded
+    /// into it by the executor, operations by the transport.
+    fn flight(&self) -> Option<&FlightRecorder> {
+        None
     }
 
     /// Tells the other ranks that this one failed, where the transport can (in-process);

@@ -8,9 +8,15 @@
 //! would pin a core at 100% while a rank waits for its neighbour. The communicator's
 //! error handler is `MPI_ERRORS_RETURN`, so MPI failures (a message longer than the
 //! posted buffer, say) come back as [`Error::Comm`] instead of killing the process.
+//!
+//! Every wait carries the watchdog's deadline (`parallel.timeout_s`): one that passes it
+//! returns [`Error::Stalled`] naming the rank waited on. Every operation is recorded in
+//! the rank's flight recorder (peer as a world rank, bytes), sends until they complete.
 
 use super::{Backoff, Communicator, ReduceOp, Tag};
 use crate::error::{Error, Result};
+use crate::flight::{CommOp, Group};
+use crate::watchdog::{Deadline, Watch};
 use ::mpi::ffi;
 use ::mpi::raw::AsRaw;
 use ::mpi::topology::{Communicator as _, SimpleCommunicator};
@@ -22,6 +28,8 @@ struct PendingSend {
     /// Kept alive (and unmoved on the heap) until the request completes.
     _buf: Vec<u8>,
     req: ffi::MPI_Request,
+    /// The flight-recorder event of this send.
+    event: u64,
 }
 
 // SAFETY: the request handle is only used from the thread that owns the communicator.
@@ -41,29 +49,91 @@ pub struct MpiComm {
     comm: SimpleCommunicator,
     pending: Vec<PendingSend>,
     posted: HashMap<(Rank, Tag), VecDeque<PostedRecv>>,
+    watch: Watch,
+    group: Group,
+    /// World rank of each member, by group rank.
+    world_ranks: Vec<Rank>,
+}
+
+/// The world ranks of the members of `comm`, in group-rank order.
+fn world_ranks(comm: &SimpleCommunicator) -> Result<Vec<Rank>> {
+    let n = comm.size();
+    let mine: Vec<i32> = (0..n).collect();
+    let mut theirs = vec![0i32; n as usize];
+    // SAFETY: valid communicators; the groups are freed before returning; the arrays
+    // have `n` elements.
+    let rc = unsafe {
+        let mut g = std::mem::MaybeUninit::<ffi::MPI_Group>::uninit();
+        let mut w = std::mem::MaybeUninit::<ffi::MPI_Group>::uninit();
+        ffi::MPI_Comm_group(comm.as_raw(), g.as_mut_ptr());
+        ffi::MPI_Comm_group(ffi::RSMPI_COMM_WORLD, w.as_mut_ptr());
+        let (mut g, mut w) = (g.assume_init(), w.assume_init());
+        let rc = ffi::MPI_Group_translate_ranks(g, n, mine.as_ptr(), w, theirs.as_mut_ptr());
+        ffi::MPI_Group_free(&mut g);
+        ffi::MPI_Group_free(&mut w);
+        rc
+    };
+    if rc != 0 {
+        return Err(Error::Comm(format!(
+            "MPI_Group_translate_ranks failed with code {rc}"
+        )));
+    }
+    Ok(theirs.into_iter().map(|r| Rank(r as usize)).collect())
 }
 
 impl MpiComm {
-    /// Wraps an MPI communicator and makes its MPI errors returnable.
-    pub fn new(comm: SimpleCommunicator) -> MpiComm {
+    /// Wraps an MPI communicator (the `group` axis of this rank), makes its MPI errors
+    /// returnable, and puts its waits under `watch`.
+    pub fn new(comm: SimpleCommunicator, group: Group, watch: Watch) -> Result<MpiComm> {
         unsafe {
             ffi::MPI_Comm_set_errhandler(comm.as_raw(), ffi::RSMPI_ERRORS_RETURN);
         }
-        MpiComm {
+        let world_ranks = world_ranks(&comm)?;
+        Ok(MpiComm {
             comm,
             pending: Vec::new(),
             posted: HashMap::new(),
-        }
+            watch,
+            group,
+            world_ranks,
+        })
     }
 
     /// Aborts the whole job (all ranks) with `code`.
     pub fn abort(&self, code: i32) -> ! {
         self.comm.abort(code)
     }
+
+    fn world_rank(&self, r: Rank) -> Rank {
+        self.world_ranks.get(r.0).copied().unwrap_or(r)
+    }
+
+    /// The watchdog error of a wait for `op` that has passed its deadline.
+    fn stalled(
+        &self,
+        op: CommOp,
+        peer: Option<Rank>,
+        tag: Tag,
+        bytes: usize,
+        d: &Deadline,
+    ) -> Error {
+        let peer = peer.map(|p| self.world_rank(p));
+        let what = match peer {
+            Some(p) => format!(
+                "{} {} rank {p}, tag {}, {bytes} bytes",
+                op.name(),
+                if op == CommOp::Recv { "from" } else { "to" },
+                tag.0
+            ),
+            None => format!("{} on {}, {bytes} bytes", op.name(), self.group.name()),
+        };
+        self.watch
+            .timeout(what, peer, &self.world_ranks, d.waited())
+    }
 }
 
 /// Completes whichever pending sends are done; never blocks.
-fn progress(pending: &mut Vec<PendingSend>) -> Result<()> {
+fn progress(pending: &mut Vec<PendingSend>, watch: &Watch) -> Result<()> {
     let mut i = 0;
     while i < pending.len() {
         let mut flag = 0;
@@ -75,6 +145,7 @@ fn progress(pending: &mut Vec<PendingSend>) -> Result<()> {
             return Err(Error::Comm(format!("MPI_Test failed with code {rc}")));
         }
         if flag != 0 {
+            watch.flight().end(pending[i].event);
             pending.swap_remove(i);
         } else {
             i += 1;
@@ -95,6 +166,13 @@ impl Communicator for MpiComm {
     fn send(&mut self, to: Rank, tag: Tag, data: Vec<u8>) -> Result<()> {
         let count = i32::try_from(data.len())
             .map_err(|_| Error::Comm(format!("message of {} bytes exceeds 2 GiB", data.len())))?;
+        let event = self.watch.flight().comm(
+            CommOp::Send,
+            self.group,
+            Some(self.world_rank(to)),
+            tag.0,
+            data.len(),
+        );
         let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
         let rc = unsafe {
             ffi::MPI_Isend(
@@ -115,8 +193,13 @@ impl Communicator for MpiComm {
         self.pending.push(PendingSend {
             _buf: data,
             req: unsafe { req.assume_init() },
+            event,
         });
-        progress(&mut self.pending)
+        progress(&mut self.pending, &self.watch)
+    }
+
+    fn flight(&self) -> Option<&crate::flight::FlightRecorder> {
+        Some(self.watch.flight())
     }
 
     fn post_recv(&mut self, from: Rank, tag: Tag, len: usize) -> Result<()> {
@@ -151,51 +234,24 @@ impl Communicator for MpiComm {
     }
 
     fn recv(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
-        let mut backoff = Backoff::default();
-        if let Some(mut posted) = self
+        let posted = self
             .posted
             .get_mut(&(from, tag))
-            .and_then(|q| q.pop_front())
-        {
-            loop {
-                let mut flag = 0;
-                let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
-                let rc = unsafe { ffi::MPI_Test(&mut posted.req, &mut flag, status.as_mut_ptr()) };
-                if rc != 0 {
-                    // The buffer must outlive a request MPI still owns: leak it.
-                    std::mem::forget(posted.buf);
-                    return Err(Error::Comm(format!(
-                        "receive from rank {from} (tag {}) failed with MPI code {rc} (a message longer than expected?)",
-                        tag.0
-                    )));
-                }
-                if flag != 0 {
-                    let mut count = 0;
-                    unsafe {
-                        ffi::MPI_Get_count(
-                            status.as_ptr(),
-                            u8::equivalent_datatype().as_raw(),
-                            &mut count,
-                        );
-                    }
-                    posted.buf.truncate(count.max(0) as usize);
-                    return Ok(posted.buf);
-                }
-                progress(&mut self.pending)?;
-                backoff.wait();
-            }
-        }
-        let process = self.comm.process_at_rank(from.0 as i32);
-        loop {
-            if let Some(status) = process.immediate_probe_with_tag(tag.0) {
-                let n = status.count(u8::equivalent_datatype()) as usize;
-                let mut buf = vec![0u8; n];
-                process.receive_into_with_tag(&mut buf[..], tag.0);
-                return Ok(buf);
-            }
-            progress(&mut self.pending)?;
-            backoff.wait();
-        }
+            .and_then(|q| q.pop_front());
+        let bytes = posted.as_ref().map_or(0, |p| p.buf.len());
+        let event = self.watch.flight().comm(
+            CommOp::Recv,
+            self.group,
+            Some(self.world_rank(from)),
+            tag.0,
+            bytes,
+        );
+        let out = match posted {
+            Some(posted) => self.complete_posted(posted, from, tag),
+            None => self.probe_and_receive(from, tag),
+        }?;
+        self.watch.flight().end(event);
+        Ok(out)
     }
 
     fn all_reduce_f32(&mut self, values: &mut [f32], op: ReduceOp) -> Result<()> {
@@ -208,6 +264,11 @@ impl Communicator for MpiComm {
                 values.len()
             ))
         })?;
+        let bytes = 4 * values.len();
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::AllReduce, self.group, None, 0, bytes);
         // MPI_IN_PLACE is a macro with no binding: reduce from a copy.
         let send = values.to_vec();
         let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
@@ -229,6 +290,7 @@ impl Communicator for MpiComm {
             return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
         }
         let mut req = unsafe { req.assume_init() };
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
         let mut backoff = Backoff::default();
         loop {
             let mut flag = 0;
@@ -238,27 +300,141 @@ impl Communicator for MpiComm {
                 return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
             }
             if flag != 0 {
+                self.watch.flight().end(event);
                 return Ok(());
             }
-            progress(&mut self.pending)?;
+            if deadline.passed() {
+                // The buffers belong to MPI until the request completes: leak them.
+                std::mem::forget(send);
+                return Err(self.stalled(CommOp::AllReduce, None, Tag(0), bytes, &deadline));
+            }
+            progress(&mut self.pending, &self.watch)?;
             backoff.wait();
         }
     }
 
     fn flush(&mut self) -> Result<()> {
+        progress(&mut self.pending, &self.watch)?;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::Flush, self.group, None, 0, 0);
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
         let mut backoff = Backoff::default();
         loop {
-            progress(&mut self.pending)?;
+            progress(&mut self.pending, &self.watch)?;
             if self.pending.is_empty() {
+                self.watch.flight().end(event);
                 return Ok(());
+            }
+            if deadline.passed() {
+                let stuck = self.watch.flight().entries();
+                // Name the receiver of the oldest send still in flight.
+                let oldest = self.pending.iter().map(|p| p.event).min();
+                let peer = oldest
+                    .and_then(|seq| stuck.iter().find(|e| e.seq == seq))
+                    .and_then(|e| match e.what {
+                        crate::flight::What::Comm { peer, .. } => peer,
+                        _ => None,
+                    });
+                let what = format!(
+                    "completion of {} send(s) on {}",
+                    self.pending.len(),
+                    self.group.name()
+                );
+                return Err(self
+                    .watch
+                    .timeout(what, peer, &self.world_ranks, deadline.waited()));
             }
             backoff.wait();
         }
     }
 }
 
+impl MpiComm {
+    /// Waits for a receive posted by [`Communicator::post_recv`].
+    fn complete_posted(&mut self, mut posted: PostedRecv, from: Rank, tag: Tag) -> Result<Vec<u8>> {
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
+        let mut backoff = Backoff::default();
+        loop {
+            let mut flag = 0;
+            let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+            let rc = unsafe { ffi::MPI_Test(&mut posted.req, &mut flag, status.as_mut_ptr()) };
+            if rc != 0 {
+                // The buffer must outlive a request MPI still owns: leak it.
+                std::mem::forget(posted.buf);
+                return Err(Error::Comm(format!(
+                    "receive from rank {from} (tag {}) failed with MPI code {rc} (a message longer than expected?)",
+                    tag.0
+                )));
+            }
+            if flag != 0 {
+                let mut count = 0;
+                unsafe {
+                    ffi::MPI_Get_count(
+                        status.as_ptr(),
+                        u8::equivalent_datatype().as_raw(),
+                        &mut count,
+                    );
+                }
+                posted.buf.truncate(count.max(0) as usize);
+                return Ok(posted.buf);
+            }
+            if deadline.passed() {
+                let len = posted.buf.len();
+                std::mem::forget(posted.buf);
+                return Err(self.stalled(CommOp::Recv, Some(from), tag, len, &deadline));
+            }
+            progress(&mut self.pending, &self.watch)?;
+            backoff.wait();
+        }
+    }
+
+    /// Waits for a message nobody posted a receive for, and receives it at its size.
+    fn probe_and_receive(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
+        let mut backoff = Backoff::default();
+        let process = self.comm.process_at_rank(from.0 as i32);
+        loop {
+            if let Some(status) = process.immediate_probe_with_tag(tag.0) {
+                let n = status.count(u8::equivalent_datatype()) as usize;
+                let mut buf = vec![0u8; n];
+                process.receive_into_with_tag(&mut buf[..], tag.0);
+                return Ok(buf);
+            }
+            if deadline.passed() {
+                return Err(self.stalled(CommOp::Recv, Some(from), tag, 0, &deadline));
+            }
+            progress(&mut self.pending, &self.watch)?;
+            backoff.wait();
+        }
+    }
+}
+
 impl Drop for MpiComm {
+    /// Never waits (a failing job must reach its error report): sends that are still in
+    /// flight keep their buffers, leaked, since MPI may still read them. A finished job
+    /// has flushed every communicator before this.
     fn drop(&mut self) {
-        let _ = self.flush();
+        let _ = progress(&mut self.pending, &self.watch);
+        for mut p in self.pending.drain(..) {
+            unsafe {
+                ffi::MPI_Request_free(&mut p.req);
+            }
+            std::mem::forget(p._buf);
+        }
+        // Receives posted but never completed (a step cut short by an error): MPI may
+        // still write into their buffers.
+        for (_, queue) in self.posted.drain() {
+            for mut p in queue {
+                unsafe {
+                    ffi::MPI_Request_free(&mut p.req);
+                }
+                std::mem::forget(p.buf);
+            }
+        }
     }
 }

@@ -142,12 +142,17 @@ pub fn run_actions(
     transfer::post_receives(&mut step, actions)?;
     for a in actions {
         let start = t0.elapsed().as_secs_f64();
+        // The flight recorder's event for this action (left open if the action fails).
+        let flight = step.comm.flight().map(|f| f.action(*a, !training));
         match a.kind {
             ActionKind::RecvAct | ActionKind::RecvGrad => transfer::recv(&mut step, a)?,
             ActionKind::SendAct | ActionKind::SendGrad => transfer::send(&mut step, a)?,
             ActionKind::Forward => stats.loss_sum += compute::forward(&mut step, a)?,
             ActionKind::Backward | ActionKind::InputGrad => compute::backward(&mut step, a)?,
             ActionKind::WeightGrad => compute::weight_grad(&mut step, a)?,
+        }
+        if let Some(f) = flight {
+            f.end();
         }
         stats.peak_stash = stats.peak_stash.max(step.state.stashed());
         let end = t0.elapsed().as_secs_f64();

@@ -48,6 +48,8 @@ pub struct RunOptions {
     /// Record this rank's parameter gradients at this step (after the data-parallel and
     /// tied-embedding reductions, before clipping), for equivalence tests.
     pub capture_grads_at: Option<usize>,
+    /// Set by SIGTERM/SIGINT: the ranks stop together at the next step boundary.
+    pub stop: Option<crate::preempt::StopFlag>,
 }
 
 /// What rank 0 saw over the run (other ranks return empty vectors).
@@ -67,6 +69,10 @@ pub struct RunSummary {
     /// Per rank: measured bubble (time waiting for other ranks / step time) averaged over
     /// steps 2..
     pub bubble: Vec<f64>,
+    /// Steps completed when a stop was requested (SIGTERM/SIGINT), if one was.
+    pub preempted_at: Option<usize>,
+    /// The checkpoint saved at that stop (none when the run writes no files).
+    pub preempt_checkpoint: Option<std::path::PathBuf>,
 }
 
 impl RunSummary {
@@ -124,6 +130,9 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     let mut trace = Trace::default();
     let steps = *cfg.train.steps;
     for step in start + 1..=steps {
+        if let Some(f) = comms.flight() {
+            f.set_step(step);
+        }
         let t0 = Instant::now();
         if opts.fail_at == Some((me, step)) {
             return Err(Error::Injected { step });
@@ -146,7 +155,10 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         } else {
             0.0
         };
-        let stop = opts.stop_after == Some(step);
+        // The one place a stop is decided: a test's `stop_after`, or a preemption signal
+        // on any rank (a collective: every rank agrees on the step).
+        let preempted = crate::preempt::stop_agreed(opts.stop.as_ref(), comms.world.as_mut())?;
+        let stop = opts.stop_after == Some(step) || preempted;
         if traced(cfg, step, trace_from) {
             trace.add_step(me, step, &stats, t_opt, train_s, t0.elapsed().as_secs_f64());
             if !traced(cfg, step + 1, trace_from) || step == steps || stop {
@@ -164,9 +176,14 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
             val_sum,
         };
         let saved = match saver.due(step, steps, stop) {
-            true => Some(saver.save(cfg, &rank, comms, step)?.1),
+            true => Some(saver.save(cfg, &rank, comms, step)?),
             false => None,
         };
+        if preempted {
+            summary.preempted_at = Some(step);
+            summary.preempt_checkpoint = saved.as_ref().map(|s| s.0.clone());
+        }
+        let saved = saved.map(|s| s.1);
         let Some(reports) = metrics::gather(comms.world.as_mut(), &rank, &measured)? else {
             if stop {
                 break;

@@ -1,0 +1,63 @@
+//! Preemption: SIGTERM or SIGINT (a scheduler preempting the job, Ctrl-C) asks the job to
+//! stop cleanly. The signal only sets a [`StopFlag`]; at the next step boundary every rank
+//! all-reduces its flag over the world (MAX), so all ranks agree on the step at which they
+//! stop even when the signal reached some of them a step late; the job then checkpoints
+//! and exits 0 with "preempted at step N". A second signal exits at once (see the worker).
+//!
+//! Invariant: every rank calls [`stop_agreed`] at the same step boundaries (it is a
+//! collective on the world).
+
+use crate::comm::{Communicator, ReduceOp};
+use crate::error::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Set by a signal handler; read at step boundaries.
+pub type StopFlag = Arc<AtomicBool>;
+
+/// True on every rank if any rank's `flag` is set (collective over `world`). Without a
+/// flag (in-process runs) nothing is exchanged and the answer is no.
+pub fn stop_agreed(flag: Option<&StopFlag>, world: &mut dyn Communicator) -> Result<bool> {
+    let Some(flag) = flag else {
+        return Ok(false);
+    };
+    let mut v = [if flag.load(Ordering::SeqCst) {
+        1.0
+    } else {
+        0.0
+    }];
+    world.all_reduce_f32(&mut v, ReduceOp::Max)?;
+    Ok(v[0] > 0.0)
+}
+
+/// The message of a job stopped at a step boundary after `step` completed steps.
+pub fn preempted_message(step: usize, checkpointed: bool) -> String {
+    if checkpointed {
+        format!("preempted at step {step}; resume with `train.resume: latest` (or `--set train.resume=latest`)")
+    } else {
+        format!("preempted at step {step}; no checkpoint was written (checkpoints are not available in this build), so a rerun starts from step 0")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::local::LocalComm;
+
+    #[test]
+    fn one_rank_signalled_stops_every_rank() {
+        let handles: Vec<_> = LocalComm::group(3)
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    let flag: StopFlag = Arc::new(AtomicBool::new(c.rank().0 == 2));
+                    let none = stop_agreed(None, &mut c).unwrap();
+                    (none, stop_agreed(Some(&flag), &mut c).unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), (false, true));
+        }
+    }
+}

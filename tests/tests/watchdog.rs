@@ -1,0 +1,314 @@
+//! The watchdog under mpiexec: a stopped, killed, hung or panicking rank ends the job
+//! within seconds with one line naming it (with its mesh coordinates, the step, and what
+//! the other ranks were waiting on), and the live ranks dump their flight records;
+//! SIGTERM stops every rank at the same step boundary and exits 0.
+//!
+//! The jobs of this file run one at a time (they share 2 cores with everything else), and
+//! faults are injected with `STRATA_FAIL_AT=RANK:STEP:MODE` (at the rank's first backward
+//! of that step, so always in the middle of a step) or sent from outside, like a user or
+//! the OOM killer would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use strata_tests::{layout_config, run_strata, scratch, strata_bin, write, Run};
+
+/// One job of this file at a time.
+static JOBS: Mutex<()> = Mutex::new(());
+
+/// Within this the job must be over (the bound), measured from launch.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// A pp × dp job of the tiny GPT, `steps` long, with the watchdog's limits.
+fn config(dir: &Path, pp: usize, dp: usize, steps: usize, watchdog: &str) -> PathBuf {
+    let out = dir.join("run");
+    let text = layout_config(pp, 1, dp, "1f1b", steps, &out).replace(
+        "virtual_stages: 1}",
+        &format!("virtual_stages: 1, {watchdog}}}"),
+    );
+    write(dir, "cfg.yaml", &text)
+}
+
+fn launch(cfg: &Path, env: &[(&str, &str)]) -> Run {
+    let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
+    run_strata(
+        &["launch", cfg.to_str().unwrap()],
+        env,
+        Duration::from_secs(120),
+    )
+}
+
+/// The lines of stderr that contain `needle`.
+fn lines_with<'a>(run: &'a Run, needle: &str) -> Vec<&'a str> {
+    run.stderr.lines().filter(|l| l.contains(needle)).collect()
+}
+
+fn assert_failed_fast(run: &Run) {
+    assert!(!run.timed_out, "the job hung:\n{}", run.stderr);
+    assert!(
+        run.elapsed < BOUND,
+        "took {:?}:\n{}",
+        run.elapsed,
+        run.stderr
+    );
+    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}
+
+/// Parses `flight-<rank>.json`; returns its events.
+fn flight_events(run_dir: &Path, rank: usize) -> Vec<serde_json::Value> {
+    let path = run_dir.join(format!("flight-{rank}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["rank"], rank);
+    doc["events"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_stopped_rank_is_named_and_the_live_ranks_dump_flight_records() {
+    let dir = scratch("wd-stop");
+    // pp 2 × dp 2: rank 3 is (pp 1, dp 1); its watchers are rank 1 (its pipeline peer)
+    // and rank 2 (its data-parallel peer).
+    let cfg = config(&dir, 2, 2, 50, "heartbeat_s: 4, timeout_s: 120");
+    let run = launch(&cfg, &[("STRATA_FAIL_AT", "3:3:stop")]);
+    assert_failed_fast(&run);
+    let reports = lines_with(&run, "stopped responding");
+    assert_eq!(reports.len(), 1, "not one report:\n{}", run.stderr);
+    let line = reports[0];
+    assert!(
+        line.contains("rank 3 (pp 1, tp 0, dp 1) stopped responding: no heartbeat for"),
+        "{line}"
+    );
+    // The reporter names what it was waiting in: the backward from rank 3 (rank 1) or the
+    // data-parallel all-reduce with it (rank 2), in step 3.
+    assert!(
+        (line.contains("was waiting in 0RECV_B") || line.contains("(all_reduce dp)"))
+            && line.contains(" at step 3 for "),
+        "{line}"
+    );
+    let run_dir = dir.join("run");
+    for rank in 0..3 {
+        let events = flight_events(&run_dir, rank);
+        assert!(!events.is_empty(), "rank {rank} recorded nothing");
+        assert!(
+            events.iter().any(|e| e["step"] == 3),
+            "rank {rank}'s record does not reach step 3"
+        );
+    }
+    assert!(
+        !run_dir.join("flight-3.json").exists(),
+        "the stopped rank cannot have dumped"
+    );
+    // The reporting rank's record ends in the wait that never finished.
+    let waiter = flight_events(&run_dir, 1);
+    let open: Vec<&serde_json::Value> = waiter.iter().filter(|e| e["state"] == "started").collect();
+    assert!(
+        open.iter()
+            .any(|e| e["peer"] == 3 || e["name"] == "all_reduce dp"),
+        "rank 1's open events: {open:?}"
+    );
+}
+
+/// The pid of rank `rank`'s process (the supervised child) of the job run with `cfg`.
+fn rank_pid(cfg: &Path, rank: usize) -> Option<i32> {
+    let cfg = cfg.to_str().unwrap();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let read = |f: &str| std::fs::read(entry.path().join(f)).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&read("cmdline")).replace('\0', " ");
+        if !cmdline.contains(" worker ") || !cmdline.contains(cfg) {
+            continue;
+        }
+        let environ = String::from_utf8_lossy(&read("environ")).into_owned();
+        let vars: Vec<&str> = environ.split('\0').collect();
+        if vars.contains(&"STRATA_WORKER_CHILD=1")
+            && vars.contains(&format!("PMI_RANK={rank}").as_str())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Spawns `strata launch CFG`, waits until `steps` steps are logged, then runs `act`
+/// once; returns what the job printed.
+fn launch_then(cfg: &Path, steps: usize, act: impl FnOnce()) -> Run {
+    let metrics = cfg.parent().unwrap().join("run/metrics.jsonl");
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(["launch", cfg.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut act = Some(act);
+    let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
+    run_with_limit_hook(cmd, Duration::from_secs(120), |_| {
+        if act.is_some() && logged(&metrics) >= steps {
+            (act.take().unwrap())();
+        }
+    })
+}
+
+/// Steps logged so far in a run's metrics.jsonl.
+fn logged(metrics: &Path) -> usize {
+    std::fs::read_to_string(metrics).map_or(0, |t| t.lines().count())
+}
+
+/// Like `strata_tests::run_with_limit`, calling `tick` with the child while it runs.
+fn run_with_limit_hook(
+    mut cmd: Command,
+    limit: Duration,
+    mut tick: impl FnMut(&std::process::Child),
+) -> Run {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        tick(&child);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
+
+fn kill(pid: i32, sig: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+#[test]
+fn a_rank_killed_from_outside_is_named() {
+    let dir = scratch("wd-kill");
+    let cfg = config(&dir, 2, 1, 400, "heartbeat_s: 5, timeout_s: 120");
+    let mut killed_at = None;
+    let run = launch_then(&cfg, 3, || {
+        let pid = rank_pid(&cfg, 1).expect("rank 1's process");
+        kill(pid, 9);
+        killed_at = Some(Instant::now());
+    });
+    let killed_at = killed_at.expect("the job reached step 3");
+    assert_failed_fast(&run);
+    assert!(killed_at.elapsed() < BOUND);
+    let reports = lines_with(&run, "was killed by signal 9 (SIGKILL)");
+    assert_eq!(reports.len(), 1, "not one report:\n{}", run.stderr);
+    assert!(
+        reports[0].contains("rank 1 (pp 1, tp 0, dp 0) was killed by signal 9 (SIGKILL) at step "),
+        "{}",
+        reports[0]
+    );
+}
+
+#[test]
+fn a_hung_rank_times_out_naming_it_and_every_rank_dumps() {
+    let dir = scratch("wd-hang");
+    // Rank 1 hangs with its heartbeat alive: only the deadline can catch it.
+    let cfg = config(&dir, 2, 1, 50, "heartbeat_s: 5, timeout_s: 6");
+    let run = launch(&cfg, &[("STRATA_FAIL_AT", "1:3:hang")]);
+    assert_failed_fast(&run);
+    let reports = lines_with(&run, "is stuck");
+    assert_eq!(reports.len(), 1, "not one report:\n{}", run.stderr);
+    let line = reports[0];
+    for needle in [
+        "rank 1 (pp 1, tp 0, dp 0) is stuck, last seen in 1B0 at step 3",
+        "rank 0 (pp 0, tp 0, dp 0) waited 6.0 s in 0RECV_B0 (recv from rank 1",
+        "at step 3 (parallel.timeout_s = 6)",
+        "fix:",
+    ] {
+        assert!(line.contains(needle), "`{needle}` missing from: {line}");
+    }
+    // The hung rank is alive: it dumps too, and its record ends in the hung action.
+    let hung = flight_events(&dir.join("run"), 1);
+    let last = hung.last().unwrap();
+    assert_eq!(
+        (last["name"].as_str(), last["state"].as_str()),
+        (Some("1B0"), Some("started"))
+    );
+    assert!(!flight_events(&dir.join("run"), 0).is_empty());
+}
+
+#[test]
+fn a_panic_names_the_rank_and_aborts_the_job() {
+    let dir = scratch("wd-panic");
+    let cfg = config(&dir, 2, 1, 50, "heartbeat_s: 5, timeout_s: 120");
+    let run = launch(&cfg, &[("STRATA_FAIL_AT", "1:2:panic")]);
+    assert!(!run.timed_out && run.elapsed < BOUND, "{}", run.stderr);
+    assert_ne!(run.code, Some(0));
+    let reports = lines_with(&run, "panic:");
+    assert_eq!(reports.len(), 1, "{}", run.stderr);
+    assert!(
+        reports[0].starts_with("strata worker rank 1/2: panic: injected panic on rank 1"),
+        "{}",
+        reports[0]
+    );
+    for rank in 0..2 {
+        assert!(!flight_events(&dir.join("run"), rank).is_empty());
+    }
+}
+
+#[test]
+fn sigterm_stops_every_rank_at_one_step_boundary_and_exits_0() {
+    let dir = scratch("wd-term");
+    let cfg = config(&dir, 2, 1, 400, "heartbeat_s: 5, timeout_s: 120");
+    // Straight to mpiexec, which forwards it to every rank (as `strata launch` does).
+    let mut cmd = Command::new("mpiexec");
+    cmd.args(["-n", "2"])
+        .arg(strata_bin())
+        .args(["worker", "--config", cfg.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let metrics = dir.join("run/metrics.jsonl");
+    let mut sent = false;
+    let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
+    let run = run_with_limit_hook(cmd, Duration::from_secs(120), |child| {
+        if !sent && logged(&metrics) >= 3 {
+            kill(child.id() as i32, 15);
+            sent = true;
+        }
+    });
+    assert!(sent, "never reached step 3:\n{}", run.stderr);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let line = lines_with(&run, "preempted at step");
+    assert_eq!(line.len(), 1, "{}", run.stderr);
+    let step: usize = line[0]
+        .split("preempted at step ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", line[0]));
+    assert!(step >= 3 && step < 400, "{}", line[0]);
+    // Every rank stopped after the same step: rank 0 logged exactly that many.
+    assert_eq!(logged(&metrics), step);
+}
