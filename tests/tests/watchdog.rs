@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use strata_tests::{layout_config, run_strata, scratch, strata_bin, write, Run};
+use strata_tests::{layout_config, scratch, strata_bin, write, Run};
 
 /// One job of this file at a time.
 static JOBS: Mutex<()> = Mutex::new(());
@@ -30,18 +30,52 @@ fn config(dir: &Path, pp: usize, dp: usize, steps: usize, watchdog: &str) -> Pat
     write(dir, "cfg.yaml", &text)
 }
 
+/// Past this, a test's job is killed (all its processes) and the test fails.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// `strata launch CFG` with extra environment.
 fn launch(cfg: &Path, env: &[(&str, &str)]) -> Run {
+    let mut cmd = launch_cmd(cfg);
+    cmd.envs(env.iter().copied());
     let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
-    run_strata(
-        &["launch", cfg.to_str().unwrap()],
-        env,
-        Duration::from_secs(120),
-    )
+    run_with_limit_hook(cmd, cfg, |_| {})
+}
+
+fn launch_cmd(cfg: &Path) -> Command {
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(["launch", cfg.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Every process whose command line names `cfg`: the launcher, mpiexec and the ranks.
+fn job_pids(cfg: &Path) -> Vec<i32> {
+    let cfg = cfg.to_str().unwrap();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(cfg)
+                .then_some(pid)
+        })
+        .collect()
 }
 
 /// The lines of stderr that contain `needle`.
 fn lines_with<'a>(run: &'a Run, needle: &str) -> Vec<&'a str> {
     run.stderr.lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// The ranks that the job's abort took down are not reported as killed.
+fn assert_no_death_reports(run: &Run) {
+    let deaths = lines_with(run, "was killed by signal");
+    assert!(deaths.is_empty(), "spurious: {deaths:?}");
 }
 
 fn assert_failed_fast(run: &Run) {
@@ -70,9 +104,10 @@ fn a_stopped_rank_is_named_and_the_live_ranks_dump_flight_records() {
     let dir = scratch("wd-stop");
     // pp 2 × dp 2: rank 3 is (pp 1, dp 1); its watchers are rank 1 (its pipeline peer)
     // and rank 2 (its data-parallel peer).
-    let cfg = config(&dir, 2, 2, 50, "heartbeat_s: 4, timeout_s: 120");
+    let cfg = config(&dir, 2, 2, 50, "heartbeat_s: 5, timeout_s: 120");
     let run = launch(&cfg, &[("STRATA_FAIL_AT", "3:3:stop")]);
     assert_failed_fast(&run);
+    assert_no_death_reports(&run);
     let reports = lines_with(&run, "stopped responding");
     assert_eq!(reports.len(), 1, "not one report:\n{}", run.stderr);
     let line = reports[0];
@@ -137,14 +172,9 @@ fn rank_pid(cfg: &Path, rank: usize) -> Option<i32> {
 /// once; returns what the job printed.
 fn launch_then(cfg: &Path, steps: usize, act: impl FnOnce()) -> Run {
     let metrics = cfg.parent().unwrap().join("run/metrics.jsonl");
-    let mut cmd = Command::new(strata_bin());
-    cmd.args(["launch", cfg.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let mut act = Some(act);
     let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
-    run_with_limit_hook(cmd, Duration::from_secs(120), |_| {
+    run_with_limit_hook(launch_cmd(cfg), cfg, |_| {
         if act.is_some() && logged(&metrics) >= steps {
             (act.take().unwrap())();
         }
@@ -156,10 +186,12 @@ fn logged(metrics: &Path) -> usize {
     std::fs::read_to_string(metrics).map_or(0, |t| t.lines().count())
 }
 
-/// Like `strata_tests::run_with_limit`, calling `tick` with the child while it runs.
+/// Runs the job of `cfg` (`cmd`), calling `tick` with the child while it runs; past
+/// [`LIMIT`] every process of the job is killed (so a hung job fails the test instead of
+/// stalling it).
 fn run_with_limit_hook(
     mut cmd: Command,
-    limit: Duration,
+    cfg: &Path,
     mut tick: impl FnMut(&std::process::Child),
 ) -> Run {
     use std::io::Read;
@@ -182,8 +214,11 @@ fn run_with_limit_hook(
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if start.elapsed() > limit {
+        if start.elapsed() > LIMIT {
             timed_out = true;
+            for pid in job_pids(cfg) {
+                kill(pid, 9);
+            }
             let _ = child.kill();
             break child.wait().unwrap();
         }
@@ -203,9 +238,11 @@ fn kill(pid: i32, sig: i32) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
+        .stderr(Stdio::null())
         .status()
         .unwrap();
-    assert!(status.success(), "kill -{sig} {pid}");
+    // (A process of the job may exit between the listing and the kill.)
+    let _ = status;
 }
 
 #[test]
@@ -237,6 +274,7 @@ fn a_hung_rank_times_out_naming_it_and_every_rank_dumps() {
     let cfg = config(&dir, 2, 1, 50, "heartbeat_s: 5, timeout_s: 6");
     let run = launch(&cfg, &[("STRATA_FAIL_AT", "1:3:hang")]);
     assert_failed_fast(&run);
+    assert_no_death_reports(&run);
     let reports = lines_with(&run, "is stuck");
     assert_eq!(reports.len(), 1, "not one report:\n{}", run.stderr);
     let line = reports[0];
@@ -265,6 +303,7 @@ fn a_panic_names_the_rank_and_aborts_the_job() {
     let run = launch(&cfg, &[("STRATA_FAIL_AT", "1:2:panic")]);
     assert!(!run.timed_out && run.elapsed < BOUND, "{}", run.stderr);
     assert_ne!(run.code, Some(0));
+    assert_no_death_reports(&run);
     let reports = lines_with(&run, "panic:");
     assert_eq!(reports.len(), 1, "{}", run.stderr);
     assert!(
@@ -292,7 +331,7 @@ fn sigterm_stops_every_rank_at_one_step_boundary_and_exits_0() {
     let metrics = dir.join("run/metrics.jsonl");
     let mut sent = false;
     let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
-    let run = run_with_limit_hook(cmd, Duration::from_secs(120), |child| {
+    let run = run_with_limit_hook(cmd, &cfg, |child| {
         if !sent && logged(&metrics) >= 3 {
             kill(child.id() as i32, 15);
             sent = true;
