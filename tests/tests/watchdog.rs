@@ -118,7 +118,7 @@ fn a_stopped_rank_is_named_and_the_live_ranks_dump_flight_records() {
     // The reporter names what it was waiting in: the backward from rank 3 (rank 1) or the
     // data-parallel all-reduce with it (rank 2), in step 3.
     assert!(
-        (line.contains("was waiting in 0RECV_B") || line.contains("(all_reduce dp)"))
+        (line.contains("was waiting in 0RECV_B") || line.contains("all_reduce dp"))
             && line.contains(" at step 3 for "),
         "{line}"
     );
