@@ -347,7 +347,7 @@ fn sigterm_stops_every_rank_at_one_step_boundary_and_exits_0() {
         .and_then(|t| t.split(';').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("{}", line[0]));
-    assert!(step >= 3 && step < 400, "{}", line[0]);
+    assert!((3..400).contains(&step), "{}", line[0]);
     // Every rank stopped after the same step: rank 0 logged exactly that many.
     assert_eq!(logged(&metrics), step);
 }
