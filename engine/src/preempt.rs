@@ -1,14 +1,17 @@
 //! Preemption: SIGTERM or SIGINT (a scheduler preempting the job, Ctrl-C) asks the job to
 //! stop cleanly. The signal only sets a [`StopFlag`]; at the next step boundary every rank
 //! all-reduces its flag over the world (MAX), so all ranks agree on the step at which they
-//! stop even when the signal reached some of them a step late; the job then checkpoints
-//! and exits 0 with "preempted at step N". A second signal exits at once (see the worker).
+//! stop even when the signal reached some of them a step late; the training loop ORs the
+//! answer into its `stop` flag, so the job checkpoints (`trainer::Checkpointer`) and
+//! exits 0 with "preempted at step N; checkpoint saved to DIR; resume with ...". A second
+//! signal exits at once (see the worker).
 //!
 //! Invariant: every rank calls [`stop_agreed`] at the same step boundaries (it is a
 //! collective on the world).
 
 use crate::comm::{Communicator, ReduceOp};
 use crate::error::Result;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -30,12 +33,15 @@ pub fn stop_agreed(flag: Option<&StopFlag>, world: &mut dyn Communicator) -> Res
     Ok(v[0] > 0.0)
 }
 
-/// The message of a job stopped at a step boundary after `step` completed steps.
-pub fn preempted_message(step: usize, checkpointed: bool) -> String {
-    if checkpointed {
-        format!("preempted at step {step}; resume with `train.resume: latest` (or `--set train.resume=latest`)")
-    } else {
-        format!("preempted at step {step}; no checkpoint was written (checkpoints are not available in this build), so a rerun starts from step 0")
+/// The message of a job stopped at a step boundary after `step` completed steps, with the
+/// checkpoint saved there (none when the run writes no files).
+pub fn preempted_message(step: usize, checkpoint: Option<&Path>) -> String {
+    match checkpoint {
+        Some(dir) => format!(
+            "preempted at step {step}; checkpoint saved to {}; resume with `train.resume: latest` in the config and the same `strata launch`",
+            dir.display()
+        ),
+        None => format!("preempted at step {step}; no checkpoint was written (the run writes no files), so a rerun starts from step 0"),
     }
 }
 

@@ -127,21 +127,24 @@ pub fn run_strata(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
 }
 
 /// Runs a command, killing it (and failing `timed_out`) after `limit`.
-pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
+pub fn run_with_limit(cmd: Command, limit: Duration) -> Run {
+    run_with_limit_tick(cmd, limit, |_| {})
+}
+
+/// Like [`run_with_limit`], calling `tick` with the child every 20 ms while it runs (to
+/// signal or kill processes of a job from outside). On the time limit the child and every
+/// process it started are killed: mpiexec puts each rank in a session of its own, so a
+/// process-group kill would miss the ranks, and one left alive would hold the output pipes
+/// open and hang the test instead of failing it.
+pub fn run_with_limit_tick(
+    mut cmd: Command,
+    limit: Duration,
+    mut tick: impl FnMut(&std::process::Child),
+) -> Run {
     let start = Instant::now();
     let mut child = cmd.spawn().expect("spawn");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let out = read_to_end(child.stdout.take().unwrap());
+    let err = read_to_end(child.stderr.take().unwrap());
     let mut timed_out = false;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -149,19 +152,77 @@ pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
         }
         if start.elapsed() > limit {
             timed_out = true;
-            let _ = child.kill();
+            kill_tree(child.id());
             break child.wait().unwrap();
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tick(&child);
+        std::thread::sleep(Duration::from_millis(20));
     };
     let elapsed = start.elapsed();
+    // A process that outlived the child (a leaked rank) may hold the pipes: wait a while,
+    // then kill what is left of the tree, and never wait forever.
+    let collect = |rx: std::sync::mpsc::Receiver<String>| {
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| "(output still open 10 s after the process ended)".into())
+    };
     Run {
         code: status.code(),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
+        stdout: collect(out),
+        stderr: collect(err),
         elapsed,
         timed_out,
     }
+}
+
+/// Reads `r` to its end on a thread; the text arrives on the returned channel.
+fn read_to_end(mut r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = r.read_to_end(&mut bytes);
+        let _ = tx.send(String::from_utf8_lossy(&bytes).into_owned());
+    });
+    rx
+}
+
+/// The live descendants of `pid` (children, grandchildren, ...), read from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`: comm may contain spaces, so split after the `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((p, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parent_of.iter().filter(|e| e.1 == p).map(|e| e.0));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// SIGKILLs `pid` and every process it started (collected first, so none is orphaned
+/// out of reach).
+pub fn kill_tree(pid: u32) {
+    let mut pids = descendants(pid);
+    pids.push(pid);
+    let _ = Command::new("kill")
+        .arg("-9")
+        .args(pids.iter().map(|p| p.to_string()))
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Asserts a clean bad-input failure: exit code 2, no hang or panic, and one line on

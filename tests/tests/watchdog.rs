@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use strata_tests::{layout_config, scratch, strata_bin, write, Run};
+use strata_tests::{layout_config, run_with_limit_tick, scratch, strata_bin, write, Run};
 
 /// One job of this file at a time.
 static JOBS: Mutex<()> = Mutex::new(());
@@ -187,51 +187,15 @@ fn logged(metrics: &Path) -> usize {
 }
 
 /// Runs the job of `cfg` (`cmd`), calling `tick` with the child while it runs; past
-/// [`LIMIT`] every process of the job is killed (so a hung job fails the test instead of
-/// stalling it).
-fn run_with_limit_hook(
-    mut cmd: Command,
-    cfg: &Path,
-    mut tick: impl FnMut(&std::process::Child),
-) -> Run {
-    use std::io::Read;
-    let start = Instant::now();
-    let mut child = cmd.spawn().expect("spawn");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > LIMIT {
-            timed_out = true;
-            for pid in job_pids(cfg) {
-                kill(pid, 9);
-            }
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        tick(&child);
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        code: status.code(),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-        elapsed: start.elapsed(),
-        timed_out,
+/// [`LIMIT`] every process the child started is killed (so a hung job fails the test
+/// instead of stalling it), and afterwards any process still naming `cfg` (one orphaned
+/// by a dead mpiexec) is killed too.
+fn run_with_limit_hook(cmd: Command, cfg: &Path, tick: impl FnMut(&std::process::Child)) -> Run {
+    let run = run_with_limit_tick(cmd, LIMIT, tick);
+    for pid in job_pids(cfg) {
+        kill(pid, 9);
     }
+    run
 }
 
 fn kill(pid: i32, sig: i32) {
@@ -350,4 +314,52 @@ fn sigterm_stops_every_rank_at_one_step_boundary_and_exits_0() {
     assert!((3..400).contains(&step), "{}", line[0]);
     // Every rank stopped after the same step: rank 0 logged exactly that many.
     assert_eq!(logged(&metrics), step);
+    // ... and saved the state after it, which is the one `train.resume: latest` finds.
+    let ckpt = dir.join(format!("run/checkpoints/step-{step:06}"));
+    assert!(
+        line[0].contains(&format!("checkpoint saved to {}", ckpt.display()))
+            && line[0].contains("resume with `train.resume: latest`"),
+        "{}",
+        line[0]
+    );
+    assert!(ckpt.join("manifest.json").is_file(), "{}", run.stderr);
+    let latest = std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{step:06}"));
+}
+
+#[test]
+fn a_second_sigterm_exits_at_once() {
+    let dir = scratch("wd-term2");
+    // Rank 1 hangs in step 3 (heartbeat alive, deadline far): no step boundary comes, so
+    // the first SIGTERM cannot stop the job; only the second can, at once.
+    let cfg = config(&dir, 2, 1, 400, "heartbeat_s: 5, timeout_s: 120");
+    let mut cmd = Command::new("mpiexec");
+    cmd.args(["-n", "2"])
+        .arg(strata_bin())
+        .args(["worker", "--config", cfg.to_str().unwrap()])
+        .env("STRATA_FAIL_AT", "1:3:hang")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let metrics = dir.join("run/metrics.jsonl");
+    let mut sent = 0;
+    let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
+    let run = run_with_limit_hook(cmd, &cfg, |child| {
+        if sent == 0 && logged(&metrics) >= 2 {
+            std::thread::sleep(Duration::from_secs(1));
+            kill(child.id() as i32, 15);
+            std::thread::sleep(Duration::from_secs(1));
+            kill(child.id() as i32, 15);
+            sent = 2;
+        }
+    });
+    assert_eq!(sent, 2, "never reached step 2:\n{}", run.stderr);
+    assert!(!run.timed_out && run.elapsed < BOUND, "{}", run.stderr);
+    assert_ne!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        lines_with(&run, "preempted at step").is_empty(),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(logged(&metrics), 2, "{}", run.stderr);
 }

@@ -244,7 +244,7 @@ fn rank_main(path: &Path) -> ExitCode {
     if let (Some(step), 0) = (summary.preempted_at, rank.0) {
         print_line(&format!(
             "strata: {}",
-            engine::preempt::preempted_message(step, false)
+            engine::preempt::preempted_message(step, summary.preempt_checkpoint.as_deref())
         ));
     }
     ExitCode::SUCCESS
