@@ -8,9 +8,10 @@
 //! Dropout probabilities are accepted and ignored: Strata has no dropout, and written
 //! configs set them to 0 so that `model.train()` in transformers matches too.
 
-use super::spec::{arch_hf, Activation, ModelSpec};
+use super::spec::{activation_from_hf, activation_hf_name, arch_hf};
 use crate::error::{Error, Result};
-use partitioner::Arch;
+use crate::model::{Activation, ModelSpec};
+use partitioner::{Arch, ModelShape};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -180,7 +181,7 @@ fn gpt2_spec(f: &Fields<'_>) -> Result<ModelSpec> {
         ));
     }
     let act = f.str("activation_function", "gelu_new")?;
-    let activation = Activation::from_hf(&act).ok_or_else(|| {
+    let activation = activation_from_hf(&act).ok_or_else(|| {
         f.err(
             "activation_function",
             format!("`{act}` is not computed by Strata"),
@@ -209,19 +210,19 @@ fn gpt2_spec(f: &Fields<'_>) -> Result<ModelSpec> {
         Some(_) => f.usize("n_positions", None)?,
         None => f.usize("n_ctx", Some(1024))?,
     };
-    Ok(ModelSpec {
-        arch: Arch::Gpt,
-        vocab: f.usize("vocab_size", Some(50257))?,
-        seq_len: positions,
-        d_model: d,
+    let shape = ModelShape::gpt(
+        f.usize("vocab_size", Some(50257))?,
+        positions,
+        d,
         n_heads,
-        n_kv_heads: n_heads,
-        n_layers: f.usize("n_layer", Some(12))?,
-        d_ff: f.usize("n_inner", Some(4 * d))?,
+        f.usize("n_layer", Some(12))?,
+        f.usize("n_inner", Some(4 * d))?,
+    );
+    Ok(ModelSpec {
         tie_embeddings: f.bool("tie_word_embeddings", true)?,
         activation,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)?,
-        rope_theta: 10000.0,
+        ..ModelSpec::new(shape)
     })
 }
 
@@ -262,19 +263,21 @@ fn llama_spec(f: &Fields<'_>) -> Result<ModelSpec> {
         "LLaMA projections have no bias",
     )?;
     f.require_bool("mlp_bias", false, false, "LLaMA projections have no bias")?;
-    Ok(ModelSpec {
-        arch: Arch::Llama,
-        vocab: f.usize("vocab_size", Some(32000))?,
-        seq_len: f.usize("max_position_embeddings", Some(2048))?,
-        d_model: d,
+    let shape = ModelShape::llama(
+        f.usize("vocab_size", Some(32000))?,
+        f.usize("max_position_embeddings", Some(2048))?,
+        d,
         n_heads,
         n_kv_heads,
-        n_layers: f.usize("num_hidden_layers", Some(32))?,
-        d_ff: f.usize("intermediate_size", Some(11008))?,
+        f.usize("num_hidden_layers", Some(32))?,
+        f.usize("intermediate_size", Some(11008))?,
+    );
+    Ok(ModelSpec {
         tie_embeddings: f.bool("tie_word_embeddings", false)?,
         activation: Activation::Gelu,
         norm_eps: f.f64("rms_norm_eps", 1e-6)?,
         rope_theta: rope_theta(f)?,
+        ..ModelSpec::new(shape)
     })
 }
 
@@ -312,9 +315,10 @@ fn rope_theta(f: &Fields<'_>) -> Result<f64> {
 /// The `config.json` transformers loads `spec` from (`GPT2LMHeadModel` or
 /// `LlamaForCausalLM`), fp32, no dropout, no special tokens.
 pub fn to_json(spec: &ModelSpec) -> Value {
+    let s = &spec.shape;
     let common = json!({
-        "model_type": arch_hf(spec.arch),
-        "vocab_size": spec.vocab,
+        "model_type": arch_hf(s.arch),
+        "vocab_size": s.vocab,
         "tie_word_embeddings": spec.tie_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": null,
@@ -323,15 +327,15 @@ pub fn to_json(spec: &ModelSpec) -> Value {
         "dtype": "float32",
         "use_cache": true,
     });
-    let specific = match spec.arch {
+    let specific = match s.arch {
         Arch::Gpt => json!({
             "architectures": ["GPT2LMHeadModel"],
-            "n_positions": spec.seq_len,
-            "n_embd": spec.d_model,
-            "n_layer": spec.n_layers,
-            "n_head": spec.n_heads,
-            "n_inner": spec.d_ff,
-            "activation_function": spec.activation.hf_name(),
+            "n_positions": s.seq_len,
+            "n_embd": s.d_model,
+            "n_layer": s.n_layers,
+            "n_head": s.n_heads,
+            "n_inner": s.d_ff,
+            "activation_function": activation_hf_name(spec.activation),
             "layer_norm_epsilon": spec.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
@@ -343,14 +347,14 @@ pub fn to_json(spec: &ModelSpec) -> Value {
         }),
         Arch::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
-            "hidden_size": spec.d_model,
-            "intermediate_size": spec.d_ff,
-            "num_hidden_layers": spec.n_layers,
-            "num_attention_heads": spec.n_heads,
-            "num_key_value_heads": spec.n_kv_heads,
-            "head_dim": spec.head_dim(),
+            "hidden_size": s.d_model,
+            "intermediate_size": s.d_ff,
+            "num_hidden_layers": s.n_layers,
+            "num_attention_heads": s.n_heads,
+            "num_key_value_heads": s.n_kv_heads,
+            "head_dim": s.head_dim(),
             "hidden_act": "silu",
-            "max_position_embeddings": spec.seq_len,
+            "max_position_embeddings": s.seq_len,
             "rms_norm_eps": spec.norm_eps,
             // Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
             "rope_theta": spec.rope_theta,
@@ -381,15 +385,23 @@ mod tests {
         let c = parse(r#"{"model_type": "gpt2", "vocab_size": 65, "n_positions": 32, "n_embd": 64, "n_layer": 2, "n_head": 4}"#).unwrap();
         let s = c.spec;
         assert_eq!(
-            (s.d_ff, s.tie_embeddings, s.activation),
+            (s.shape.d_ff, s.tie_embeddings, s.activation),
             (256, true, Activation::GeluTanh)
         );
-        assert_eq!((s.norm_eps, s.seq_len, s.n_kv_heads), (1e-5, 32, 4));
+        assert_eq!(
+            (s.norm_eps, s.shape.seq_len, s.shape.n_kv_heads),
+            (1e-5, 32, 4)
+        );
         let c = parse(r#"{"model_type": "llama", "vocab_size": 65, "hidden_size": 64, "intermediate_size": 96,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500000.0}"#).unwrap();
         let s = c.spec;
         assert_eq!(
-            (s.n_kv_heads, s.tie_embeddings, s.norm_eps, s.rope_theta),
+            (
+                s.shape.n_kv_heads,
+                s.tie_embeddings,
+                s.norm_eps,
+                s.rope_theta
+            ),
             (2, false, 1e-6, 5e5)
         );
         let c = parse(
@@ -403,15 +415,11 @@ mod tests {
     #[test]
     fn written_config_reads_back() {
         for arch in [Arch::Gpt, Arch::Llama] {
+            let shape = match arch {
+                Arch::Gpt => ModelShape::gpt(65, 32, 64, 4, 3, 96),
+                Arch::Llama => ModelShape::llama(65, 32, 64, 4, 2, 3, 96),
+            };
             let spec = ModelSpec {
-                arch,
-                vocab: 65,
-                seq_len: 32,
-                d_model: 64,
-                n_heads: 4,
-                n_kv_heads: if arch == Arch::Llama { 2 } else { 4 },
-                n_layers: 3,
-                d_ff: 96,
                 tie_embeddings: arch == Arch::Gpt,
                 activation: if arch == Arch::Gpt {
                     Activation::GeluTanh
@@ -420,6 +428,7 @@ mod tests {
                 },
                 norm_eps: 1e-5,
                 rope_theta: if arch == Arch::Llama { 5e5 } else { 10000.0 },
+                ..ModelSpec::new(shape)
             };
             let back = parse(&to_json(&spec).to_string()).unwrap().spec;
             assert_eq!(back, spec);

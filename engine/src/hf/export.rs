@@ -10,10 +10,10 @@
 use super::config::to_json;
 use super::mapping::{mappings, split};
 use super::safetensors_io::{write, LazyTensor};
-use super::spec::ModelSpec;
 use super::vocab;
 use crate::data::CharVocab;
 use crate::error::{Error, Result};
+use crate::model::ModelSpec;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};

@@ -19,10 +19,11 @@
 //! | `head.lm_head.weight` `[d, V]` | `lm_head.weight` `[V, d]`ᵀ (untied only) |
 
 use super::mapping::Mapping;
-use super::spec::ModelSpec;
+use crate::model::ModelSpec;
 
 /// The mappings of every parameter of Strata GPT `st` from GPT-2 `hf`.
 pub(super) fn mappings(st: &ModelSpec, hf: &ModelSpec) -> Vec<Mapping> {
+    let (st_spec, st, hf) = (st, &st.shape, &hf.shape);
     let (d, f, v) = (st.d_model, st.d_ff, st.vocab);
     let same = |s: String, h: String, shape: &[usize]| Mapping::same(s, h, shape, shape);
     let mut out = vec![
@@ -79,7 +80,7 @@ pub(super) fn mappings(st: &ModelSpec, hf: &ModelSpec) -> Vec<Mapping> {
         &[d],
         d,
     );
-    if !st.tie_embeddings {
+    if !st_spec.tie_embeddings {
         out.push(Mapping::linear(
             "head.lm_head.weight".into(),
             "lm_head.weight".into(),

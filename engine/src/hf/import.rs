@@ -15,10 +15,11 @@
 use super::config::HfConfig;
 use super::mapping::{load_full, load_shard, mappings, Mapping};
 use super::safetensors_io::MappedFiles;
-use super::spec::{check_compat, ModelSpec};
+use super::spec::check_compat;
 use super::vocab::{self, HfVocab};
 use super::{gpt2, llama};
 use crate::error::{Error, Result};
+use crate::model::ModelSpec;
 use crate::shard::ShardSpec;
 use partitioner::Arch;
 use std::collections::BTreeMap;
@@ -47,7 +48,7 @@ impl HfCheckpoint {
             });
         }
         let config = HfConfig::read(dir)?;
-        let arch = config.spec.arch;
+        let arch = config.spec.shape.arch;
         let files = MappedFiles::open(dir, |n| match arch {
             Arch::Gpt => gpt2::canonical(n),
             Arch::Llama => llama::canonical(n),
@@ -95,7 +96,7 @@ impl HfCheckpoint {
                 ));
             }
         }
-        let buffer = |n: &str| match spec.arch {
+        let buffer = |n: &str| match spec.shape.arch {
             Arch::Gpt => gpt2::is_buffer(n),
             Arch::Llama => llama::is_buffer(n),
         };
@@ -112,7 +113,7 @@ impl HfCheckpoint {
                 .map_or(String::new(), |p| p.display().to_string());
             return Err(self.err(
                 &e.file_name,
-                format!("is an unexpected tensor in {file} (not part of a {} model with this config.json)", spec.arch.name()),
+                format!("is an unexpected tensor in {file} (not part of a {} model with this config.json)", spec.shape.arch.name()),
                 "check that config.json belongs to these weights (model_type, n_layer / num_hidden_layers, tie_word_embeddings)",
             ));
         }

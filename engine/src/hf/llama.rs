@@ -24,11 +24,12 @@
 //! | `head.lm_head.weight` `[d, V]` | `lm_head.weight` `[V, d]`ᵀ (untied only) |
 
 use super::mapping::Mapping;
-use super::spec::ModelSpec;
+use crate::model::ModelSpec;
 
 /// The mappings of every parameter of Strata LLaMA `st` (the HF model has the same
 /// shapes; positions have no tensor).
 pub(super) fn mappings(st: &ModelSpec, _hf: &ModelSpec) -> Vec<Mapping> {
+    let (st_spec, st) = (st, &st.shape);
     let (d, f, v, hd) = (st.d_model, st.d_ff, st.vocab, st.head_dim());
     let vector = |s: String, h: String| Mapping::same(s, h, &[d], &[d]);
     let mut out = vec![Mapping::same(
@@ -76,7 +77,7 @@ pub(super) fn mappings(st: &ModelSpec, _hf: &ModelSpec) -> Vec<Mapping> {
         "head.ln_f.weight".into(),
         "model.norm.weight".into(),
     ));
-    if !st.tie_embeddings {
+    if !st_spec.tie_embeddings {
         out.push(Mapping::linear(
             "head.lm_head.weight".into(),
             "lm_head.weight".into(),

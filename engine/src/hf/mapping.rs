@@ -11,9 +11,9 @@
 //! dim each piece reaches at least `shape`. Conversions in both directions are exact
 //! (copies, transposes and slices only).
 
-use super::spec::ModelSpec;
 use super::{gpt2, llama};
 use crate::error::{Error, Result};
+use crate::model::ModelSpec;
 use crate::shard::{Block, ShardSpec};
 use partitioner::Arch;
 use std::collections::BTreeMap;
@@ -144,7 +144,7 @@ impl Mapping {
 /// The mappings of every Strata parameter of a model `strata` taking the weights of an HF
 /// model `hf` (the same spec when exporting). `hf` may only have more positions.
 pub fn mappings(strata: &ModelSpec, hf: &ModelSpec) -> Result<Vec<Mapping>> {
-    let maps = match strata.arch {
+    let maps = match strata.shape.arch {
         Arch::Gpt => gpt2::mappings(strata, hf),
         Arch::Llama => llama::mappings(strata, hf),
     };

@@ -27,37 +27,32 @@ pub use config::HfConfig;
 pub use export::{export, StrataSource};
 pub use import::{HfCheckpoint, Import};
 pub use mapping::{from_hf, mappings, to_hf};
-pub use spec::{check_compat, Activation, ModelSpec};
+pub use spec::check_compat;
 pub use vocab::HfVocab;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::CharVocab;
+    use crate::model::{Activation, ModelSpec};
     use crate::shard::{Block, ShardSpec};
-    use partitioner::Arch;
+    use partitioner::{Arch, ModelShape};
     use std::collections::BTreeMap;
     use std::path::PathBuf;
     use tch::{Device, Kind, Tensor};
 
     fn spec(arch: Arch, tie: bool) -> ModelSpec {
+        let shape = match arch {
+            Arch::Gpt => ModelShape::gpt(11, 6, 8, 4, 2, 12),
+            Arch::Llama => ModelShape::llama(11, 6, 8, 4, 2, 2, 12),
+        };
         ModelSpec {
-            arch,
-            vocab: 11,
-            seq_len: 6,
-            d_model: 8,
-            n_heads: 4,
-            n_kv_heads: if arch == Arch::Llama { 2 } else { 4 },
-            n_layers: 2,
-            d_ff: 12,
             tie_embeddings: tie,
-            activation: if arch == Arch::Gpt {
-                Activation::GeluTanh
-            } else {
-                Activation::Gelu
+            activation: match arch {
+                Arch::Gpt => Activation::GeluTanh,
+                Arch::Llama => Activation::Gelu,
             },
-            norm_eps: 1e-5,
-            rope_theta: 10000.0,
+            ..ModelSpec::new(shape)
         }
     }
 
@@ -87,6 +82,32 @@ mod tests {
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (k, t) in a {
             assert!(t.equal(&b[k]), "{k} differs");
+        }
+    }
+
+    #[test]
+    fn mappings_cover_exactly_the_models_parameters() {
+        use crate::model::{sharding::TpRank, Model};
+        use partitioner::LayerKind;
+        for arch in [Arch::Gpt, Arch::Llama] {
+            for tie in [false, true] {
+                let s = spec(arch, tie);
+                let mut layers = vec![LayerKind::Embedding];
+                layers.extend((0..s.shape.n_layers).map(LayerKind::Block));
+                layers.push(LayerKind::Head);
+                let model = Model::new(&s, &layers, 0, TpRank::SINGLE).unwrap();
+                let have: BTreeMap<String, Vec<usize>> = model
+                    .params()
+                    .iter()
+                    .map(|p| (p.name.clone(), p.spec.global_shape.clone()))
+                    .collect();
+                let want: BTreeMap<String, Vec<usize>> = mappings(&s, &s)
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| (m.strata, m.shape))
+                    .collect();
+                assert_eq!(have, want, "{arch:?} tied={tie}");
+            }
         }
     }
 
@@ -146,8 +167,8 @@ mod tests {
             assert_same(&imp.load_all(Kind::Float).unwrap(), &p);
             // A tp rank's qkv shard: head 1 of q, k and v each (three column blocks), in a
             // local tensor with a padding column that no block covers.
-            let (d, hd) = (s.d_model, s.head_dim());
-            let (q, kv) = (s.n_heads * hd, s.n_kv_heads * hd);
+            let (d, hd) = (s.shape.d_model, s.shape.head_dim());
+            let (q, kv) = (s.shape.n_heads * hd, s.shape.n_kv_heads * hd);
             let block = |g: usize, l: usize| Block {
                 global_offset: vec![0, g],
                 local_offset: vec![0, l],
@@ -184,28 +205,21 @@ mod tests {
 
     #[test]
     fn fewer_positions_keep_the_first_rows() {
-        let hf_spec = ModelSpec {
-            seq_len: 12,
-            ..spec(Arch::Gpt, true)
-        };
+        let mut hf_spec = spec(Arch::Gpt, true);
+        hf_spec.shape.seq_len = 12;
         let p = random_params(&hf_spec);
         let dir = scratch("crop");
         export(&dir, &hf_spec, None, &p.shallow(), Kind::Float).unwrap();
         let ck = HfCheckpoint::open(&dir).unwrap();
-        let st = ModelSpec {
-            seq_len: 5,
-            ..hf_spec.clone()
-        };
+        let mut st = hf_spec;
+        st.shape.seq_len = 5;
         let wpe = ck
             .import(&st)
             .unwrap()
             .load_full("embed.wpe", Kind::Float)
             .unwrap();
         assert!(wpe.equal(&p["embed.wpe"].narrow(0, 0, 5)));
-        let st = ModelSpec {
-            seq_len: 13,
-            ..hf_spec
-        };
+        st.shape.seq_len = 13;
         let e = ck.import(&st).err().unwrap().to_string();
         assert!(
             e.contains("n_positions = 12") && e.contains("fix: set model.seq_len to at most 12"),

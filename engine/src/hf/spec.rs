@@ -2,83 +2,40 @@
 //! Strata model's parameter shapes and its arithmetic (dims, activation, norm epsilon,
 //! rotary base, tied head). A Strata config and a Hugging Face `config.json` each give
 //! one; an import compares them field by field and refuses the first disagreement by
-//! name ([`check_compat`]).
+//! name ([`check_compat`]). dtype and device are not compared: weights convert.
 //!
 //! Invariant: two models with equal specs compute the same function of the same weights
 //! (positions: a Strata model may use fewer positions than the HF one, see
 //! [`check_compat`]).
 
 use crate::error::{Error, Result};
+use crate::model::{Activation, ModelSpec};
 use partitioner::Arch;
-use serde::{Deserialize, Serialize};
 
-/// The GELU of a GPT MLP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// The exact, erf form (HF `gelu`).
-    #[default]
-    Gelu,
-    /// The tanh approximation GPT-2's weights were trained with (HF `gelu_new`).
-    GeluTanh,
-}
-
-impl Activation {
-    /// The Strata config spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            Activation::Gelu => "gelu",
-            Activation::GeluTanh => "gelu_tanh",
-        }
-    }
-
-    /// The name written to an HF `config.json` (`activation_function`).
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            Activation::Gelu => "gelu",
-            Activation::GeluTanh => "gelu_new",
-        }
-    }
-
-    /// Reads an HF `activation_function`; `None` for one Strata does not compute.
-    pub fn from_hf(name: &str) -> Option<Activation> {
-        match name {
-            "gelu" => Some(Activation::Gelu),
-            // The same function: gelu_new spells the tanh formula out, gelu_pytorch_tanh
-            // calls torch's fused kernel (they agree to float rounding).
-            "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
-            _ => None,
-        }
+/// The name written to an HF `config.json` (`activation_function`).
+pub fn activation_hf_name(a: Activation) -> &'static str {
+    match a {
+        Activation::Gelu => "gelu",
+        Activation::GeluTanh => "gelu_new",
     }
 }
 
-/// Everything that fixes a model's parameters and its numbers.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModelSpec {
-    pub arch: Arch,
-    pub vocab: usize,
-    /// Positions: Strata's `seq_len`; GPT-2 `n_positions`, LLaMA `max_position_embeddings`.
-    pub seq_len: usize,
-    pub d_model: usize,
-    pub n_heads: usize,
-    /// Key/value heads (grouped-query attention); `n_heads` for GPT.
-    pub n_kv_heads: usize,
-    pub n_layers: usize,
-    pub d_ff: usize,
-    /// The LM head is the word embedding (no `head.lm_head.weight`).
-    pub tie_embeddings: bool,
-    /// The GELU form (GPT only; LLaMA's MLP is SwiGLU).
-    pub activation: Activation,
-    /// LayerNorm (GPT) or RMSNorm (LLaMA) epsilon.
-    pub norm_eps: f64,
-    /// Rotary base (LLaMA only).
-    pub rope_theta: f64,
+/// The Strata config spelling of an activation.
+pub fn activation_name(a: Activation) -> &'static str {
+    match a {
+        Activation::Gelu => "gelu",
+        Activation::GeluTanh => "gelu_tanh",
+    }
 }
 
-impl ModelSpec {
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+/// Reads an HF `activation_function`; `None` for one Strata does not compute.
+pub fn activation_from_hf(name: &str) -> Option<Activation> {
+    match name {
+        "gelu" => Some(Activation::Gelu),
+        // The same function: gelu_new spells the tanh formula out, gelu_pytorch_tanh
+        // calls torch's fused kernel (they agree to float rounding).
+        "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+        _ => None,
     }
 }
 
@@ -91,7 +48,8 @@ struct Mismatch {
 }
 
 /// Fields both sides must agree on exactly, as (HF field, Strata key, HF value, Strata value).
-fn exact_fields(hf: &ModelSpec, st: &ModelSpec) -> Vec<Mismatch> {
+fn exact_fields(hf_spec: &ModelSpec, st_spec: &ModelSpec) -> Vec<Mismatch> {
+    let (hf, st) = (&hf_spec.shape, &st_spec.shape);
     let llama = hf.arch == Arch::Llama;
     let pick = |gpt: &'static str, llama_name: &'static str| if llama { llama_name } else { gpt };
     let mut rows: Vec<(&'static str, &'static str, String, String)> = vec![
@@ -134,14 +92,14 @@ fn exact_fields(hf: &ModelSpec, st: &ModelSpec) -> Vec<Mismatch> {
         (
             "tie_word_embeddings",
             "model.tie_embeddings",
-            hf.tie_embeddings.to_string(),
-            st.tie_embeddings.to_string(),
+            hf_spec.tie_embeddings.to_string(),
+            st_spec.tie_embeddings.to_string(),
         ),
         (
             pick("layer_norm_epsilon", "rms_norm_eps"),
             "model.norm_eps",
-            fmt_f(hf.norm_eps),
-            fmt_f(st.norm_eps),
+            fmt_f(hf_spec.norm_eps),
+            fmt_f(st_spec.norm_eps),
         ),
     ];
     if llama {
@@ -154,15 +112,15 @@ fn exact_fields(hf: &ModelSpec, st: &ModelSpec) -> Vec<Mismatch> {
         rows.push((
             "rope_theta",
             "model.rope_theta",
-            fmt_f(hf.rope_theta),
-            fmt_f(st.rope_theta),
+            fmt_f(hf_spec.rope_theta),
+            fmt_f(st_spec.rope_theta),
         ));
     } else {
         rows.push((
             "activation_function",
             "model.activation",
-            hf.activation.hf_name().into(),
-            st.activation.name().into(),
+            activation_hf_name(hf_spec.activation).into(),
+            activation_name(st_spec.activation).into(),
         ));
     }
     rows.into_iter()
@@ -204,8 +162,9 @@ fn fmt_f(v: f64) -> String {
 /// from `path`): every shape and every constant that changes the numbers must agree. The
 /// one allowed difference: Strata may use fewer positions (`seq_len`) than the HF model
 /// has (GPT-2 keeps the first `seq_len` rows of `wpe`, as nanoGPT's `crop_block_size`).
-pub fn check_compat(hf: &ModelSpec, strata: &ModelSpec, path: &str) -> Result<()> {
-    if let Some(m) = exact_fields(hf, strata).into_iter().next() {
+pub fn check_compat(hf_spec: &ModelSpec, strata_spec: &ModelSpec, path: &str) -> Result<()> {
+    let (hf, strata) = (&hf_spec.shape, &strata_spec.shape);
+    if let Some(m) = exact_fields(hf_spec, strata_spec).into_iter().next() {
         let fix = match m.strata_key {
             "model.arch" => format!(
                 "set model.arch: {} to load this {} model",
@@ -218,7 +177,7 @@ pub fn check_compat(hf: &ModelSpec, strata: &ModelSpec, path: &str) -> Result<()
             ),
             "model.activation" => format!(
                 "set model.activation: {} (the function these weights were trained with)",
-                hf.activation.name()
+                activation_name(hf_spec.activation)
             ),
             _ => format!(
                 "set {}: {} in the Strata config",
@@ -267,20 +226,12 @@ fn strata_spelling(key: &str, hf_value: &str) -> String {
 mod tests {
     use super::*;
 
-    pub(crate) fn llama() -> ModelSpec {
+    use partitioner::ModelShape;
+
+    fn llama() -> ModelSpec {
         ModelSpec {
-            arch: Arch::Llama,
-            vocab: 50,
-            seq_len: 16,
-            d_model: 32,
-            n_heads: 4,
-            n_kv_heads: 2,
-            n_layers: 2,
-            d_ff: 64,
-            tie_embeddings: false,
-            activation: Activation::Gelu,
             norm_eps: 1e-6,
-            rope_theta: 10000.0,
+            ..ModelSpec::new(ModelShape::llama(50, 16, 32, 4, 2, 2, 64))
         }
     }
 
@@ -300,7 +251,7 @@ mod tests {
             "{e}"
         );
         let mut st = hf.clone();
-        st.n_kv_heads = 4;
+        st.shape.n_kv_heads = 4;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads = 2"), "{e}");
         let mut st = hf.clone();
@@ -311,11 +262,11 @@ mod tests {
             "{e}"
         );
         let mut st = hf.clone();
-        st.seq_len = 17;
+        st.shape.seq_len = 17;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(e.contains("max_position_embeddings = 16"), "{e}");
         let mut st = hf.clone();
-        st.seq_len = 8;
+        st.shape.seq_len = 8;
         assert!(
             check_compat(&hf, &st, "x").is_ok(),
             "fewer positions are fine"
@@ -329,8 +280,8 @@ mod tests {
     #[test]
     fn gpt_activation_is_compared() {
         let mut hf = llama();
-        hf.arch = Arch::Gpt;
-        hf.n_kv_heads = hf.n_heads;
+        hf.shape.arch = Arch::Gpt;
+        hf.shape.n_kv_heads = hf.shape.n_heads;
         hf.activation = Activation::GeluTanh;
         let mut st = hf.clone();
         assert!(check_compat(&hf, &st, "x").is_ok());
@@ -341,7 +292,7 @@ mod tests {
                 && e.contains("fix: set model.activation: gelu_tanh"),
             "{e}"
         );
-        st.arch = Arch::Llama;
+        st.shape.arch = Arch::Llama;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(
             e.contains("model_type = gpt2") && e.contains("model.arch: gpt"),
