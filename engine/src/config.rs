@@ -21,6 +21,8 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+mod init_from;
+
 /// A positive integer in a config; zero or negative values are rejected with the field
 /// name and the fix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -112,6 +114,11 @@ pub struct ModelConfig {
     /// Base of the rotary position embeddings (llama).
     #[serde(default = "rope_theta")]
     pub rope_theta: f64,
+    /// Start from the weights of a Hugging Face directory (`GPT2LMHeadModel` or
+    /// `LlamaForCausalLM`, e.g. written by `strata export --format hf`); relative to the
+    /// config's directory. See [`init_from`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 fn norm_eps() -> f64 {
@@ -303,6 +310,10 @@ pub struct Config {
     /// Where the config was read from (not a YAML key).
     #[serde(skip)]
     pub source: PathBuf,
+    /// The character vocabulary of `model.init_from` (its `vocab.json`), which then
+    /// numbers the data's tokens (not a YAML key).
+    #[serde(skip)]
+    pub init_vocab: Option<CharVocab>,
 }
 
 /// Schedules the engine can run today.
@@ -394,6 +405,7 @@ impl Config {
             }
         })?;
         cfg.source = path.to_path_buf();
+        init_from::adopt(&mut cfg, text)?;
         Ok(cfg)
     }
 
@@ -408,6 +420,7 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         self.check_model_constants()?;
+        init_from::check_vocab(self)?;
         let p = &self.parallel;
         if ScheduleKind::from_name(&p.schedule).is_none_or(|k| k == ScheduleKind::ForwardOnly) {
             return Err(self.field_error(
@@ -497,7 +510,12 @@ impl Config {
         self.plan_for(&shape)?;
         self.check_checkpoint_keys()?;
         self.check_resume(&source, &shape)?;
-        Ok(())
+        init_from::check(self)
+    }
+
+    /// The directory of `model.init_from`, resolved against the config's directory.
+    pub fn init_from_dir(&self) -> Option<PathBuf> {
+        Some(self.beside_config(self.model.init_from.as_ref()?))
     }
 
     /// Checks the architecture constants (`activation`, `norm_eps`, `rope_theta`).
@@ -641,7 +659,10 @@ impl Config {
                         "point train.data at an existing text file, or use `random`".into(),
                     ));
                 }
-                let vocab = CharVocab::from_file(&path)?;
+                let vocab = match &self.init_vocab {
+                    Some(v) => init_from::covering_vocab(self, v, &path)?,
+                    None => CharVocab::from_file(&path)?,
+                };
                 let min_len = 2 * (*self.model.seq_len + 1);
                 if vocab.len_tokens < min_len {
                     return Err(self.field_error(
@@ -808,6 +829,9 @@ impl Config {
             c.train.data = p.display().to_string();
         }
         c.output.dir = self.output_dir().display().to_string();
+        if let Some(dir) = self.init_from_dir() {
+            c.model.init_from = Some(dir.display().to_string());
+        }
         c.model.vocab = Vocab::Fixed(self.shape()?.vocab);
         serde_yaml::to_string(&c).map_err(|e| Error::Internal(format!("serialising config: {e}")))
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod dp;
 pub mod error;
+pub mod eval;
 pub mod executor;
 pub mod flat;
 pub mod flight;

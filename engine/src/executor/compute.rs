@@ -25,6 +25,8 @@ pub(crate) struct State {
     pub outbox: HashMap<Key, Tensor>,
     pub grads_in: HashMap<Key, Tensor>,
     pub grads_out: HashMap<Key, Tensor>,
+    /// (microbatch, logits) of the last chunk, with `StepData::keep_logits`.
+    pub logits: Vec<(usize, Tensor)>,
 }
 
 impl State {
@@ -75,13 +77,17 @@ pub(super) fn forward(step: &mut Step<'_>, a: &Action) -> Result<f64> {
         true => Pass::Train {
             split: step.split_backward,
         },
+        false if step.data.keep_logits => Pass::EvalLogits,
         false => Pass::Eval,
     };
     let model = step
         .chunks
         .get(l.slot_of(c))
         .ok_or_else(|| bug("model chunk", a))?;
-    let fwd = model.forward(&input, targets, step.tp, pass)?;
+    let mut fwd = model.forward(&input, targets, step.tp, pass)?;
+    if let Some(z) = fwd.logits.take() {
+        step.state.logits.push((a.mb.0, z));
+    }
     let mut loss = 0.0;
     if l.is_last(c) {
         loss = fwd

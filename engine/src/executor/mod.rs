@@ -63,6 +63,8 @@ pub struct StepData {
     pub hidden_kind: tch::Kind,
     /// Microbatches in the step (the loss of each is divided by this).
     pub microbatches: usize,
+    /// Forward-only steps: keep the last chunk's logits ([`StepStats::logits`]).
+    pub keep_logits: bool,
 }
 
 /// A timed action, seconds since the step started.
@@ -74,7 +76,7 @@ pub struct Span {
 }
 
 /// What one step on one rank measured.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct StepStats {
     /// Sum of microbatch losses (rank holding the last chunk only).
     pub loss_sum: f64,
@@ -87,6 +89,9 @@ pub struct StepStats {
     /// Wall-clock time (µs since the Unix epoch) at which the step started.
     pub start_unix_us: f64,
     pub spans: Vec<Span>,
+    /// With [`StepData::keep_logits`]: (microbatch, this rank's logits `[b, s, n_local]`)
+    /// on the rank holding the last chunk.
+    pub logits: Vec<(usize, Tensor)>,
 }
 
 type Key = (StageId, MicrobatchId);
@@ -168,5 +173,6 @@ pub fn run_actions(
         });
     }
     step.state.check_done()?;
+    stats.logits = std::mem::take(&mut step.state.logits);
     Ok(stats)
 }

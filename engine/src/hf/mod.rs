@@ -7,6 +7,7 @@
 //!   the name tables and layout notes), and exact conversions on whole tensors or on a
 //!   rank's [`crate::shard::ShardSpec`] blocks;
 //! * [`import`]: an HF directory opened, checked and loaded (`model.init_from`);
+//! * [`init`]: `model.init_from` loaded into each rank's parameter shards;
 //! * [`export`]: a Strata model written as an HF directory (`strata export --format hf`);
 //! * [`vocab`]: the character vocabulary as `vocab.json`.
 //!
@@ -17,6 +18,7 @@ pub mod config;
 pub mod export;
 mod gpt2;
 pub mod import;
+pub mod init;
 mod llama;
 pub mod mapping;
 pub mod safetensors_io;
@@ -26,6 +28,7 @@ pub mod vocab;
 pub use config::HfConfig;
 pub use export::{export, StrataSource};
 pub use import::{HfCheckpoint, Import};
+pub use init::load_init_from;
 pub use mapping::{from_hf, mappings, to_hf};
 pub use spec::check_compat;
 pub use vocab::HfVocab;

@@ -13,7 +13,7 @@
 use super::layers::{vocab_slice, Linear, Norm};
 use super::params::{Init, ParamBuilder};
 use super::sharding::Split;
-use super::tape::{all_reduce, Tape, V};
+use super::tape::{all_reduce, Mode, Tape, V};
 use super::{Ctx, ModelSpec, INIT_STD};
 use crate::comm::{Communicator, ReduceOp};
 use crate::error::Result;
@@ -184,6 +184,17 @@ impl Head {
                 .ctx(c)?;
         }
         all_reduce(&full, tp, ReduceOp::Sum)
+    }
+
+    /// This rank's logits of the hidden state `x` (`[b, s, n_local]`, padded columns −∞),
+    /// outside any autograd graph: what the loss is computed from, for inspection.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let mut tape = Tape::new(Mode::Eval, false, x);
+        let z = tape.seg1(&[0], |t, rec| {
+            let h = self.norm.forward(&t[0])?;
+            self.lm_head.forward(&h, rec)
+        })?;
+        self.mask_padding(tape.value(z).detach())
     }
 
     /// Adds −∞ to the padded vocabulary columns of this rank's logits.

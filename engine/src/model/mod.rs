@@ -110,6 +110,8 @@ enum Layer {
 pub enum Pass {
     /// No gradients.
     Eval,
+    /// No gradients; the chunk with the head also keeps its logits ([`Forward::logits`]).
+    EvalLogits,
     /// For training; `split` prepares a zero-bubble backward (`I` then `W`).
     Train { split: bool },
 }
@@ -121,6 +123,9 @@ pub struct Forward {
     /// detached.
     pub output: Tensor,
     seed: Seed,
+    /// With [`Pass::EvalLogits`] on the chunk with the head: this rank's logits
+    /// `[b, s, n_local]` (its vocabulary columns; padded columns −∞).
+    pub logits: Option<Tensor>,
 }
 
 /// What seeds a chunk's backward.
@@ -231,7 +236,7 @@ impl Model {
         pass: Pass,
     ) -> Result<Forward> {
         let mode = match pass {
-            Pass::Eval => Mode::Eval,
+            Pass::Eval | Pass::EvalLogits => Mode::Eval,
             Pass::Train { .. } if self.tp.size == 1 => Mode::Fused,
             Pass::Train { .. } => Mode::Cut,
         };
@@ -245,9 +250,18 @@ impl Model {
                 Layer::Head(h) => {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
+                    let logits = match pass {
+                        Pass::EvalLogits => Some(h.logits(tape.value(x))?),
+                        _ => None,
+                    };
                     let (loss, seed) = h.forward(&mut tape, x, targets, tp)?;
                     let output = tape.value(loss).detach();
-                    return Ok(Forward { tape, output, seed });
+                    return Ok(Forward {
+                        tape,
+                        output,
+                        seed,
+                        logits,
+                    });
                 }
             }
         }
@@ -256,6 +270,7 @@ impl Model {
             tape,
             output,
             seed: Seed::Hidden(x),
+            logits: None,
         })
     }
 

@@ -109,6 +109,7 @@ impl RankState {
             .iter()
             .flat_map(|c| c.params().iter().map(Param::alias))
             .collect();
+        crate::hf::load_init_from(cfg, &params)?;
         let flat = FlatBuffers::adopt(&params)?;
         let shape = plan.model;
         let tied_numel = (spec.tie_embeddings && layout.n_chunks > 1)
@@ -202,6 +203,7 @@ impl RankState {
             hidden_shape: self.hidden_shape.clone(),
             hidden_kind: self.chunks[0].spec().kind,
             microbatches,
+            keep_logits: false,
         })
     }
 }
