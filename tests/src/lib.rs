@@ -2,6 +2,8 @@
 //! time limit (so a hang fails the test instead of stalling CI), reading metrics, and
 //! running the engine in-process on the local (crossbeam) transport.
 
+pub mod hf;
+
 use engine::comm::groups::ParallelComms;
 use engine::model::sharding::assemble;
 use engine::shard::ShardSpec;
@@ -315,63 +317,6 @@ pub fn assert_losses_match(
             i + 1
         );
     }
-}
-
-/// The cached venv's Python (torch + transformers, installed by scripts/setup.sh);
-/// `STRATA_PYTHON` overrides it.
-pub fn venv_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("STRATA_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("STRATA_CACHE").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/strata"),
-        PathBuf::from,
-    );
-    cache.join("torch-2.11.0/bin/python")
-}
-
-/// Runs `tests/python/hf_reference.py` on `jobs` (see its docstring) in one offline
-/// Python process, with `dir` as its scratch space; panics with its output on failure.
-pub fn run_hf_reference(jobs: &serde_json::Value, dir: &Path) {
-    let python = venv_python();
-    assert!(
-        python.is_file(),
-        "{} is missing: run scripts/setup.sh (it installs torch and transformers for the tests)",
-        python.display()
-    );
-    let jobs_path = write(dir, "jobs.json", &jobs.to_string());
-    let mut cmd = Command::new(python);
-    cmd.arg(repo_root().join("tests/python/hf_reference.py"))
-        .arg(&jobs_path)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .env("HF_HOME", dir.join("hf-home"))
-        .env("TOKENIZERS_PARALLELISM", "false")
-        .env("OMP_NUM_THREADS", "1")
-        .env("PYTHONWARNINGS", "ignore")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let run = run_with_limit(cmd, Duration::from_secs(300));
-    assert!(
-        !run.timed_out && run.code == Some(0),
-        "hf_reference.py failed ({:?}); if transformers is missing, run scripts/setup.sh\nstdout: {}\nstderr: {}",
-        run.code,
-        run.stdout,
-        run.stderr
-    );
-}
-
-/// The largest |a − b| over max|a| of two tensors of the same shape (0 when both are 0).
-pub fn max_rel_diff(a: &engine::tch::Tensor, b: &engine::tch::Tensor) -> f64 {
-    use engine::tch::Kind;
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    let scale = a.abs().max().double_value(&[]).max(1e-30);
-    let diff = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[]);
-    diff / scale
 }
 
 /// Captured gradients of every parameter, reassembled to full shape from the

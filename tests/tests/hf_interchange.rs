@@ -8,7 +8,8 @@ use engine::hf::{export, safetensors_io::read_all, HfCheckpoint};
 use engine::tch::Kind;
 use serde_json::json;
 use std::path::Path;
-use strata_tests::{max_rel_diff, run_hf_reference, scratch};
+use strata_tests::hf::{max_rel_diff, run_hf_reference};
+use strata_tests::scratch;
 
 /// Small models that cover every mapping rule: GQA, tied and untied heads, both GELUs,
 /// more positions than a Strata config would use.
