@@ -36,7 +36,7 @@ impl LaunchError {
 }
 
 /// Looks `program` up like a shell: a path with a slash is taken as is, else PATH.
-fn find_program(program: &Path) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 {
         return program.is_file().then(|| program.to_path_buf());
     }

@@ -4,6 +4,8 @@
 //! missing mpiexec) — always with a one-line message naming the field and the fix.
 
 mod checkpoint_cmd;
+mod eval_cmd;
+mod export_cmd;
 mod launch;
 mod plan_cmd;
 mod simulate_cmd;
@@ -60,6 +62,20 @@ enum Command {
     /// Inspect or verify a checkpoint (a step-NNNNNN directory or a checkpoint root).
     #[command(subcommand)]
     Checkpoint(checkpoint_cmd::CheckpointCmd),
+    /// Mean cross-entropy and perplexity of a checkpoint, Hugging Face directory or
+    /// config over a text file's consecutive windows, on any layout (under mpiexec).
+    Eval(eval_cmd::EvalArgs),
+    /// Write a checkpoint as a Hugging Face directory (`--format hf`).
+    Export(export_cmd::ExportArgs),
+    /// Run one rank of `strata eval`; started by mpiexec.
+    #[command(hide = true)]
+    EvalWorker {
+        /// The job file written by `strata eval`.
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one rank of a job; started by mpiexec, mpirun or srun.
     Worker {
         /// Experiment YAML file.
@@ -76,6 +92,9 @@ fn main() -> ExitCode {
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
         Command::Simulate { config, svg } => simulate_cmd::simulate_config(&config, svg),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(&cmd),
+        Command::Eval(args) => eval_cmd::eval(&args),
+        Command::Export(args) => export_cmd::export(&args),
+        Command::EvalWorker { job, json } => return eval_cmd::worker(&job, json),
         Command::Worker { config } => return worker::run(&config),
     };
     match result {

@@ -10,8 +10,10 @@
 //! Invariant: the result is the mean over tokens of the per-token cross-entropy, whatever
 //! the layout and batching (up to float summation order).
 
+mod job;
 mod windows;
 
+pub use job::{DataPart, EvalJob, LayoutArg, Weights};
 pub use windows::{encode, Windows};
 
 use crate::comm::groups::ParallelComms;

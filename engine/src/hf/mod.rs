@@ -9,6 +9,7 @@
 //! * [`import`]: an HF directory opened, checked and loaded (`model.init_from`);
 //! * [`init`]: `model.init_from` loaded into each rank's parameter shards;
 //! * [`export`]: a Strata model written as an HF directory (`strata export --format hf`);
+//! * [`from_checkpoint`]: a Strata checkpoint exported (`strata export`);
 //! * [`vocab`]: the character vocabulary as `vocab.json`.
 //!
 //! Invariant: import and export are exact inverses on the weights (copies, transposes,
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod export;
+pub mod from_checkpoint;
 mod gpt2;
 pub mod import;
 pub mod init;
@@ -27,6 +29,7 @@ pub mod vocab;
 
 pub use config::HfConfig;
 pub use export::{export, StrataSource};
+pub use from_checkpoint::export_checkpoint;
 pub use import::{HfCheckpoint, Import};
 pub use init::load_init_from;
 pub use mapping::{from_hf, mappings, to_hf};
