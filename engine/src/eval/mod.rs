@@ -161,14 +161,14 @@ pub fn evaluate(
     let (mut weighted, mut tokens) = (0.0f64, 0.0f64);
     let mut logits = Vec::new();
     for pass in passes(mine_first, mine_n, m, *cfg.parallel.micro_batch_size) {
-        if !schedules.contains_key(&pass.microbatches) {
+        if let std::collections::hash_map::Entry::Vacant(e) = schedules.entry(pass.microbatches) {
             let s = Schedule::build_virtual(ScheduleKind::ForwardOnly, pp, v, pass.microbatches)
                 .and_then(|s| s.lower())
                 .map_err(|source| Error::Plan {
                     path: cfg.source.display().to_string(),
                     source,
                 })?;
-            schedules.insert(pass.microbatches, s);
+            e.insert(s);
         }
         let data = pass_data(cfg, windows, pass, has_first, has_last, opts)?;
         let stats = run_actions(
