@@ -4,6 +4,8 @@
 
 pub mod hf;
 
+pub use hf::{max_rel_diff, run_hf_reference, venv_python};
+
 use engine::comm::groups::ParallelComms;
 use engine::model::sharding::assemble;
 use engine::shard::ShardSpec;

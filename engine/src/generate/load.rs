@@ -94,30 +94,12 @@ fn layout_error(e: partitioner::Error) -> Error {
     )
 }
 
-/// The model of an HF directory's `config.json`, in `kind` on `device`.
-pub fn spec_from_hf(hf: &crate::hf::ModelSpec, kind: tch::Kind, device: tch::Device) -> ModelSpec {
-    use crate::hf::Activation as A;
-    use crate::model::Activation;
-    let shape = partitioner::ModelShape {
-        arch: hf.arch,
-        vocab: hf.vocab,
-        seq_len: hf.seq_len,
-        d_model: hf.d_model,
-        n_heads: hf.n_heads,
-        n_kv_heads: hf.n_kv_heads,
-        n_layers: hf.n_layers,
-        d_ff: hf.d_ff,
-    };
+/// The model of an HF directory's `config.json` (already a [`ModelSpec`], see
+/// [`crate::hf::HfConfig`]), in `kind` on `device`.
+pub fn spec_from_hf(hf: &ModelSpec, kind: tch::Kind, device: tch::Device) -> ModelSpec {
     ModelSpec {
-        shape,
-        tie_embeddings: hf.tie_embeddings,
-        activation: match hf.activation {
-            A::Gelu => Activation::Gelu,
-            A::GeluTanh => Activation::GeluTanh,
-        },
-        norm_eps: hf.norm_eps,
-        rope_theta: hf.rope_theta,
         kind,
         device,
+        ..*hf
     }
 }
