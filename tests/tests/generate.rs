@@ -149,7 +149,7 @@ impl engine::generate::Weights for HfWeights {
         spec: &engine::shard::ShardSpec,
         dst: &engine::tch::Tensor,
     ) -> engine::Result<()> {
-        let target = self.0.config.spec.clone();
+        let target = self.0.config.spec;
         let import = self.0.import(&target)?;
         engine::tch::no_grad(|| import.load_shard(name, spec, dst))
     }
