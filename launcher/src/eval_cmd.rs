@@ -10,6 +10,8 @@ use crate::launch::{find_program, LaunchError};
 use clap::Args;
 use engine::comm::groups::ParallelComms;
 use engine::eval::{evaluate, EvalJob, EvalOptions, EvalResult, LayoutArg};
+use engine::flight::{FlightRecorder, DEFAULT_CAPACITY};
+use engine::watchdog::Watch;
 use mpi::topology::Communicator as _;
 use partitioner::Rank;
 use std::path::{Path, PathBuf};
@@ -110,7 +112,7 @@ pub fn worker(job_path: &Path, json: bool) -> ExitCode {
         Err(e) => {
             let code = if e.is_user_error() { 2 } else { 1 };
             if !e.is_user_error() || rank.0 == 0 {
-                crate::report_and_abort(
+                crate::worker::report_and_abort(
                     &world,
                     format!("strata eval-worker rank {rank}/{size}: error: {e}"),
                     code,
@@ -135,7 +137,12 @@ fn run_rank(
     let cfg = job.config()?;
     cfg.check_world(universe.world().size() as usize)?;
     let windows = job.windows(&cfg)?;
-    let mut comms = ParallelComms::from_mpi(universe.world(), cfg.mesh()?)?;
+    let mesh = cfg.mesh()?;
+    let rank = Rank(universe.world().rank() as usize);
+    let flight = FlightRecorder::new(rank, mesh.coords(rank).ok(), DEFAULT_CAPACITY);
+    // Every wait is under the config's deadlines, so a lost rank cannot hang the eval.
+    let watch = Watch::new(flight, Some(mesh), cfg.watchdog(), None);
+    let mut comms = ParallelComms::from_mpi(universe.world(), mesh, &watch)?;
     let load = |params: &[engine::model::Param]| job.load_weights(&cfg, params);
     let r = evaluate(&cfg, &mut comms, &load, &windows, EvalOptions::default())?;
     Ok((r, job))

@@ -100,7 +100,7 @@ fn print_line(line: &str) {
 }
 
 /// Prints `msg`, gives mpiexec a moment to forward it, then aborts the job.
-fn report_and_abort(world: &SimpleCommunicator, msg: String, code: i32) -> ! {
+pub(crate) fn report_and_abort(world: &SimpleCommunicator, msg: String, code: i32) -> ! {
     print_line(&msg);
     std::thread::sleep(std::time::Duration::from_millis(300));
     world.abort(code)
