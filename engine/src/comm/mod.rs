@@ -8,7 +8,8 @@
 //!   schedule that validates in the simulator (which assumes non-blocking sends) cannot
 //!   deadlock on sends;
 //! * messages between one (sender, receiver, tag) triple arrive in order;
-//! * waiting never busy-spins a core: waits poll with an exponential sleep back-off;
+//! * waiting never takes a core from a peer for long: MPI waits poll under a
+//!   [`wait::WaitPolicy`] (yield, then sleeps of at most 100 µs, by default);
 //! * every wait has a deadline (`parallel.timeout_s`, see [`crate::watchdog`]): past it,
 //!   the wait returns [`Error::Stalled`] naming the rank it waited on;
 //! * if a peer fails, waits return [`Error::PeerFailed`] (local) or the job is aborted
@@ -20,12 +21,12 @@
 pub mod groups;
 pub mod local;
 pub mod mpi;
+pub mod wait;
 pub mod wire;
 
 use crate::error::Result;
 use crate::flight::FlightRecorder;
 use partitioner::Rank;
-use std::time::Duration;
 
 /// Message tags. Per-microbatch traffic encodes the receiving chunk's slot on its rank
 /// (0..4) and the microbatch (0..1024): `kind | slot << 3 | mb << 5`, which stays below the
@@ -102,8 +103,9 @@ pub trait Communicator: Send {
     /// MPI jobs are torn down by `MPI_Abort` instead.
     fn abort_peers(&self) {}
 
-    /// Element-wise sum of `values` over all ranks, left on every rank. Reduced in rank
-    /// order on rank 0, so the result is bit-identical on every rank and every run.
+    /// Element-wise sum of `values` over all ranks, left on every rank, bit-identical on
+    /// every rank and every run. The default (in-process) reduces in rank order on rank 0
+    /// and broadcasts; MPI overrides it with its own collective (`MPI_Iallreduce`).
     fn all_reduce_sum(&mut self, values: &mut [f64]) -> Result<()> {
         let n = self.size();
         if n == 1 {
@@ -175,27 +177,23 @@ pub trait Communicator: Send {
         Ok(())
     }
 
+    /// Element-wise reduction (`op`) of `send` over all ranks into `recv` (same length),
+    /// identical on every rank; `send` is left as it was. MPI reads `send` and writes
+    /// `recv` in their own memory (no copies); the default copies, then reduces in place.
+    fn all_reduce_into(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(crate::error::Error::Internal(format!(
+                "all-reduce of {} values into {}",
+                send.len(),
+                recv.len()
+            )));
+        }
+        recv.copy_from_slice(send);
+        self.all_reduce_f32(recv, op)
+    }
+
     /// Blocks until every rank has reached the barrier.
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_sum(&mut [0.0])
-    }
-}
-
-/// Sleep-based back-off for polling waits: a few immediate re-checks, then sleeps that
-/// double from 20 µs up to 1 ms, so an idle rank costs almost no CPU.
-#[derive(Default)]
-pub struct Backoff {
-    tries: u32,
-}
-
-impl Backoff {
-    pub fn wait(&mut self) {
-        if self.tries < 8 {
-            std::thread::yield_now();
-        } else {
-            let us = 20u64 << (self.tries - 8).min(6);
-            std::thread::sleep(Duration::from_micros(us.min(1000)));
-        }
-        self.tries = self.tries.saturating_add(1);
     }
 }

@@ -1,5 +1,9 @@
 //! MPI communicator over the `mpi` crate (MPICH or Open MPI).
 //!
+//! Collectives are MPI's own (`MPI_Iallreduce`, in place on the caller's memory with
+//! `MPI_IN_PLACE`, or from one buffer straight into another), never a star through rank 0.
+//! Waits loop over `MPI_Test` under a [`WaitPolicy`] (see [`super::wait`]).
+//!
 //! Sends are `MPI_Isend`s whose buffers are kept in a pending list until `MPI_Test` says
 //! they are done. Receives are either posted early (`MPI_Irecv` into an owned buffer of the
 //! expected size, see [`Communicator::post_recv`]) and completed by polling `MPI_Test`, or,
@@ -13,7 +17,8 @@
 //! returns [`Error::Stalled`] naming the rank waited on. Every operation is recorded in
 //! the rank's flight recorder (peer as a world rank, bytes), sends until they complete.
 
-use super::{Backoff, Communicator, ReduceOp, Tag};
+use super::wait::{WaitPolicy, Waiter};
+use super::{Communicator, ReduceOp, Tag};
 use crate::error::{Error, Result};
 use crate::flight::{CommOp, Group};
 use crate::watchdog::{Deadline, Watch};
@@ -53,6 +58,20 @@ pub struct MpiComm {
     group: Group,
     /// World rank of each member, by group rank.
     world_ranks: Vec<Rank>,
+    /// What a wait does between two tests.
+    wait: WaitPolicy,
+}
+
+extern "C" {
+    /// `MPI_IN_PLACE` of the MPI library the engine is built against (a macro in mpi.h,
+    /// which the `mpi` crate does not bind; see `mpi_shim.c`).
+    fn strata_mpi_in_place() -> *mut std::ffi::c_void;
+}
+
+/// `MPI_IN_PLACE`.
+fn in_place() -> *const std::ffi::c_void {
+    // SAFETY: returns a constant.
+    unsafe { strata_mpi_in_place() }
 }
 
 /// The world ranks of the members of `comm`, in group-rank order.
@@ -96,6 +115,7 @@ impl MpiComm {
             watch,
             group,
             world_ranks,
+            wait: WaitPolicy::from_env()?,
         })
     }
 
@@ -255,62 +275,31 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce_f32(&mut self, values: &mut [f32], op: ReduceOp) -> Result<()> {
-        if self.size() == 1 {
-            return Ok(());
+        let dtype = f32::equivalent_datatype().as_raw();
+        let (n, recv) = (values.len(), values.as_mut_ptr().cast());
+        // SAFETY: `values` is borrowed mutably for the whole (waited-for) collective.
+        unsafe { self.iallreduce(None, recv, n, 4, dtype, op) }
+    }
+
+    fn all_reduce_into(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(Error::Internal(format!(
+                "all-reduce of {} values into {}",
+                send.len(),
+                recv.len()
+            )));
         }
-        let count = i32::try_from(values.len()).map_err(|_| {
-            Error::Comm(format!(
-                "all-reduce of {} values exceeds 2^31",
-                values.len()
-            ))
-        })?;
-        let bytes = 4 * values.len();
-        let event = self
-            .watch
-            .flight()
-            .comm(CommOp::AllReduce, self.group, None, 0, bytes);
-        // MPI_IN_PLACE is a macro with no binding: reduce from a copy.
-        let send = values.to_vec();
-        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
-        let rc = unsafe {
-            ffi::MPI_Iallreduce(
-                send.as_ptr() as *const std::ffi::c_void,
-                values.as_mut_ptr() as *mut std::ffi::c_void,
-                count,
-                f32::equivalent_datatype().as_raw(),
-                match op {
-                    ReduceOp::Sum => ffi::RSMPI_SUM,
-                    ReduceOp::Max => ffi::RSMPI_MAX,
-                },
-                self.comm.as_raw(),
-                req.as_mut_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
-        }
-        let mut req = unsafe { req.assume_init() };
-        let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut backoff = Backoff::default();
-        loop {
-            let mut flag = 0;
-            let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
-            let rc = unsafe { ffi::MPI_Test(&mut req, &mut flag, status.as_mut_ptr()) };
-            if rc != 0 {
-                return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
-            }
-            if flag != 0 {
-                self.watch.flight().end(event);
-                return Ok(());
-            }
-            if deadline.passed() {
-                // The buffers belong to MPI until the request completes: leak them.
-                std::mem::forget(send);
-                return Err(self.stalled(CommOp::AllReduce, None, Tag(0), bytes, &deadline));
-            }
-            progress(&mut self.pending, &self.watch)?;
-            backoff.wait();
-        }
+        let dtype = f32::equivalent_datatype().as_raw();
+        let (n, to) = (recv.len(), recv.as_mut_ptr().cast());
+        // SAFETY: both borrowed for the whole (waited-for) collective; distinct slices.
+        unsafe { self.iallreduce(Some(send.as_ptr().cast()), to, n, 4, dtype, op) }
+    }
+
+    fn all_reduce_sum(&mut self, values: &mut [f64]) -> Result<()> {
+        let dtype = f64::equivalent_datatype().as_raw();
+        let (n, recv) = (values.len(), values.as_mut_ptr().cast());
+        // SAFETY: as in all_reduce_f32.
+        unsafe { self.iallreduce(None, recv, n, 8, dtype, ReduceOp::Sum) }
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -323,7 +312,7 @@ impl Communicator for MpiComm {
             .flight()
             .comm(CommOp::Flush, self.group, None, 0, 0);
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut backoff = Backoff::default();
+        let mut waiter = Waiter::new(self.wait);
         loop {
             progress(&mut self.pending, &self.watch)?;
             if self.pending.is_empty() {
@@ -349,16 +338,85 @@ impl Communicator for MpiComm {
                     .watch
                     .timeout(what, peer, &self.world_ranks, deadline.waited()));
             }
-            backoff.wait();
+            waiter.pause();
         }
     }
 }
 
 impl MpiComm {
+    /// `MPI_Iallreduce` of `count` elements of `dtype` (`elt` bytes each) from `send` into
+    /// `recv` (`send` None: `MPI_IN_PLACE`, in `recv`'s own memory), waited for under the
+    /// deadline. MPI's own collective: the same result on every rank, no star through a
+    /// root, no copy of the buffers.
+    ///
+    /// # Safety
+    /// `send` (if any) and `recv` point to `count` valid elements, nothing else touches
+    /// them until this returns, and they do not overlap. Past the deadline MPI still owns
+    /// them: the caller's error path must end the job (the watchdog aborts it).
+    unsafe fn iallreduce(
+        &mut self,
+        send: Option<*const std::ffi::c_void>,
+        recv: *mut std::ffi::c_void,
+        count: usize,
+        elt: usize,
+        dtype: ffi::MPI_Datatype,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if self.size() == 1 {
+            if let Some(send) = send {
+                std::ptr::copy_nonoverlapping(send.cast::<u8>(), recv.cast::<u8>(), count * elt);
+            }
+            return Ok(());
+        }
+        let n = i32::try_from(count)
+            .map_err(|_| Error::Comm(format!("all-reduce of {count} values exceeds 2^31")))?;
+        let bytes = elt * count;
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::AllReduce, self.group, None, 0, bytes);
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        let rc = ffi::MPI_Iallreduce(
+            send.unwrap_or_else(in_place),
+            recv,
+            n,
+            dtype,
+            match op {
+                ReduceOp::Sum => ffi::RSMPI_SUM,
+                ReduceOp::Max => ffi::RSMPI_MAX,
+            },
+            self.comm.as_raw(),
+            req.as_mut_ptr(),
+        );
+        if rc != 0 {
+            return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+        }
+        let mut req = req.assume_init();
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
+        let mut waiter = Waiter::new(self.wait);
+        loop {
+            let mut flag = 0;
+            let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+            let rc = ffi::MPI_Test(&mut req, &mut flag, status.as_mut_ptr());
+            if rc != 0 {
+                return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+            }
+            if flag != 0 {
+                self.watch.flight().end(event);
+                return Ok(());
+            }
+            if deadline.passed() {
+                return Err(self.stalled(CommOp::AllReduce, None, Tag(0), bytes, &deadline));
+            }
+            progress(&mut self.pending, &self.watch)?;
+            waiter.pause();
+        }
+    }
+
     /// Waits for a receive posted by [`Communicator::post_recv`].
     fn complete_posted(&mut self, mut posted: PostedRecv, from: Rank, tag: Tag) -> Result<Vec<u8>> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut backoff = Backoff::default();
+        let mut waiter = Waiter::new(self.wait);
         loop {
             let mut flag = 0;
             let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
@@ -389,14 +447,14 @@ impl MpiComm {
                 return Err(self.stalled(CommOp::Recv, Some(from), tag, len, &deadline));
             }
             progress(&mut self.pending, &self.watch)?;
-            backoff.wait();
+            waiter.pause();
         }
     }
 
     /// Waits for a message nobody posted a receive for, and receives it at its size.
     fn probe_and_receive(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut backoff = Backoff::default();
+        let mut waiter = Waiter::new(self.wait);
         let process = self.comm.process_at_rank(from.0 as i32);
         loop {
             if let Some(status) = process.immediate_probe_with_tag(tag.0) {
@@ -409,7 +467,7 @@ impl MpiComm {
                 return Err(self.stalled(CommOp::Recv, Some(from), tag, 0, &deadline));
             }
             progress(&mut self.pending, &self.watch)?;
-            backoff.wait();
+            waiter.pause();
         }
     }
 }

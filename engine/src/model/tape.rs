@@ -143,21 +143,36 @@ pub struct Tape {
     records: Vec<LinearRecord>,
 }
 
-/// All-reduces `t` over the tensor-parallel group.
+/// All-reduces `t` over the tensor-parallel group into a new tensor. Zero-copy: the
+/// collective reads `t`'s memory (when it already is a contiguous f32 CPU tensor, as
+/// activations are) and writes the result straight into the new tensor's memory; `t`
+/// itself is left as it was (autograd may hold it).
 pub fn all_reduce(t: &Tensor, tp: &mut dyn Communicator, op: ReduceOp) -> Result<Tensor> {
     let t = t
         .f_to_kind(Kind::Float)
         .and_then(|t| t.f_contiguous())
         .ctx("all-reduce input")?;
+    if t.device() != tch::Device::Cpu {
+        return Err(Error::Internal(format!(
+            "tensor-parallel all-reduce needs a CPU tensor, got one on {:?}",
+            t.device()
+        )));
+    }
+    let out = Tensor::f_empty(t.size(), (Kind::Float, t.device())).ctx("all-reduce result")?;
     let n = t.numel();
-    let mut buf = vec![0f32; n];
-    t.f_view([-1])
-        .and_then(|v| v.f_copy_data(&mut buf, n))
-        .ctx("all-reduce copy")?;
-    tp.all_reduce_f32(&mut buf, op)?;
-    Tensor::f_from_slice(&buf)
-        .and_then(|r| r.f_view(t.size().as_slice()))
-        .ctx("all-reduce result")
+    if n == 0 {
+        return Ok(out);
+    }
+    // SAFETY: both are contiguous f32 CPU tensors of `n` elements, alive for the call;
+    // `out` is fresh, so the two do not overlap, and nothing else touches them meanwhile.
+    let (send, recv) = unsafe {
+        (
+            std::slice::from_raw_parts(t.data_ptr() as *const f32, n),
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+        )
+    };
+    tp.all_reduce_into(send, recv, op)?;
+    Ok(out)
 }
 
 impl Tape {
