@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod comm;
+pub mod compress;
 pub mod config;
 pub mod data;
 pub mod dp;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod optim;
 pub mod preempt;
 pub mod profile;
+pub mod quant;
 pub mod rng;
 pub mod shard;
 pub mod trace;

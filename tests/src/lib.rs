@@ -425,3 +425,54 @@ pub fn generate_local(
     }
     report.expect("rank 0 reports")
 }
+
+/// Writes a checkpoint (one rank, tp = pp = 1) of the model of `config_yaml` (a config
+/// whose `model.vocab` is a number) with [`TestWeights`] values, under `root`; returns
+/// its `step-N` directory.
+pub fn write_test_checkpoint(root: &Path, config_yaml: &str, weights: TestWeights) -> PathBuf {
+    use engine::checkpoint::{save, Layout, SaveMeta, SaveOptions, SavedTensor};
+    use engine::generate::Weights;
+    let cfg = Config::parse(config_yaml, &root.join("config.yaml")).unwrap();
+    let spec = cfg.model_spec().unwrap();
+    let layers = engine::compress::model_layers(spec.shape.n_layers);
+    let model = engine::model::Model::for_inference(
+        &spec,
+        &layers,
+        engine::model::sharding::TpRank::SINGLE,
+    )
+    .unwrap();
+    let mut w = weights;
+    let tensors: Vec<SavedTensor> = model
+        .params()
+        .iter()
+        .filter(|p| !p.tied_copy)
+        .map(|p| {
+            w.load(&p.name, &p.spec, &p.tensor).unwrap();
+            SavedTensor {
+                name: p.name.clone(),
+                tensor: p.tensor.shallow_clone(),
+                spec: p.spec.clone(),
+            }
+        })
+        .collect();
+    let meta = SaveMeta {
+        step: 1,
+        config: cfg.resolved_yaml().unwrap(),
+        vocab: None,
+        plan: serde_json::Value::Null,
+        layout: Layout {
+            pp: 1,
+            tp: 1,
+            dp: 1,
+            virtual_stages: 1,
+            schedule: "gpipe".into(),
+        },
+        train_state: serde_json::Value::Null,
+        extra: Default::default(),
+    };
+    let flag = engine::comm::local::LocalComm::failure_flag();
+    let mut comm = engine::comm::local::LocalComm::subgroup(&[partitioner::Rank(0)], &flag)
+        .pop()
+        .unwrap();
+    save(root, &meta, &tensors, &mut comm, &SaveOptions::default()).unwrap()
+}

@@ -5,14 +5,16 @@
 //! Invariant: a rank reads exactly the blocks of each parameter its [`ShardSpec`]s name;
 //! nothing is gathered and no rank holds a parameter it does not use.
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::hf::Import;
 use crate::model::sharding::TpRank;
 use crate::model::{Model, ModelSpec};
+use crate::quant::{self, Int8Weight, QuantInfo};
 use crate::shard::ShardSpec;
 use partitioner::mesh::MeshCoord;
 use partitioner::{LayerKind, Plan, PlanSpec};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Where the weights come from.
 pub enum Source<'a> {
@@ -24,14 +26,77 @@ pub enum Source<'a> {
 
 /// Where trained weights come from (a Strata checkpoint, an HF directory).
 pub trait Weights {
-    /// Fills `dst`, this rank's shard of parameter `name` as `spec` places it.
+    /// Fills `dst`, this rank's shard of tensor `name` as `spec` places it.
     fn load(&mut self, name: &str, spec: &ShardSpec, dst: &Tensor) -> Result<()>;
+
+    /// Which linear weights are stored quantised, if any.
+    fn quantization(&self) -> Option<&QuantInfo> {
+        None
+    }
 }
 
 impl Weights for Import<'_> {
     fn load(&mut self, name: &str, spec: &ShardSpec, dst: &Tensor) -> Result<()> {
         tch::no_grad(|| self.load_shard(name, spec, dst))
     }
+}
+
+/// A Strata checkpoint and its quantisation record.
+pub struct CheckpointWeights {
+    pub ckpt: Checkpoint,
+    pub quant: Option<QuantInfo>,
+}
+
+impl CheckpointWeights {
+    pub fn new(ckpt: Checkpoint) -> Result<CheckpointWeights> {
+        let quant = QuantInfo::from_extra(&ckpt.manifest().extra)?;
+        Ok(CheckpointWeights { ckpt, quant })
+    }
+}
+
+impl Weights for CheckpointWeights {
+    fn load(&mut self, name: &str, spec: &ShardSpec, dst: &Tensor) -> Result<()> {
+        tch::no_grad(|| self.ckpt.read_into(name, dst, spec))
+    }
+
+    fn quantization(&self) -> Option<&QuantInfo> {
+        self.quant.as_ref()
+    }
+}
+
+/// Replaces every linear layer of `model` that `weights` stores quantised by its int8
+/// codes and scales (this rank's slices), read straight into int8 and f32 tensors.
+pub fn install_quantized(model: &mut Model, weights: &mut dyn Weights) -> Result<()> {
+    let Some(info) = weights.quantization().cloned() else {
+        return Ok(());
+    };
+    let spec = *model.spec();
+    let names: Vec<String> = model
+        .linears_mut()
+        .iter()
+        .map(|l| l.name.clone())
+        .filter(|n| info.covers(n))
+        .collect();
+    for name in names {
+        let wspec = model
+            .params()
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.spec.clone())
+            .ok_or_else(|| Error::Internal(format!("{name} has no parameter")))?;
+        let (cspec, sspec) = (quant::codes_spec(&wspec), quant::scale_spec(&wspec));
+        let alloc = |shape: Vec<i64>, kind: Kind| {
+            Tensor::f_zeros(shape.as_slice(), (kind, Device::Cpu))
+                .map_err(Error::torch("allocating int8 weights"))
+        };
+        let codes = alloc(quant::local_shape(&cspec), Kind::Int8)?;
+        let scales = alloc(quant::local_shape(&sspec), Kind::Float)?;
+        weights.load(&quant::codes_name(&name), &cspec, &codes)?;
+        weights.load(&quant::scale_name(&name), &sspec, &scales)?;
+        let int8 = Int8Weight::new(codes, &scales, spec.kind, spec.device)?;
+        model.install_int8(&name, int8)?;
+    }
+    Ok(())
 }
 
 /// The model and how it is split.
@@ -72,7 +137,8 @@ impl ModelSetup {
             Source::Seed(seed) => return Model::new(&self.spec, layers, *seed, tp),
             Source::Trained(w) => w,
         };
-        let model = Model::for_inference(&self.spec, layers, tp)?;
+        let mut model = Model::for_inference(&self.spec, layers, tp)?;
+        install_quantized(&mut model, *weights)?;
         for p in model.params() {
             weights.load(&p.name, &p.spec, &p.tensor)?;
         }

@@ -12,7 +12,7 @@
 
 use super::attention::{causal_attention, Heads, Rotary};
 use super::kv::Cached;
-use super::layers::{ColumnParallelLinear, Norm, RowParallelLinear};
+use super::layers::{ColumnParallelLinear, Linear, Norm, RowParallelLinear};
 use super::params::ParamBuilder;
 use super::tape::{Recorder, Tape, V};
 use super::{Activation, Ctx, ModelSpec, INIT_STD};
@@ -80,6 +80,13 @@ impl Mlp {
         }
     }
 
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Mlp::Gelu { fc1, fc2, .. } => vec![&mut fc1.0, fc2.linear_mut()],
+            Mlp::SwiGlu { gate, up, down } => vec![&mut gate.0, &mut up.0, down.linear_mut()],
+        }
+    }
+
     fn out(&self) -> &RowParallelLinear {
         match self {
             Mlp::Gelu { fc2, .. } => fc2,
@@ -128,6 +135,13 @@ impl Block {
                 dim: s.head_dim() as i64,
             },
         })
+    }
+
+    /// The block's linear layers (attention, then MLP).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![&mut self.qkv.0, self.proj.linear_mut()];
+        out.extend(self.mlp.linears_mut());
+        out
     }
 
     /// Runs the block on the hidden state `x` (the step's new tokens, with a cache).

@@ -60,11 +60,7 @@ impl Head {
             spec.norm_eps,
         )?;
         let lm_head = match (spec.tie_embeddings, word_embedding) {
-            (true, Some(wte)) => Linear {
-                weight: wte.shallow_clone(),
-                bias: None,
-                transposed: true,
-            },
+            (true, Some(wte)) => Linear::dense("embed.wte".into(), wte.shallow_clone(), None, true),
             (true, None) => {
                 let split = Split::Rows { padded: true };
                 let wte = b.param(
@@ -78,11 +74,7 @@ impl Head {
                     p.tied_copy = true;
                     p.owner = false;
                 }
-                Linear {
-                    weight: wte,
-                    bias: None,
-                    transposed: true,
-                }
+                Linear::dense("embed.wte".into(), wte, None, true)
             }
             (false, _) => {
                 let split = Split::Cols { padded: true };
@@ -93,11 +85,7 @@ impl Head {
                     Init::Normal(INIT_STD),
                     split,
                 )?;
-                Linear {
-                    weight: w,
-                    bias: None,
-                    transposed: false,
-                }
+                Linear::dense("head.lm_head.weight".into(), w, None, false)
             }
         };
         let (lo, n_local) = vocab_slice(v, b.tp.rank, b.tp.size);
@@ -195,6 +183,11 @@ impl Head {
             self.lm_head.forward(&h, rec)
         })?;
         self.mask_padding(tape.value(z).detach())
+    }
+
+    /// The LM head when it is a linear layer of its own (untied).
+    pub fn lm_head_mut(&mut self) -> Option<&mut Linear> {
+        (!self.lm_head.transposed).then_some(&mut self.lm_head)
     }
 
     /// Adds −∞ to the padded vocabulary columns of this rank's logits.

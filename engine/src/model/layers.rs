@@ -23,19 +23,36 @@ use super::tape::{LinearRecord, Recorder, Tape, V};
 use super::Ctx;
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::quant::Int8Weight;
 use partitioner::LayerKind;
 use tch::Tensor;
 
 /// `Y = XA + b` on this rank's slice of `A`.
 #[derive(Debug)]
 pub struct Linear {
+    /// The weight's global parameter name (`block.3.attn.qkv.weight`).
+    pub name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// `A` is stored `[out, in]` (a tied LM head reuses the embedding `[V, d]`).
     pub transposed: bool,
+    /// Inference on int8 weights: when set, `weight` is empty and the product runs on
+    /// these codes and scales ([`crate::quant`]).
+    pub int8: Option<Int8Weight>,
 }
 
 impl Linear {
+    /// A dense layer (f32 or the model's dtype).
+    pub fn dense(name: String, weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Linear {
+        Linear {
+            name,
+            weight,
+            bias,
+            transposed,
+            int8: None,
+        }
+    }
+
     /// `Y = XA (+ b)`; under a split backward the weights are detached and the call recorded.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         self.forward_bias(x, self.bias.as_ref(), rec)
@@ -47,6 +64,19 @@ impl Linear {
         bias: Option<&Tensor>,
         rec: &mut Recorder,
     ) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            if rec.split() {
+                return Err(crate::error::Error::Internal(format!(
+                    "{} holds int8 weights, which are for inference only",
+                    self.name
+                )));
+            }
+            let y = q.matmul(x)?;
+            return match bias {
+                Some(b) => y.f_add(b).ctx("linear bias"),
+                None => Ok(y),
+            };
+        }
         let split = rec.split();
         let detach = |t: &Tensor| if split { t.detach() } else { t.shallow_clone() };
         let w = detach(&self.weight);
@@ -103,11 +133,10 @@ impl ColumnParallelLinear {
             true => Some(b.param(layer, &format!("{name}.bias"), &[d_out], Init::Zeros, split)?),
             false => None,
         };
-        Ok(ColumnParallelLinear(Linear {
-            weight,
-            bias,
-            transposed: false,
-        }))
+        let full_name = format!("{}.{name}.weight", layer.name());
+        Ok(ColumnParallelLinear(Linear::dense(
+            full_name, weight, bias, false,
+        )))
     }
 
     /// This rank's `Yi = X Ai + bi` (the input must have entered `copy_to_tp_region`).
@@ -155,11 +184,12 @@ impl RowParallelLinear {
             false => None,
         };
         Ok(RowParallelLinear {
-            linear: Linear {
+            linear: Linear::dense(
+                format!("{}.{name}.weight", layer.name()),
                 weight,
-                bias: None,
-                transposed: false,
-            },
+                None,
+                false,
+            ),
             bias,
             tp_size: b.tp.size,
         })
@@ -173,6 +203,11 @@ impl RowParallelLinear {
             None
         };
         self.linear.forward_bias(x, fused_bias, rec)
+    }
+
+    /// The layer's local product (for int8 installation and masks).
+    pub fn linear_mut(&mut self) -> &mut Linear {
+        &mut self.linear
     }
 
     /// The bias to add after `reduce_from_tp_region` (None at tp = 1, where it is fused).

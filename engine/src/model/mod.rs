@@ -274,6 +274,34 @@ impl Model {
         })
     }
 
+    /// Every linear layer of the chunk with a weight of its own (a tied LM head is the
+    /// embedding and is not listed), in layer order.
+    pub fn linears_mut(&mut self) -> Vec<&mut layers::Linear> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            match layer {
+                Layer::Embedding(_) => {}
+                Layer::Block(b) => out.extend(b.linears_mut()),
+                Layer::Head(h) => out.extend(h.lm_head_mut()),
+            }
+        }
+        out
+    }
+
+    /// Makes the linear layer whose weight is `name` run on `int8` and drops its dense
+    /// weight from the chunk (its parameter is no longer listed).
+    pub fn install_int8(&mut self, name: &str, int8: crate::quant::Int8Weight) -> Result<()> {
+        let mut linears = self.linears_mut();
+        let linear = linears
+            .iter_mut()
+            .find(|l| l.name == name)
+            .ok_or_else(|| Error::Internal(format!("no linear layer {name} in this chunk")))?;
+        linear.int8 = Some(int8);
+        linear.weight = Tensor::new();
+        self.params.retain(|p| p.name != name);
+        Ok(())
+    }
+
     /// The shape of this chunk's key/value cache for `batch` sequences of up to `max_len`
     /// slots.
     pub fn cache_shape(&self, batch: usize, max_len: usize) -> CacheShape {

@@ -1,0 +1,140 @@
+//! Offline transforms of a trained checkpoint into a smaller one (`strata quantize`,
+//! `strata prune`): read the source's model tensors whole, one at a time (memory-mapped),
+//! transform them, and write a new checkpoint in the same format on one rank (layout
+//! tp = 1, pp = 1; any layout can load it).
+//!
+//! * [`Trained`]: an opened checkpoint with its config, model and parameter names;
+//! * [`quantize`]: weight-only int8 of every linear layer;
+//!
+//! Invariants: the output keeps the source's config, vocabulary and step, and only model
+//! tensors (no optimizer state: a compressed checkpoint starts a new run when trained
+//! from); the manifest's `extra` says what was done, so every reader can tell.
+
+pub mod quantize;
+
+use crate::checkpoint::{self, Checkpoint, Layout, SaveMeta, SaveOptions, SavedTensor};
+use crate::comm::local::LocalComm;
+use crate::config::{Config, Vocab};
+use crate::error::{Error, Result};
+use crate::model::sharding::TpRank;
+use crate::model::{Model, ModelSpec};
+use partitioner::{LayerKind, ModelShape, Rank};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// An opened trained checkpoint.
+pub struct Trained {
+    pub ckpt: Checkpoint,
+    pub config: Config,
+    pub spec: ModelSpec,
+}
+
+impl Trained {
+    pub fn open(path: &Path) -> Result<Trained> {
+        let ckpt = Checkpoint::open(path)?;
+        let config = checkpoint_config(&ckpt)?;
+        let spec = resolved_spec(&config)?;
+        Ok(Trained { ckpt, config, spec })
+    }
+
+    /// Every layer of the model, in order.
+    pub fn layers(&self) -> Vec<LayerKind> {
+        model_layers(self.spec.shape.n_layers)
+    }
+
+    /// The whole model (one rank), allocated but not loaded: for its parameter names,
+    /// specs and linear layers. Untouched pages cost no memory.
+    pub fn skeleton(&self) -> Result<Model> {
+        Model::for_inference(&self.spec, &self.layers(), TpRank::SINGLE)
+    }
+
+    /// Bytes of the checkpoint's files.
+    pub fn bytes(&self) -> u64 {
+        self.ckpt.manifest().files.values().map(|f| f.bytes).sum()
+    }
+
+    /// Writes `tensors` as a new checkpoint under `out` (its `step-N/` and `latest`),
+    /// with the source's config, vocabulary and step and `extra` added to its extras.
+    pub fn write(
+        &self,
+        out: &Path,
+        tensors: &[SavedTensor],
+        extra: BTreeMap<String, serde_json::Value>,
+    ) -> Result<PathBuf> {
+        let m = self.ckpt.manifest();
+        let mut all_extra = m.extra.clone();
+        all_extra.extend(extra);
+        let meta = SaveMeta {
+            step: m.step,
+            config: m.config.clone(),
+            vocab: m.vocab.clone(),
+            plan: m.plan.clone(),
+            layout: Layout {
+                pp: 1,
+                tp: 1,
+                dp: 1,
+                virtual_stages: 1,
+                schedule: m.layout.schedule.clone(),
+            },
+            train_state: serde_json::Value::Null,
+            extra: all_extra,
+        };
+        let flag = LocalComm::failure_flag();
+        let mut comm = LocalComm::subgroup(&[Rank(0)], &flag)
+            .pop()
+            .ok_or_else(|| Error::Internal("no local communicator".into()))?;
+        checkpoint::save(out, &meta, tensors, &mut comm, &SaveOptions::default())
+    }
+}
+
+/// `embed, block.0 .. block.{n-1}, head`.
+pub fn model_layers(n_layers: usize) -> Vec<LayerKind> {
+    let mut v = vec![LayerKind::Embedding];
+    v.extend((0..n_layers).map(LayerKind::Block));
+    v.push(LayerKind::Head);
+    v
+}
+
+/// The config a checkpoint was saved with (parsed, not validated: its data file may be
+/// gone).
+pub fn checkpoint_config(ckpt: &Checkpoint) -> Result<Config> {
+    let path = ckpt.dir().join(checkpoint::MANIFEST);
+    let mut cfg: Config = serde_yaml::from_str(&ckpt.manifest().config).map_err(|e| {
+        checkpoint::checkpoint_error(
+            &path,
+            "",
+            format!("its config does not parse: {e}"),
+            "the manifest is damaged or from another version of Strata",
+        )
+    })?;
+    cfg.source = path;
+    Ok(cfg)
+}
+
+/// The model of a resolved config (numeric `model.vocab`), without reading its data.
+pub fn resolved_spec(cfg: &Config) -> Result<ModelSpec> {
+    let m = &cfg.model;
+    let Vocab::Fixed(vocab) = m.vocab else {
+        return Err(Error::Internal(format!(
+            "{}: model.vocab is not resolved to a number",
+            cfg.source.display()
+        )));
+    };
+    let shape = ModelShape {
+        arch: m.arch,
+        vocab,
+        seq_len: *m.seq_len,
+        d_model: *m.d_model,
+        n_heads: *m.n_heads,
+        n_kv_heads: m.n_kv_heads.map_or(*m.n_heads, |c| *c),
+        n_layers: *m.n_layers,
+        d_ff: *m.d_ff,
+    };
+    Ok(ModelSpec {
+        tie_embeddings: m.tie_embeddings,
+        activation: m.activation.unwrap_or_default(),
+        norm_eps: m.norm_eps,
+        rope_theta: m.rope_theta,
+        ..ModelSpec::new(shape)
+    })
+}

@@ -1,0 +1,128 @@
+//! `strata quantize` (engine side): a checkpoint's linear weights become int8 codes and
+//! per-output-channel f32 scales; loading the result on any layout runs every linear
+//! layer on the int8 kernel (no f32 copy of those weights exists on any rank), its
+//! logits are close to the fp32 model's, and every layout decodes the same tokens.
+
+use engine::checkpoint::Checkpoint;
+use engine::comm::local::LocalComm;
+use engine::compress::quantize::quantize_checkpoint;
+use engine::generate::load::CheckpointWeights;
+use engine::generate::{batch, Job, ModelSetup, Sampling, Source};
+use engine::model::kv::KvCache;
+use engine::model::Model;
+use engine::quant::{QuantInfo, Scheme};
+use engine::tch::{Kind, Tensor};
+use partitioner::mesh::MeshCoord;
+use std::path::Path;
+use strata_tests::{
+    arch_config, generate_local, rel_diff, scratch, write_test_checkpoint, TestWeights,
+};
+
+fn config(arch: &str, out: &Path) -> String {
+    arch_config(arch, false, 1, 1, 1, "gpipe", 1, out)
+}
+
+/// The whole model on one rank, from a checkpoint.
+fn load_single(dir: &Path) -> (Model, engine::model::ModelSpec) {
+    let t = engine::compress::Trained::open(dir).unwrap();
+    let setup = ModelSetup::new(t.spec, 1, 1).unwrap();
+    let mut w = CheckpointWeights::new(Checkpoint::open(dir).unwrap()).unwrap();
+    let coord = MeshCoord {
+        pp: 0,
+        dp: 0,
+        tp: 0,
+    };
+    let m = setup
+        .build_chunk(coord, &mut Source::Trained(&mut w))
+        .unwrap();
+    (m, t.spec)
+}
+
+/// Next-token logits of every prefix position of a fixed batch.
+fn logits(model: &Model) -> Tensor {
+    let ids: Vec<i64> = (0..24).map(|i| (i * 7 + 3) % 64).collect();
+    let tokens = Tensor::from_slice(&ids).view([2, 12]);
+    let mut cache = KvCache::new(model.cache_shape(2, 12), None).unwrap();
+    let mut tp = LocalComm::group(1).pop().unwrap();
+    model.infer(&tokens, &mut cache, &mut tp).unwrap()
+}
+
+#[test]
+fn int8_checkpoints_run_on_int8_weights_close_to_fp32_on_every_layout() {
+    for arch in ["gpt", "llama"] {
+        let dir = scratch(&format!("quant-{arch}"));
+        let dense = write_test_checkpoint(
+            &dir.join("dense"),
+            &config(arch, &dir),
+            TestWeights { seed: 5, std: 0.1 },
+        );
+        let q = quantize_checkpoint(&dense, &dir.join("int8"), Scheme::Int8).unwrap();
+        // Every linear layer: 4 per block (GPT) or 5 (LLaMA) + the untied LM head.
+        let per_block = if arch == "llama" { 5 } else { 4 };
+        assert_eq!(q.weights, 8 * per_block + 1, "{arch}");
+        let ckpt = Checkpoint::open(&q.dir).unwrap();
+        let info = QuantInfo::from_extra(&ckpt.manifest().extra)
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.scheme, Scheme::Int8);
+        let codes = ckpt.entry("block.3.attn.qkv.weight.int8").unwrap();
+        // q | k | v: 4 query heads of 8, and 4 (GPT) or 2 (LLaMA) key/value heads.
+        let qkv = if arch == "llama" { 64 } else { 96 };
+        assert_eq!(
+            (codes.dtype.kind(), codes.shape.clone()),
+            (Kind::Int8, vec![qkv, 32])
+        );
+        let scales = ckpt.entry("block.3.attn.qkv.weight.scale").unwrap();
+        assert_eq!(
+            (scales.dtype.kind(), scales.shape.clone()),
+            (Kind::Float, vec![qkv])
+        );
+        assert!(!ckpt.contains("block.3.attn.qkv.weight"));
+        assert!(q.bytes_after * 10 < q.bytes_before * 4, "{q:?}");
+
+        let (fp32, _) = load_single(&dense);
+        let (mut int8, _) = load_single(&q.dir);
+        // Not dequantised: every linear has codes and no f32 weight, and no parameter of
+        // the chunk is a linear weight.
+        let names: Vec<String> = int8.linears_mut().iter().map(|l| l.name.clone()).collect();
+        for l in int8.linears_mut() {
+            let w = l
+                .int8
+                .as_ref()
+                .unwrap_or_else(|| panic!("{} is dense", l.name));
+            assert_eq!(w.q.kind(), Kind::Int8);
+            assert_eq!(l.weight.numel(), 0, "{} keeps an f32 copy", l.name);
+        }
+        assert!(int8.params().iter().all(|p| !names.contains(&p.name)));
+        let (a, b) = (logits(&fp32), logits(&int8));
+        let d = rel_diff(&b, &a);
+        assert!(
+            d > 0.0 && d < 0.03,
+            "{arch}: int8 logits differ by {d} relative"
+        );
+
+        // Every layout decodes the same tokens from the int8 checkpoint.
+        let prompts = vec![vec![1i64, 2, 3, 4, 5], vec![9, 8, 7]];
+        let job = Job {
+            microbatches: batch::split(&prompts, 2),
+            max_new_tokens: 6,
+            sampling: Sampling::greedy(),
+            kv_cache: true,
+        };
+        let t = engine::compress::Trained::open(&q.dir).unwrap();
+        let mut reference = None;
+        for (pp, tp) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+            let setup = ModelSetup::new(t.spec, pp, tp).unwrap();
+            let path = q.dir.clone();
+            let got = generate_local(&setup, &job, move || {
+                Box::new(CheckpointWeights::new(Checkpoint::open(&path).unwrap()).unwrap())
+                    as Box<dyn engine::generate::Weights>
+            });
+            match &reference {
+                None => reference = Some(got.tokens),
+                Some(r) => assert_eq!(&got.tokens, r, "{arch} pp={pp} tp={tp}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
