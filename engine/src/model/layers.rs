@@ -38,7 +38,7 @@ pub struct Linear {
     pub transposed: bool,
     /// Inference on int8 weights: when set, `weight` is empty and the product runs on
     /// these codes and scales ([`crate::quant`]).
-    pub int8: Option<Int8Weight>,
+    pub int8: Option<Box<Int8Weight>>,
 }
 
 impl Linear {

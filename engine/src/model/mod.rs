@@ -101,7 +101,7 @@ impl<T> Ctx<T> for std::result::Result<T, tch::TchError> {
 #[derive(Debug)]
 enum Layer {
     Embedding(VocabParallelEmbedding),
-    Block(Block),
+    Block(Box<Block>),
     Head(Head),
 }
 
@@ -185,7 +185,7 @@ impl Model {
                     word_embedding = Some(e.wte.shallow_clone());
                     Layer::Embedding(e)
                 }
-                LayerKind::Block(_) => Layer::Block(Block::new(&mut b, layer, spec)?),
+                LayerKind::Block(_) => Layer::Block(Box::new(Block::new(&mut b, layer, spec)?)),
                 LayerKind::Head => Layer::Head(Head::new(&mut b, spec, word_embedding.as_ref())?),
             });
         }
@@ -296,7 +296,7 @@ impl Model {
             .iter_mut()
             .find(|l| l.name == name)
             .ok_or_else(|| Error::Internal(format!("no linear layer {name} in this chunk")))?;
-        linear.int8 = Some(int8);
+        linear.int8 = Some(Box::new(int8));
         linear.weight = Tensor::new();
         self.params.retain(|p| p.name != name);
         Ok(())
