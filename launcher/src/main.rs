@@ -4,8 +4,10 @@
 //! missing mpiexec) — always with a one-line message naming the field and the fix.
 
 mod checkpoint_cmd;
+mod compress_cmd;
 mod eval_cmd;
 mod export_cmd;
+mod generate_cmd;
 mod launch;
 mod plan_cmd;
 mod simulate_cmd;
@@ -76,6 +78,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text from a checkpoint on any pp × tp layout (KV cache, pipelined
+    /// microbatches); prints the texts, then prefill/decode tokens/s, time per token and
+    /// peak memory and idle share per rank.
+    Generate(generate_cmd::GenerateArgs),
+    /// Quantise a checkpoint's linear weights (weight-only int8, per-output-channel
+    /// symmetric scales) into a new checkpoint.
+    Quantize(compress_cmd::QuantizeArgs),
+    /// One rank of `strata generate`; started by mpiexec.
+    #[command(hide = true)]
+    GenerateWorker {
+        #[arg(long)]
+        job: PathBuf,
+    },
     /// Run one rank of a job; started by mpiexec, mpirun or srun.
     Worker {
         /// Experiment YAML file.
@@ -95,6 +110,9 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::eval(&args),
         Command::Export(args) => export_cmd::export(&args),
         Command::EvalWorker { job, json } => return eval_cmd::worker(&job, json),
+        Command::Generate(args) => generate_cmd::generate(&args),
+        Command::Quantize(args) => compress_cmd::quantize(&args),
+        Command::GenerateWorker { job } => return generate_cmd::worker(&job),
         Command::Worker { config } => return worker::run(&config),
     };
     match result {

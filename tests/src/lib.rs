@@ -470,9 +470,6 @@ pub fn write_test_checkpoint(root: &Path, config_yaml: &str, weights: TestWeight
         train_state: serde_json::Value::Null,
         extra: Default::default(),
     };
-    let flag = engine::comm::local::LocalComm::failure_flag();
-    let mut comm = engine::comm::local::LocalComm::subgroup(&[partitioner::Rank(0)], &flag)
-        .pop()
-        .unwrap();
+    let mut comm = engine::comm::local::LocalComm::group(1).pop().unwrap();
     save(root, &meta, &tensors, &mut comm, &SaveOptions::default()).unwrap()
 }

@@ -126,3 +126,53 @@ fn int8_checkpoints_run_on_int8_weights_close_to_fp32_on_every_layout() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Outside reference: torch.ao's per-channel symmetric qint8 quantisation (observer
+/// range [-127, 127]) gives the same scales and codes as `quant::quantize` on a weight
+/// with a zero channel, a channel of one sign and a wide range of magnitudes.
+#[test]
+fn int8_codes_and_scales_equal_torch_per_channel_quantisation() {
+    use std::process::{Command, Stdio};
+    let dir = scratch("quant-torch");
+    let (fan_in, fan_out) = (48i64, 24i64);
+    let values: Vec<f32> = (0..fan_in * fan_out)
+        .map(|k| {
+            let (i, o) = (k / fan_out, k % fan_out);
+            match o {
+                0 => 0.0,
+                1 => (i as f32 * 0.37).sin().abs() * 3.0,
+                _ => ((k as f32) * 0.7391).sin() * (1.0 + (o as f32) * 0.5).powi(2) * 1e-2,
+            }
+        })
+        .collect();
+    let w = Tensor::from_slice(&values).view([fan_in, fan_out]);
+    let src = dir.join("w.safetensors");
+    Tensor::write_safetensors(&[("weight", &w)], &src).unwrap();
+    let out = dir.join("ref.safetensors");
+    let mut cmd = Command::new(strata_tests::venv_python());
+    cmd.arg(strata_tests::repo_root().join("tests/python/quant_reference.py"))
+        .arg(&src)
+        .arg(&out)
+        .env("OMP_NUM_THREADS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let run = strata_tests::run_with_limit(cmd, std::time::Duration::from_secs(120));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let (codes, scales) = engine::quant::quantize(&w).unwrap();
+    let (rc, rs) = (&reference["codes"], &reference["scales"]);
+    // torch keeps its epsilon as the scale of the all-zero channel; Strata keeps 1 (both
+    // store codes 0 there).
+    let live = Tensor::arange_start(1, fan_out, (Kind::Int64, engine::tch::Device::Cpu));
+    let d = rel_diff(&scales.index_select(0, &live), &rs.index_select(0, &live));
+    assert!(d < 1e-6, "scales differ by {d}");
+    assert_eq!(codes.size(), rc.size());
+    assert_eq!(codes.kind(), Kind::Int8);
+    let mismatched = codes.ne_tensor(rc).sum(Kind::Int64).int64_value(&[]);
+    assert_eq!(mismatched, 0, "{mismatched} codes differ from torch's");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -18,7 +18,7 @@ use crate::config::{Config, Vocab};
 use crate::error::{Error, Result};
 use crate::model::sharding::TpRank;
 use crate::model::{Model, ModelSpec};
-use partitioner::{LayerKind, ModelShape, Rank};
+use partitioner::{LayerKind, ModelShape};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -79,8 +79,7 @@ impl Trained {
             train_state: serde_json::Value::Null,
             extra: all_extra,
         };
-        let flag = LocalComm::failure_flag();
-        let mut comm = LocalComm::subgroup(&[Rank(0)], &flag)
+        let mut comm = LocalComm::group(1)
             .pop()
             .ok_or_else(|| Error::Internal("no local communicator".into()))?;
         checkpoint::save(out, &meta, tensors, &mut comm, &SaveOptions::default())

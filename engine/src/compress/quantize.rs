@@ -28,6 +28,17 @@ pub struct Quantized {
 /// Quantises the checkpoint at `src` into a new checkpoint under `out`.
 pub fn quantize_checkpoint(src: &Path, out: &Path, scheme: Scheme) -> Result<Quantized> {
     let mut t = Trained::open(src)?;
+    if let Some(info) = QuantInfo::from_extra(&t.ckpt.manifest().extra)? {
+        return Err(crate::Error::usage(
+            "CHECKPOINT",
+            format!(
+                "{} is already quantised ({})",
+                t.ckpt.dir().display(),
+                info.scheme.name()
+            ),
+            "quantise the dense checkpoint it was made from",
+        ));
+    }
     let mut skeleton = t.skeleton()?;
     let linears: Vec<String> = skeleton
         .linears_mut()

@@ -3,6 +3,7 @@
 //! caching its own heads.
 //!
 //! * [`sample`]: greedy, temperature, top-k and top-p choice from Strata's seeded RNG;
+//! * [`job`]: what `strata generate` runs, with every user error checked up front;
 //! * [`batch`]: prompts to ids (character vocabulary) and left-padded microbatches;
 //! * [`load`]: a rank's chunk of the model, loaded from a checkpoint or an HF directory;
 //! * [`pipeline`]: one rank's rounds (prefill, then one token per row per round);
@@ -15,12 +16,14 @@
 //! floating-point differences between layouts' reductions.
 
 pub mod batch;
+pub mod job;
 pub mod load;
 pub mod pipeline;
 pub mod sample;
 pub mod stats;
 
 pub use batch::Microbatch;
+pub use job::{GenerateJob, Request};
 pub use load::{ModelSetup, Source, Weights};
 pub use pipeline::Job;
 pub use sample::Sampling;
