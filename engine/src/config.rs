@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::model::{Activation, ModelSpec};
 use partitioner::mesh::Mesh;
 use partitioner::{
-    Arch, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec, Profile, Schedule,
-    ScheduleKind,
+    ActivationPolicy, Arch, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec,
+    Profile, Recompute, Schedule, ScheduleKind,
 };
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
@@ -164,6 +164,14 @@ pub struct ParallelConfig {
     /// stopped or dead process) by its peers, even while they compute.
     #[serde(default = "default_heartbeat_s")]
     pub heartbeat_s: f64,
+    /// Activations recomputed in the backward: `none`, `selective` (the attention core)
+    /// or `full` (whole blocks from their inputs).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub recompute: Recompute,
+    /// Megatron sequence parallelism (tp > 1): norm and dropout regions split along the
+    /// sequence.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sequence_parallel: bool,
 }
 
 fn default_timeout_s() -> f64 {
@@ -172,6 +180,10 @@ fn default_timeout_s() -> f64 {
 
 fn default_heartbeat_s() -> f64 {
     10.0
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_partition() -> PartitionMethod {
@@ -421,6 +433,7 @@ impl Config {
     fn validate(&self) -> Result<()> {
         self.check_model_constants()?;
         init_from::check_vocab(self)?;
+        self.check_engine_support()?;
         let p = &self.parallel;
         if ScheduleKind::from_name(&p.schedule).is_none_or(|k| k == ScheduleKind::ForwardOnly) {
             return Err(self.field_error(
@@ -736,9 +749,29 @@ impl Config {
         Some(self.beside_config(self.parallel.profile.as_ref()?))
     }
 
+    /// `parallel.recompute` and `parallel.sequence_parallel`, checked: sequence
+    /// parallelism splits tensor-parallel regions, so it needs `tp > 1`.
+    pub fn activation_policy(&self) -> Result<ActivationPolicy> {
+        let p = &self.parallel;
+        if p.sequence_parallel && *p.tp == 1 {
+            return Err(self.field_error(
+                "parallel.sequence_parallel",
+                "needs tensor parallelism (it splits the tp group's norm and dropout regions \
+                 along the sequence), but parallel.tp = 1"
+                    .into(),
+                "set parallel.tp to 2 or more, or remove parallel.sequence_parallel".into(),
+            ));
+        }
+        Ok(ActivationPolicy {
+            recompute: p.recompute,
+            sequence_parallel: p.sequence_parallel,
+        })
+    }
+
     /// The partitioner's inputs for this config and a resolved `shape`.
     pub fn plan_spec(&self, shape: &ModelShape) -> Result<PlanSpec> {
         let p = &self.parallel;
+        let policy = self.activation_policy()?;
         let schedule = PipeSchedule::parse(&p.schedule).map_err(self.plan_err())?;
         let memory_cap_bytes = match p.memory_gib {
             None => None,
@@ -774,11 +807,34 @@ impl Config {
             memory_cap_bytes,
             hardware: p.hardware,
             profile,
+            policy,
+            data_bytes: self.data_source()?.resident_bytes(),
         })
     }
 
     fn plan_for(&self, shape: &ModelShape) -> Result<Plan> {
         Plan::build(&self.plan_spec(shape)?).map_err(self.plan_err())
+    }
+
+    /// Refuses what the partitioner can plan but the engine cannot run yet.
+    fn check_engine_support(&self) -> Result<()> {
+        let p = &self.parallel;
+        if p.recompute != Recompute::None {
+            return Err(self.field_error(
+                &format!("parallel.recompute = {}", p.recompute),
+                "activation recomputation is not implemented by the engine yet".into(),
+                "remove parallel.recompute to train; `strata plan` models its memory".into(),
+            ));
+        }
+        if p.sequence_parallel && *p.tp > 1 {
+            return Err(self.field_error(
+                "parallel.sequence_parallel",
+                "sequence parallelism is not implemented by the engine yet".into(),
+                "remove parallel.sequence_parallel to train; `strata plan` models its memory"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Reads and checks a config for planning only (`strata plan`, `strata profile`):

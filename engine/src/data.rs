@@ -57,6 +57,17 @@ pub enum Split {
 /// Length of the generated random-token stream.
 const RANDOM_TOKENS: usize = 1 << 16;
 
+impl DataSource {
+    /// Bytes of tokens every rank holds once the dataset is loaded (int64 ids of both
+    /// splits).
+    pub fn resident_bytes(&self) -> u64 {
+        8 * match self {
+            DataSource::Chars { vocab, .. } => vocab.len_tokens,
+            DataSource::Random { .. } => RANDOM_TOKENS,
+        } as u64
+    }
+}
+
 /// Token streams for both splits.
 #[derive(Clone, Debug)]
 pub struct Dataset {

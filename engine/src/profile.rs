@@ -7,6 +7,14 @@
 //! ones, each for one microbatch of the config's shape and micro-batch size; every block
 //! has the same cost, so one block stands for all of them.
 
+pub mod activation;
+pub mod calibrate;
+pub mod comm;
+pub mod matmul;
+pub mod memory;
+pub mod step;
+mod timing;
+
 use crate::comm::local::LocalComm;
 use crate::error::{Error, Result};
 use crate::model::sharding::TpRank;
@@ -130,5 +138,6 @@ pub fn profile_layers(
         micro_batch_size,
         dtype_bytes: 4,
         layers,
+        calibration: Default::default(),
     })
 }

@@ -10,6 +10,7 @@ mod export_cmd;
 mod generate_cmd;
 mod launch;
 mod plan_cmd;
+mod profile_cmd;
 mod simulate_cmd;
 mod worker;
 
@@ -33,15 +34,20 @@ enum Command {
     /// Print the pipeline plan of a config (per stage: layers, params, FLOPs, memory,
     /// predicted time), or search layouts with --auto.
     Plan(plan_cmd::PlanArgs),
-    /// Time each layer kind forward and backward on this machine (libtorch) and write a
-    /// profile for `parallel.partition: profile`.
-    Profile {
+    /// Measure this machine for the planner: layer times (libtorch), and on the real
+    /// ranks under mpiexec the p2p and all-reduce curves, the sgemm peak, the optimizer
+    /// and an idle rank's memory; writes the profile JSON.
+    Profile(profile_cmd::ProfileArgs),
+    /// One rank of `strata profile`'s measuring job; started by `strata profile`.
+    #[command(hide = true)]
+    ProfileWorker {
         /// Experiment YAML file.
-        config: PathBuf,
-        /// Output file (default: <output.dir>/profile.json).
         #[arg(long)]
-        out: Option<PathBuf>,
-        /// Timed repetitions per layer kind (the median is kept).
+        config: PathBuf,
+        /// Where rank 0 writes the measurements.
+        #[arg(long)]
+        out: PathBuf,
+        /// Timed repetitions per measurement.
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
@@ -103,7 +109,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan_cmd::plan(&args),
-        Command::Profile { config, out, runs } => plan_cmd::profile(&config, out, runs),
+        Command::Profile(args) => profile_cmd::profile(&args),
+        Command::ProfileWorker { config, out, runs } => {
+            return profile_cmd::worker(&config, &out, runs)
+        }
         Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
         Command::Simulate { config, svg } => simulate_cmd::simulate_config(&config, svg),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(&cmd),

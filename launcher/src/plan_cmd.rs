@@ -1,19 +1,20 @@
-//! `strata plan` and `strata profile`.
+//! `strata plan`.
 //!
-//! `plan` prints the pipeline plan of a config as a table (per stage: layers, params,
-//! FLOPs, memory broken down, predicted time; then the imbalance), the tensor-parallel
-//! shard plan, and the step time and bubble predicted by simulating the configured
-//! schedule on the plan's per-chunk times; or the `Plan` as JSON. With `--auto` it searches
-//! layouts for the config's model and global batch instead. `profile` times each layer
-//! kind on this machine and writes the profile file that `parallel.partition: profile`
-//! reads. Both only plan, so they accept configs the engine cannot run yet (llama, tp > 1).
+//! Prints the pipeline plan of a config as a table (per stage: layers, params, FLOPs,
+//! memory broken down, predicted time; then the imbalance), the tensor-parallel shard
+//! plan, the memory model's peak per rank, and the step time predicted by the cost model
+//! (`partitioner::predict`: the configured schedule simulated with measured costs when a
+//! profile is given); or the `Plan` as JSON. With `--auto` it searches layouts for the
+//! config's model and global batch instead, priced by the same cost model. It only plans,
+//! so it accepts configs the engine cannot run yet (llama, recompute, sequence
+//! parallelism).
 
 use crate::launch::LaunchError;
 use engine::Config;
 use partitioner::auto::{self, AutoSpec};
 use partitioner::plan::{bytes, seconds};
-use partitioner::schedule::simulate;
-use partitioner::Plan;
+use partitioner::predict::{predict_step, StepOptions};
+use partitioner::{Plan, Profile};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,6 +46,9 @@ pub struct PlanArgs {
     /// Bytes per element for --auto (4 = fp32 like the engine, 2 = bf16).
     #[arg(long, default_value_t = 4)]
     pub dtype_bytes: usize,
+    /// Profile from `strata profile` to price the plan with (overrides parallel.profile).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
 }
 
 fn plan_error(path: &Path) -> impl Fn(partitioner::Error) -> engine::Error + '_ {
@@ -97,10 +101,19 @@ pub fn plan(args: &PlanArgs) -> Result<(), LaunchError> {
             "pass --dtype-bytes 2 for bf16 or 4 for fp32",
         ));
     }
-    let cfg = Config::load_for_plan(path)?;
+    let mut cfg = Config::load_for_profile(path)?;
+    if let Some(p) = &args.profile {
+        cfg.parallel.profile = Some(
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+        );
+    }
     if args.auto {
         return auto_plan(&cfg, args);
     }
+    cfg.plan()?;
     let mut spec = cfg.plan_spec(&cfg.shape()?)?;
     if let Some(g) = args.memory_gib {
         spec.memory_cap_bytes = Some((g * (1u64 << 30) as f64) as u64);
@@ -130,51 +143,53 @@ pub fn plan(args: &PlanArgs) -> Result<(), LaunchError> {
             bytes(cap)
         );
     }
-    predicted_step(&cfg, &plan, &spec.hardware);
-    Ok(())
-}
-
-/// Prints the step time and bubble from simulating the configured schedule; falls back to
-/// the closed form when the schedule does not build for this layout.
-fn predicted_step(cfg: &Config, plan: &Plan, hw: &partitioner::Hardware) {
-    let closed = || {
-        let t = plan.rank_time_s().into_iter().fold(0.0, f64::max);
-        let sched = partitioner::PipeSchedule::parse(&plan.schedule).ok();
-        let beta = match (sched, plan.pp) {
-            (_, 1) | (None, _) => 0.0,
-            (Some(s), p) => s.bubble_fraction(p, plan.microbatches, plan.virtual_stages),
-        };
-        (plan.microbatches as f64 * t / (1.0 - beta), beta)
+    print_memory(&plan);
+    let step = StepOptions {
+        grad_clip: cfg.train.grad_clip.is_some(),
+        tied: cfg.model.tie_embeddings,
     };
-    let msg = hw.p2p_s(
-        (plan.dtype_bytes * plan.micro_batch_size * plan.model.seq_len * plan.model.d_model) as u64,
-    );
-    let sim = cfg
-        .schedule()
-        .and_then(|s| s.lower())
-        .and_then(|lowered| simulate(&lowered, |a| plan.action_time(a, msg)));
-    match sim {
-        Ok(sim) => {
-            let bubbles: Vec<String> = (0..sim.busy.len())
-                .map(|r| format!("{:.1}%", 100.0 * sim.bubble(r)))
+    match predict_step(&plan, &spec.cost_model(), step) {
+        Ok(p) => {
+            let bubbles: Vec<String> = p
+                .bubble
+                .iter()
+                .map(|b| format!("{:.1}%", 100.0 * b))
                 .collect();
             println!(
-                "schedule {}: predicted step {} (simulated with the cost model), bubble per rank: {}",
+                "schedule {}: predicted step {} (the schedule simulated with costs {}: schedule {} + optimizer and reductions {}), {:.0} tokens/s, bubble per rank: {}",
                 cfg.parallel.schedule,
-                seconds(sim.makespan),
+                seconds(p.step_s),
+                if spec.profile.is_some() { "from the profile" } else { "from parallel.hardware, no profile" },
+                seconds(p.pipeline_s),
+                seconds(p.step_s - p.pipeline_s),
+                cfg.tokens_per_step() as f64 / p.step_s,
                 bubbles.join(", ")
             );
         }
-        Err(e) => {
-            let (step, beta) = closed();
-            println!(
-                "schedule {}: predicted step {} (closed form; the schedule does not simulate: {}), bubble {:.1}%",
-                cfg.parallel.schedule,
-                seconds(step),
-                e.to_string().lines().next().unwrap_or(""),
-                100.0 * beta
-            );
-        }
+        Err(e) => println!(
+            "schedule {}: no prediction (the schedule does not simulate: {})",
+            cfg.parallel.schedule,
+            e.to_string().lines().next().unwrap_or("")
+        ),
+    }
+    Ok(())
+}
+
+/// Prints the memory model's peak per rank and what holds it.
+fn print_memory(plan: &Plan) {
+    for m in &plan.memory {
+        println!(
+            "rank {} peak memory {} = process {} + data {} + weights {} + grads {} + AdamW {} + activations {} + working {}",
+            m.rank,
+            bytes(m.peak),
+            bytes(m.process),
+            bytes(m.data),
+            bytes(m.weights),
+            bytes(m.grads),
+            bytes(m.optimizer),
+            bytes(m.activations),
+            bytes(m.working)
+        );
     }
 }
 
@@ -190,6 +205,20 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
     let mut spec = AutoSpec::new(shape, world, global_batch);
     spec.dtype_bytes = args.dtype_bytes;
     spec.hardware = p.hardware;
+    spec.profile = match cfg.profile_path() {
+        Some(file) => Some(Profile::load(&file).map_err(plan_error(path))?),
+        None => None,
+    };
+    spec.step = StepOptions {
+        grad_clip: cfg.train.grad_clip.is_some(),
+        tied: cfg.model.tie_embeddings,
+    };
+    // Sequence parallelism applies to the searched layouts with tp > 1.
+    spec.policy = partitioner::ActivationPolicy {
+        recompute: p.recompute,
+        sequence_parallel: p.sequence_parallel,
+    };
+    spec.data_bytes = cfg.data_source()?.resident_bytes();
     spec.top = args.top.max(1);
     spec.memory_cap_bytes = args
         .memory_gib
@@ -206,7 +235,7 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
         return Ok(());
     }
     println!(
-        "auto-plan: {} {} model, world {world}, global batch {global_batch} sequences ({} tokens), memory cap {}; {} layouts evaluated in {:.0} ms",
+        "auto-plan: {} {} model, world {world}, global batch {global_batch} sequences ({} tokens), memory cap {}, priced {}; {} layouts evaluated in {:.0} ms",
         partitioner::plan::human(
             partitioner::LayerGraph::new(&shape, 1, 4)
                 .map(|g| g.total_params() as f64)
@@ -216,6 +245,10 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
         shape.arch.name(),
         global_batch * shape.seq_len,
         spec.memory_cap_bytes.map_or("none".into(), bytes),
+        match &cfg.profile_path() {
+            Some(p) => format!("from the profile {}", p.display()),
+            None => "from parallel.hardware (no profile: pass --profile)".into(),
+        },
         result.evaluated,
         took.as_secs_f64() * 1e3
     );
@@ -264,45 +297,5 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
             );
         }
     }
-    Ok(())
-}
-
-/// Runs `strata profile`: times the config's layer kinds and writes the profile JSON to
-/// `out` (default `<output.dir>/profile.json`).
-pub fn profile(config: &Path, out: Option<PathBuf>, runs: usize) -> Result<(), LaunchError> {
-    let cfg = Config::load_for_profile(config)?;
-    let shape = cfg.shape()?;
-    let opts = engine::profile::ProfileOptions {
-        runs: runs.max(1),
-        threads: *cfg.train.threads,
-        ..Default::default()
-    };
-    let prof = engine::profile::profile_layers(&shape, *cfg.parallel.micro_batch_size, &opts)?;
-    let out = out.unwrap_or_else(|| cfg.output_dir().join("profile.json"));
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| engine::Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    let text = serde_json::to_string_pretty(&prof).expect("profile serialises");
-    std::fs::write(&out, text + "\n").map_err(|source| engine::Error::Io {
-        path: out.clone(),
-        source,
-    })?;
-    for l in &prof.layers {
-        println!(
-            "{:<6} forward {:>10}  backward {:>10}  (median of {})",
-            l.kind,
-            seconds(l.fwd_s),
-            seconds(l.bwd_s),
-            l.runs
-        );
-    }
-    println!(
-        "wrote {}; use it with `parallel.partition: profile` and `parallel.profile: {}`",
-        out.display(),
-        out.display()
-    );
     Ok(())
 }

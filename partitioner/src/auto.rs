@@ -2,24 +2,29 @@
 //! microbatches), schedule families and virtual stages for a fixed global batch, and ranks
 //! them by predicted step time.
 //!
-//! Every candidate is split with the exact memory-aware `optimal` method, so a candidate
-//! that is listed fits the memory cap. Its step time is
-//! `m · (T + c) / (1 − β) + a`, where `T` is the slowest pipeline rank's forward + backward
-//! time per microbatch (compute and tensor-parallel all-reduces, from [`crate::plan`]),
-//! `c` the rank's pipeline sends and receives per microbatch (`2 · v` messages of
-//! `e·bsd` bytes), `β` the schedule's closed-form bubble fraction
-//! ([`PipeSchedule::bubble_fraction`]) and `a` the data-parallel gradient all-reduce. The
-//! best few are then re-timed by simulating the real schedule from [`crate::schedule`]
-//! (with the plan's per-chunk times), when that schedule builds.
+//! Every candidate is split with the exact memory-aware `optimal` method, and a candidate
+//! whose predicted peak memory per rank ([`crate::memory`]) exceeds the cap is dropped, so
+//! a candidate that is listed fits. Layouts are priced by the same [`CostModel`] as
+//! `strata plan`: from the profile when one is given (its layer timings with every rank
+//! busy, measured communication curves, optimizer costs), else from the hardware
+//! figures. A first estimate is `m · (T + c) / (1 − β) + tail`, where `T` is the slowest
+//! pipeline rank's forward + backward time per microbatch (compute and tensor-parallel
+//! all-reduces), `c` its message overheads per microbatch, `β` the schedule's
+//! closed-form bubble fraction ([`PipeSchedule::bubble_fraction`]) and `tail` the
+//! reductions and optimizer after the schedule ([`crate::predict::Tail`]). The best few
+//! are then re-timed with [`crate::predict::predict_step`], which simulates the real
+//! schedule, when that schedule builds.
 //!
 //! Invariants: candidates are sorted by step time (ties: lower peak memory); every layout
 //! family of `world` that yields no candidate is listed in `rejected` with its reason.
 
-use crate::cost::{Hardware, PipeSchedule};
+use crate::activation::ActivationPolicy;
+use crate::cost::{CostModel, Hardware, PipeSchedule};
 use crate::error::{Error, Result};
 use crate::graph::ModelShape;
 use crate::plan::{Plan, PlanSpec};
-use crate::schedule::{self, Schedule, ScheduleKind};
+use crate::predict::{predict_step, StepOptions, Tail};
+use crate::profile::Profile;
 use crate::split::PartitionMethod;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +44,15 @@ pub struct AutoSpec {
     pub max_virtual_stages: usize,
     /// How many candidates to keep.
     pub top: usize,
+    /// Measured costs of this machine (`strata profile`); layouts are priced from it.
+    pub profile: Option<Profile>,
+    /// Gradient clipping and tied embeddings (priced after the schedule).
+    pub step: StepOptions,
+    /// Activation recomputation and sequence parallelism (sequence parallelism applies to
+    /// the layouts with tp > 1).
+    pub policy: ActivationPolicy,
+    /// Dataset bytes every rank holds.
+    pub data_bytes: u64,
 }
 
 impl AutoSpec {
@@ -55,6 +69,10 @@ impl AutoSpec {
             micro_batch_sizes: vec![1, 2, 4, 8],
             max_virtual_stages: 4,
             top: 10,
+            profile: None,
+            step: StepOptions::default(),
+            policy: ActivationPolicy::default(),
+            data_bytes: 0,
         }
     }
 }
@@ -128,41 +146,37 @@ fn spec_of(
     spec.method = PartitionMethod::Optimal;
     spec.memory_cap_bytes = a.memory_cap_bytes;
     spec.hardware = a.hardware;
+    spec.profile = a.profile.clone();
+    spec.policy = ActivationPolicy {
+        sequence_parallel: a.policy.sequence_parallel && tp > 1,
+        ..a.policy
+    };
+    spec.data_bytes = a.data_bytes;
     spec
 }
 
-/// Per-microbatch pipeline communication of the busiest rank.
-fn p2p_per_microbatch(a: &AutoSpec, plan: &Plan) -> f64 {
+/// Per-microbatch message overheads of the busiest rank (a send and a receive each way
+/// per chunk).
+fn p2p_per_microbatch(model: &CostModel, plan: &Plan) -> f64 {
     if plan.pp == 1 {
         return 0.0;
     }
-    let bytes = (a.dtype_bytes * plan.micro_batch_size * a.shape.seq_len * a.shape.d_model) as u64;
-    2.0 * plan.virtual_stages as f64 * a.hardware.p2p_s(bytes)
-}
-
-fn dp_time(a: &AutoSpec, plan: &Plan) -> f64 {
-    let grads = (0..plan.pp)
-        .map(|r| {
-            plan.chunks_of(crate::ids::Rank(r))
-                .iter()
-                .map(|s| s.grad_bytes)
-                .sum::<u64>()
-        })
-        .max()
-        .unwrap_or(0);
-    a.hardware.dp_allreduce_s(grads, plan.dp)
+    let msg = model.message(plan.stages[0].send_bytes_per_microbatch);
+    2.0 * plan.virtual_stages as f64 * (msg.send_s + msg.recv_s + msg.transit_s)
 }
 
 fn candidate(a: &AutoSpec, plan: &Plan, schedule: PipeSchedule) -> Candidate {
+    let model = CostModel::new(a.hardware, a.profile.clone(), plan.pp * plan.tp * plan.dp);
     let rank_t = plan.rank_time_s();
     let t = rank_t.iter().cloned().fold(0.0, f64::max);
-    let c = p2p_per_microbatch(a, plan);
+    let c = p2p_per_microbatch(&model, plan);
     let beta = if plan.pp == 1 {
         0.0
     } else {
         schedule.bubble_fraction(plan.pp, plan.microbatches, plan.virtual_stages)
     };
-    let step = plan.microbatches as f64 * (t + c) / (1.0 - beta) + dp_time(a, plan);
+    let pipeline = plan.microbatches as f64 * (t + c) / (1.0 - beta);
+    let step = Tail::of(plan, &model, a.step).step_s(&vec![pipeline; plan.pp]);
     let mem = plan.rank_memory_bytes();
     Candidate {
         pp: plan.pp,
@@ -182,9 +196,8 @@ fn candidate(a: &AutoSpec, plan: &Plan, schedule: PipeSchedule) -> Candidate {
     }
 }
 
-/// Re-times a candidate by simulating its schedule; None when the schedule does not build.
+/// Re-times a candidate with the step predictor; None when its schedule does not build.
 fn simulate_candidate(a: &AutoSpec, c: &Candidate) -> Option<Candidate> {
-    let kind = ScheduleKind::from_name(c.schedule.name())?;
     let spec = spec_of(
         a,
         c.pp,
@@ -196,20 +209,40 @@ fn simulate_candidate(a: &AutoSpec, c: &Candidate) -> Option<Candidate> {
         c.micro_batch_size,
     );
     let plan = Plan::build(&spec).ok()?;
-    let sched = Schedule::build_virtual(kind, c.pp, c.virtual_stages, c.microbatches)
-        .and_then(|s| s.lower())
-        .ok()?;
-    let msg = a
-        .hardware
-        .p2p_s((a.dtype_bytes * c.micro_batch_size * a.shape.seq_len * a.shape.d_model) as u64);
-    let sim = schedule::simulate(&sched, |act| plan.action_time(act, msg)).ok()?;
-    let step = sim.makespan + dp_time(a, &plan);
+    let p = predict_step(&plan, &spec.cost_model(), a.step).ok()?;
     Some(Candidate {
-        step_time_s: step,
-        bubble: sim.mean_bubble(),
+        step_time_s: p.step_s,
+        bubble: p.bubble.iter().sum::<f64>() / p.bubble.len().max(1) as f64,
         simulated: true,
-        tokens_per_s: (a.global_batch * a.shape.seq_len) as f64 / step,
+        tokens_per_s: (a.global_batch * a.shape.seq_len) as f64 / p.step_s,
         ..c.clone()
+    })
+}
+
+/// Keeps `plan` when its predicted peak memory per rank fits the cap.
+fn fits(a: &AutoSpec, plan: Plan) -> Result<Plan> {
+    let (Some(cap), peak) = (a.memory_cap_bytes, plan.peak_memory_bytes()) else {
+        return Ok(plan);
+    };
+    if peak <= cap {
+        return Ok(plan);
+    }
+    let rank = plan
+        .rank_memory_bytes()
+        .iter()
+        .position(|&m| m == peak)
+        .unwrap_or(0);
+    Err(Error::MemoryCapTooSmall {
+        stage: rank,
+        need_bytes: peak,
+        need_gib: peak as f64 / (1u64 << 30) as f64,
+        cap_bytes: cap,
+        cap_gib: cap as f64 / (1u64 << 30) as f64,
+        detail: "process, data, model state, activations in flight and working set (the \
+                 memory model's peak)"
+            .into(),
+        remedy: "more pipeline or tensor parallelism, a smaller micro-batch, or parallel.recompute"
+            .into(),
     })
 }
 
@@ -217,6 +250,9 @@ fn simulate_candidate(a: &AutoSpec, c: &Candidate) -> Option<Candidate> {
 pub fn search(spec: &AutoSpec) -> Result<AutoPlan> {
     spec.shape.validate()?;
     spec.hardware.validate()?;
+    if let Some(p) = &spec.profile {
+        p.check_model("parallel.profile", &spec.shape)?;
+    }
     for (field, v) in [("--world", spec.world), ("global batch", spec.global_batch)] {
         if v == 0 {
             return Err(Error::NotPositive { field, value: 0 });
@@ -275,7 +311,9 @@ pub fn search(spec: &AutoSpec) -> Result<AutoPlan> {
                     };
                     for v in vs {
                         evaluated += 1;
-                        match Plan::build(&spec_of(spec, pp, tp, dp, v, schedule, m, mbs)) {
+                        match Plan::build(&spec_of(spec, pp, tp, dp, v, schedule, m, mbs))
+                            .and_then(|plan| fits(spec, plan))
+                        {
                             Ok(plan) => {
                                 found = true;
                                 all.push(candidate(spec, &plan, schedule));
@@ -382,6 +420,51 @@ mod tests {
             .any(|x| x.pp == 64 && x.reason.contains("n_layers = 48")));
         // debug builds are slower; the 2 s target is checked in release by the bench.
         assert!(took.as_secs_f64() < 20.0, "{took:?}");
+    }
+
+    /// The auto-planner prices layouts from the profile: the same model and world rank
+    /// differently when the profile says pipeline messages or all-reduces are slow, and
+    /// the ranking follows the step predictor.
+    #[test]
+    fn ranking_follows_the_profile() {
+        use crate::predict::tests::{profile, tiny};
+        let mut a = AutoSpec::new(tiny(), 2, 64);
+        a.micro_batch_sizes = vec![8];
+        let best = |a: &AutoSpec| {
+            let r = search(a).unwrap();
+            assert!(r.candidates.iter().all(|c| c.simulated));
+            let c = &r.candidates[0];
+            (c.pp, c.tp, c.dp, c.step_time_s)
+        };
+        // Slow all-reduces, free messages: a pipeline wins (1F1B: 9 slots of 12 s, against
+        // dp = 2's 96 s plus a 20 s gradient all-reduce).
+        a.profile = Some(profile(0.0, 0.0, 0.0, 20.0, 0.0));
+        let (pp, tp, dp, step) = best(&a);
+        assert_eq!((pp, tp, dp), (2, 1, 1), "{step}");
+        // Slow messages, cheap all-reduces, and an optimizer that costs 1 µs per element:
+        // tensor parallelism (half the compute and half the parameters per rank, no
+        // bubble) wins over dp = 2 (every parameter on every rank) and the pipeline.
+        a.profile = Some(profile(0.0, 5.0, 0.0, 0.001, 1e-6));
+        let (pp, tp, dp, step) = best(&a);
+        assert_eq!((pp, tp, dp), (1, 2, 1), "{step}");
+        // The ranked step is the predictor's.
+        let c = &search(&a).unwrap().candidates[0];
+        let spec = spec_of(
+            &a,
+            c.pp,
+            c.tp,
+            c.dp,
+            c.virtual_stages,
+            c.schedule,
+            c.microbatches,
+            c.micro_batch_size,
+        );
+        let plan = Plan::build(&spec).unwrap();
+        let p = predict_step(&plan, &spec.cost_model(), a.step).unwrap();
+        assert_eq!(p.step_s, c.step_time_s);
+        // Without a profile, the hardware figures price it (no measured 1 s block).
+        a.profile = None;
+        assert!(best(&a).3 < 1.0);
     }
 
     #[test]

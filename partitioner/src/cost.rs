@@ -1,13 +1,55 @@
-//! The performance model: device throughput and links ([`Hardware`]), and what each
-//! pipeline schedule family costs in memory (microbatches in flight per stage) and time
-//! (bubble fraction), in closed form ([`PipeSchedule`]).
+//! The performance model: device throughput and links ([`Hardware`]), what each pipeline
+//! schedule family costs in memory and bubble in closed form ([`PipeSchedule`]), and the
+//! calibrated [`CostModel`] that prices every piece of a training step.
 //!
-//! Communication follows the usual α–β model: a point-to-point message of `n` bytes takes
-//! `latency + n / bandwidth`; a ring all-reduce over `g` ranks takes
-//! `2(g − 1)/g · n / bandwidth + 2(g − 1) · latency`.
+//! # How a step is predicted
+//!
+//! A step is the configured schedule, simulated action by action on every pipeline rank
+//! ([`crate::schedule::simulate_messages`]), followed by what every rank does after it.
+//! With micro-batch size `b`, sequence length `s`, width `d`, `e` bytes per element and
+//! tensor-parallel degree `t`, for chunk `c` (a run of layers):
+//!
+//! * **Compute.** `F(c) = Σ_l f_l + Σ AR_t(fwd collectives of c)`,
+//!   `B(c) = Σ_l b_l + Σ AR_t(bwd collectives of c)`, where `f_l`, `b_l` are layer `l`'s
+//!   forward and backward seconds measured by `strata profile` with every rank busy at
+//!   this `b` and `t`. A timing measured at another micro-batch size or at `t = 1` is
+//!   scaled by the layer's per-device FLOPs; without a profile, `FLOPs / device_tflops`.
+//! * **Zero-bubble split.** `W(c) = B(c) · Wflops(c) / Bflops(c)`, where `Wflops` are the
+//!   linear layers' weight-gradient FLOPs (equal to their forward FLOPs), and
+//!   `I(c) = B(c) − W(c)`.
+//! * **Tensor-parallel collectives** ([`tp_collectives`]): per block two all-reduces of
+//!   `e·bsd` in the forward (attention and MLP outputs) and two in the backward (their
+//!   inputs' gradients); the embedding one forward; the head three fp32 per-token
+//!   reductions forward and one `e·bsd` backward. `AR_t(n)` is the measured all-reduce
+//!   curve of a `t`-rank group for a tensor of `n` bytes, copies included.
+//! * **Pipeline messages** ([`MessageCost`]): a send costs its sender `send(n)` (tensor
+//!   serialisation), arrives `one_way(n)` later (measured ping-pong), and costs its
+//!   receiver `recv(n)` (deserialisation); `n = e·bsd`. When the profile found that
+//!   messages of that size only move inside the sender's communicator calls, the transit
+//!   starts at the sender's next send or receive instead.
+//! * **After the schedule**, on each rank with `N` parameter values in `G` flat buffer
+//!   groups (decay / no decay, owned / not): the tied-embedding sum over the pipeline
+//!   group, the data-parallel gradient average `DP_dp(4N)` (measured as the engine runs
+//!   it, on bucket views of the gradient buffers), the owned squared norm
+//!   `n_G·G + n_N·N`, the world's scalar all-reduce (a barrier: every rank waits for the
+//!   slowest), the clip scaling and AdamW `a_G·G + a_N·N` (all measured). So
+//!
+//!   `step = max_r (end_r + tied_r + DP_r + norm_r) + A_scalar + max_r (clip_r + adam_r)`
+//!
+//!   where `end_r` is rank `r`'s finish time in the simulation; without `grad_clip` the
+//!   norm and its all-reduce drop out.
+//!
+//! Without a profile the same formulas run on the [`Hardware`] figures: a point-to-point
+//! message takes `latency + n / bandwidth`, a ring all-reduce over `g` ranks
+//! `2(g − 1)/g · n / bandwidth + 2(g − 1) · latency`, and serialisation and the optimizer
+//! are not priced.
 //!
 //! Invariants: every time is finite and non-negative for valid inputs; in-flight counts are
 //! between 1 and the number of microbatches.
+
+mod model;
+
+pub use model::{tp_collectives, CostModel, MessageCost, TimeSource};
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

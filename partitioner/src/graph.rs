@@ -28,25 +28,23 @@
 //! | llama block | `2bs(d² + 2d·d_kv + d² + 3df) + 4bs²d` = Q + KV + out-proj + SwiGLU + attention | `(2d² + 2d·d_kv + 3df)/t + 2d` |
 //! | llama head  | `2bsdV` | `dV/t + d` |
 //!
-//! Backward FLOPs are twice the forward FLOPs (gradients w.r.t. inputs and weights).
+//! Backward FLOPs are twice the forward FLOPs (gradients w.r.t. inputs and weights); of
+//! them, the weight gradients of the linear layers (`weight_grad_flops`, what a
+//! zero-bubble `W` computes) equal the linear layers' forward FLOPs.
 //!
 //! Memory per parameter: `e` bytes of weight, `e` bytes of gradient, and AdamW state of
 //! two fp32 moments (8 bytes) plus an fp32 master copy (4 bytes) when `e < 4`.
 //!
-//! Activation bytes stashed per microbatch (what autograd keeps for backward), as
-//! replicated + sharded (÷ t) parts:
-//! * gpt block: `e·bs·5d` (both norms' inputs and outputs, a residual) + `e·bs(4d + 2f) +
-//!   e·bhs²` (Q, K, V, attention output, pre- and post-GELU, attention probabilities):
-//!   `e·bs(9d + 2f) + e·bhs²` at `t = 1`;
-//! * llama block: `e·bs·4d` + `e·bs(2d + 2d_kv + 3f) + e·bhs²` (Q, K, V, attention
-//!   output, gate, up and their product, probabilities);
-//! * embed `e·bsd`; head `e·bs·2d + e·bsV/t`.
+//! Activation bytes stashed per microbatch (what autograd keeps for backward) come from
+//! [`crate::activation`], which lists the saved tensors of each layer (flash attention: no
+//! `O(s²)` term) under `parallel.recompute` and sequence parallelism.
 //!
 //! Bytes sent to the next stage: `e·bsd` for embed and blocks, none for the head.
 //! Tensor-parallel all-reduce payload per microbatch (only when `t > 1`): block `4·e·bsd`
 //! (two in forward, two in backward), embed `e·bsd`, head `12bs + e·bsd` (vocab-parallel
 //! cross-entropy's max, sum and target-logit reductions in fp32, and the input gradient).
 
+use crate::activation::{layer_activation_bytes, ActivationPolicy, ActivationShape};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -280,6 +278,9 @@ pub struct LayerCost {
     pub tp_comm_bytes: u64,
     /// Number of tensor-parallel all-reduces per microbatch (forward + backward).
     pub tp_collectives: u32,
+    /// Backward FLOPs that form weight gradients of linear layers (a zero-bubble `W`).
+    #[serde(default)]
+    pub weight_grad_flops: f64,
 }
 
 impl LayerCost {
@@ -308,6 +309,7 @@ impl std::ops::Add for LayerCost {
             output_bytes: o.output_bytes,
             tp_comm_bytes: self.tp_comm_bytes + o.tp_comm_bytes,
             tp_collectives: self.tp_collectives + o.tp_collectives,
+            weight_grad_flops: self.weight_grad_flops + o.weight_grad_flops,
         }
     }
 }
@@ -332,6 +334,9 @@ pub struct LayerGraph {
     pub tp: usize,
     /// Vocabulary padded up to a multiple of `tp`.
     pub padded_vocab: usize,
+    /// Recomputation and sequence parallelism the activation bytes assume.
+    #[serde(default)]
+    pub policy: ActivationPolicy,
     pub nodes: Vec<LayerNode>,
 }
 
@@ -375,6 +380,24 @@ impl LayerGraph {
         dtype_bytes: usize,
         tp: usize,
     ) -> Result<Self> {
+        Self::with_policy(
+            shape,
+            micro_batch_size,
+            dtype_bytes,
+            tp,
+            ActivationPolicy::default(),
+        )
+    }
+
+    /// Like [`LayerGraph::with_tp`], with activations kept under `policy`
+    /// (recomputation, sequence parallelism).
+    pub fn with_policy(
+        shape: &ModelShape,
+        micro_batch_size: usize,
+        dtype_bytes: usize,
+        tp: usize,
+        policy: ActivationPolicy,
+    ) -> Result<Self> {
         shape.validate()?;
         if micro_batch_size == 0 {
             return Err(Error::NotPositive {
@@ -392,12 +415,11 @@ impl LayerGraph {
         let padded_vocab = crate::tp::padded_vocab(shape.vocab, tp);
         let t = tp as u64;
         let e = dtype_bytes as u64;
-        let (b, s, d, f, h, v) = (
+        let (b, s, d, f, v) = (
             micro_batch_size as u64,
             shape.seq_len as u64,
             shape.d_model as u64,
             shape.d_ff as u64,
-            shape.n_heads as u64,
             padded_vocab as u64,
         );
         let v_full = shape.vocab as u64;
@@ -405,13 +427,19 @@ impl LayerGraph {
         let hidden = e * b * s * d;
         let optim_per_param = 8 + if dtype_bytes < 4 { 4 } else { 0 };
         let tp_on = tp > 1;
-        // fwd FLOPs, params (padded vocab), full params (real vocab), activations,
-        // output bytes, tp bytes, tp collectives.
+        let act_shape = ActivationShape {
+            shape: *shape,
+            micro_batch_size,
+            dtype_bytes,
+            tp,
+            padded_vocab,
+        };
+        // fwd FLOPs (and of them the linear layers'), params (padded vocab), full params
+        // (real vocab), output bytes, tp bytes, tp collectives.
         let node = |kind: LayerKind,
-                    fwd: Part,
+                    (fwd, linear): (Part, Part),
                     params: Part,
                     full_params: u64,
-                    act: Part,
                     out: u64,
                     tp_bytes: u64,
                     tp_count: u32| {
@@ -425,38 +453,38 @@ impl LayerGraph {
                     param_bytes: p * e,
                     grad_bytes: p * e,
                     optim_bytes: p * optim_per_param,
-                    activation_bytes: act.at(t),
+                    activation_bytes: layer_activation_bytes(&act_shape, kind, policy),
                     output_bytes: out,
                     tp_comm_bytes: if tp_on { tp_bytes } else { 0 },
                     tp_collectives: if tp_on { tp_count } else { 0 },
+                    weight_grad_flops: linear.at(t) as f64,
                 },
                 full_params,
             }
         };
         let attn_scores = 4 * b * s * s * d;
-        let probs = e * b * h * s * s;
+        let none = part(0, 0);
         let mut nodes = Vec::with_capacity(shape.n_layers + 2);
         match shape.arch {
             Arch::Gpt => {
                 let pos = s * d;
                 nodes.push(node(
                     LayerKind::Embedding,
-                    part(0, b * s * d),
+                    (part(0, b * s * d), none),
                     part(v * d, pos),
                     v_full * d + pos,
-                    part(0, hidden),
                     hidden,
                     hidden,
                     1,
                 ));
                 let sharded = 4 * d * d + 2 * d * f + 3 * d + f;
                 for i in 0..shape.n_layers {
+                    let linear = 2 * b * s * (4 * d * d + 2 * d * f);
                     nodes.push(node(
                         LayerKind::Block(i),
-                        part(2 * b * s * (4 * d * d + 2 * d * f) + attn_scores, 0),
+                        (part(linear + attn_scores, 0), part(linear, 0)),
                         part(sharded, 6 * d),
                         sharded + 6 * d,
-                        part(e * b * s * (4 * d + 2 * f) + probs, e * b * s * 5 * d),
                         hidden,
                         4 * hidden,
                         4,
@@ -464,10 +492,9 @@ impl LayerGraph {
                 }
                 nodes.push(node(
                     LayerKind::Head,
-                    part(2 * b * s * d * v, 0),
+                    (part(2 * b * s * d * v, 0), part(2 * b * s * d * v, 0)),
                     part(d * v, 2 * d),
                     d * v_full + 2 * d,
-                    part(e * b * s * v, e * b * s * 2 * d),
                     0,
                     12 * b * s + hidden,
                     4,
@@ -476,10 +503,9 @@ impl LayerGraph {
             Arch::Llama => {
                 nodes.push(node(
                     LayerKind::Embedding,
-                    part(0, 0),
+                    (none, none),
                     part(v * d, 0),
                     v_full * d,
-                    part(0, hidden),
                     hidden,
                     hidden,
                     1,
@@ -488,13 +514,12 @@ impl LayerGraph {
                 for i in 0..shape.n_layers {
                     nodes.push(node(
                         LayerKind::Block(i),
-                        part(2 * b * s * sharded + attn_scores, 0),
+                        (
+                            part(2 * b * s * sharded + attn_scores, 0),
+                            part(2 * b * s * sharded, 0),
+                        ),
                         part(sharded, 2 * d),
                         sharded + 2 * d,
-                        part(
-                            e * b * s * (2 * d + 2 * dkv + 3 * f) + probs,
-                            e * b * s * 4 * d,
-                        ),
                         hidden,
                         4 * hidden,
                         4,
@@ -502,10 +527,9 @@ impl LayerGraph {
                 }
                 nodes.push(node(
                     LayerKind::Head,
-                    part(2 * b * s * d * v, 0),
+                    (part(2 * b * s * d * v, 0), part(2 * b * s * d * v, 0)),
                     part(d * v, d),
                     d * v_full + d,
-                    part(e * b * s * v, e * b * s * 2 * d),
                     0,
                     12 * b * s + hidden,
                     4,
@@ -518,6 +542,7 @@ impl LayerGraph {
             dtype_bytes,
             tp,
             padded_vocab,
+            policy,
             nodes,
         })
     }
@@ -558,8 +583,12 @@ mod tests {
         assert_eq!(g.nodes[3].cost.fwd_flops, 1920.0);
         // activations sent between stages: 4 bytes * 3 * 4 * 8
         assert_eq!(g.nodes[0].cost.output_bytes, 384);
-        // block stash: 4*3*4*(72 + 32) + 4*3*2*16
-        assert_eq!(g.nodes[1].cost.activation_bytes, 4992 + 384);
+        // block stash (flash attention, see crate::activation): 4 B * 12 tokens *
+        // ((4d + 4) + (4d + 2f + h)) = 48 * (36 + 66)
+        assert_eq!(g.nodes[1].cost.activation_bytes, 4896);
+        // the W of a zero-bubble backward: the linear layers' weight gradients
+        assert_eq!(g.nodes[1].cost.weight_grad_flops, 24.0 * 512.0);
+        assert_eq!(g.nodes[3].cost.weight_grad_flops, 1920.0);
         assert_eq!(g.total_params(), 112 + 1200 + 96);
         // fp32: grads 4 B/param, AdamW moments 8 B/param, no master copy.
         assert_eq!(g.nodes[1].cost.grad_bytes, 2400);
@@ -585,12 +614,12 @@ mod tests {
         // fwd: 2*3*4*(128 + 64 + 288) + 4*3*16*8 = 11520 + 1536
         assert_eq!(g.nodes[1].cost.fwd_flops, 13056.0);
         assert_eq!(g.nodes[1].cost.bwd_flops, 26112.0);
-        // stash: 4*3*4*(6*8 + 2*4 + 3*12) + 4*3*2*16 = 4416 + 384
-        assert_eq!(g.nodes[1].cost.activation_bytes, 4800);
+        // stash: 4 B * 12 tokens * ((4d + 2) + (3d + 3d_kv + 4f + h)) = 48 * (34 + 86)
+        assert_eq!(g.nodes[1].cost.activation_bytes, 5760);
         // head: RMSNorm d + d*V; fwd 2*3*4*8*10
         assert_eq!(g.nodes[3].cost.params, 88);
         assert_eq!(g.nodes[3].cost.fwd_flops, 1920.0);
-        assert_eq!(g.nodes[3].cost.activation_bytes, 4 * 12 * (16 + 10));
+        assert_eq!(g.nodes[3].cost.activation_bytes, 4 * 12 * (18 + 10));
         assert_eq!(g.total_params(), 80 + 2 * 496 + 88);
     }
 

@@ -12,18 +12,22 @@
 //! Invariant: this crate never depends on `tch` or `mpi`, so every decision it makes is
 //! testable in milliseconds.
 
+pub mod activation;
 pub mod auto;
 pub mod cost;
 pub mod error;
 pub mod graph;
 pub mod ids;
+pub mod memory;
 pub mod mesh;
 pub mod plan;
+pub mod predict;
 pub mod profile;
 pub mod schedule;
 pub mod split;
 pub mod tp;
 
+pub use activation::{ActivationPolicy, Recompute};
 pub use cost::{Hardware, PipeSchedule};
 pub use error::{Error, Result};
 pub use graph::{Arch, LayerCost, LayerGraph, LayerKind, LayerNode, ModelShape};

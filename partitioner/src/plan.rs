@@ -12,17 +12,23 @@
 //! at least one block, and together they cover the graph exactly once; with a memory cap
 //! and `partition: optimal`, every rank's memory is at most the cap.
 
-use crate::cost::{Hardware, PipeSchedule};
+use crate::activation::ActivationPolicy;
+use crate::cost::{CostModel, Hardware, PipeSchedule};
 use crate::error::{Error, Result};
 use crate::graph::{LayerCost, LayerGraph, LayerKind, ModelShape};
 use crate::ids::{Rank, StageId};
+use crate::memory::{rank_memory, MemoryInputs, RankMemory, DEFAULT_PROCESS_BYTES};
 use crate::profile::Profile;
+use crate::schedule::Schedule;
 use crate::split::{self, Bounds, ChainCosts, MemoryCap, NoSplit, PartitionMethod};
 use crate::tp::TpPlan;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Largest `pp · virtual_stages · microbatches` whose schedule the memory model walks.
+const WALKED_ACTIONS: usize = 1024;
 
 /// One pipeline stage (model chunk) of a plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,6 +62,14 @@ pub struct StagePlan {
     /// Predicted forward + backward seconds per microbatch (compute and tensor-parallel
     /// all-reduces; measured time with a profile).
     pub time_s: f64,
+    /// Of `time_s`: the forward, the backward, and of the backward the weight gradients
+    /// (a zero-bubble `W`).
+    #[serde(default)]
+    pub fwd_s: f64,
+    #[serde(default)]
+    pub bwd_s: f64,
+    #[serde(default)]
+    pub weight_grad_s: f64,
 }
 
 /// A pipeline plan for one model and parallel layout.
@@ -83,7 +97,13 @@ pub struct Plan {
     pub memory_cap_bytes: Option<u64>,
     /// Tensor-parallel sharding of every layer kind.
     pub tp_plan: TpPlan,
+    /// Activation recomputation and sequence parallelism the memory model assumed.
+    #[serde(default)]
+    pub policy: ActivationPolicy,
     pub stages: Vec<StagePlan>,
+    /// Peak memory of each pipeline rank and what holds it ([`crate::memory`]).
+    #[serde(default)]
+    pub memory: Vec<RankMemory>,
 }
 
 /// Everything [`Plan::build`] needs.
@@ -103,6 +123,10 @@ pub struct PlanSpec {
     pub hardware: Hardware,
     /// Measured layer times (required by `profile`, used by `optimal` when present).
     pub profile: Option<Profile>,
+    /// `parallel.recompute` and `parallel.sequence_parallel`.
+    pub policy: ActivationPolicy,
+    /// Dataset bytes every rank holds in memory.
+    pub data_bytes: u64,
 }
 
 impl PlanSpec {
@@ -127,7 +151,19 @@ impl PlanSpec {
             memory_cap_bytes: None,
             hardware: Hardware::default(),
             profile: None,
+            policy: ActivationPolicy::default(),
+            data_bytes: 0,
         }
+    }
+
+    /// The cost model of this layout: its hardware figures and profile, with every rank
+    /// of the `pp · tp · dp` job busy.
+    pub fn cost_model(&self) -> CostModel {
+        CostModel::new(
+            self.hardware,
+            self.profile.clone(),
+            self.pp * self.tp * self.dp,
+        )
     }
 
     /// Number of model chunks: `pp · virtual_stages`.
@@ -184,26 +220,63 @@ impl PlanSpec {
     }
 }
 
-/// Per-node predicted seconds (forward + backward per microbatch).
-fn node_times(graph: &LayerGraph, spec: &PlanSpec, measured: bool) -> Vec<f64> {
-    graph
+/// Per-node predicted seconds per microbatch: (forward, backward, of it the weight
+/// gradients), compute plus tensor-parallel collectives (see [`crate::cost`]).
+fn node_times(graph: &LayerGraph, spec: &PlanSpec) -> Result<Vec<(f64, f64, f64)>> {
+    let model = spec.cost_model();
+    let unsharded = if graph.tp > 1 {
+        Some(LayerGraph::with_tp(
+            &graph.shape,
+            graph.micro_batch_size,
+            graph.dtype_bytes,
+            1,
+        )?)
+    } else {
+        None
+    };
+    Ok(graph
         .nodes
         .iter()
-        .map(|n| match (&spec.profile, measured) {
-            (Some(p), true) => {
-                let (f, b) = p.time_of(n.kind);
-                f + b
-            }
-            _ => {
-                spec.hardware.compute_s(n.cost.train_flops())
-                    + spec.hardware.tp_allreduce_s(
-                        n.cost.tp_comm_bytes,
-                        n.cost.tp_collectives,
-                        spec.tp,
-                    )
-            }
+        .enumerate()
+        .map(|(i, n)| {
+            let whole = unsharded.as_ref().map_or(n, |g| &g.nodes[i]);
+            let (f, b, _) = model.layer_s(n, whole, graph.micro_batch_size, graph.tp);
+            let (cf, cb) = model.tp_collectives_s(
+                &graph.shape,
+                n.kind,
+                graph.micro_batch_size,
+                graph.dtype_bytes,
+                graph.tp,
+            );
+            let w = if n.cost.bwd_flops > 0.0 {
+                b * (n.cost.weight_grad_flops / n.cost.bwd_flops).min(1.0)
+            } else {
+                0.0
+            };
+            (f + cf, b + cb, w)
         })
-        .collect()
+        .collect())
+}
+
+/// The layer graph of `spec`, its block activations scaled by the allocator residency
+/// the profile measured.
+fn graph_of(spec: &PlanSpec) -> Result<LayerGraph> {
+    let mut graph = LayerGraph::with_policy(
+        &spec.shape,
+        spec.micro_batch_size,
+        spec.dtype_bytes,
+        spec.tp,
+        spec.policy,
+    )?;
+    if let Some(p) = &spec.profile {
+        let k = p
+            .calibration
+            .residency(spec.policy, spec.tp, spec.micro_batch_size);
+        for n in graph.nodes.iter_mut().filter(|n| n.kind.is_block()) {
+            n.cost.activation_bytes = (n.cost.activation_bytes as f64 * k).round() as u64;
+        }
+    }
+    Ok(graph)
 }
 
 impl Plan {
@@ -226,12 +299,7 @@ impl Plan {
     pub fn build(spec: &PlanSpec) -> Result<Plan> {
         spec.check()?;
         let tp_plan = TpPlan::new(&spec.shape, spec.tp)?;
-        let graph = LayerGraph::with_tp(
-            &spec.shape,
-            spec.micro_batch_size,
-            spec.dtype_bytes,
-            spec.tp,
-        )?;
+        let graph = graph_of(spec)?;
         let chunks = spec.chunks();
         let n_blocks = graph.n_blocks();
         if chunks > n_blocks {
@@ -264,7 +332,8 @@ impl Plan {
         let cost_of = |f: &dyn Fn(&crate::graph::LayerNode) -> f64| -> Vec<f64> {
             graph.nodes.iter().map(f).collect()
         };
-        let times = node_times(&graph, spec, spec.profile.is_some());
+        let node_s = node_times(&graph, spec)?;
+        let times: Vec<f64> = node_s.iter().map(|&(f, b, _)| f + b).collect();
         let solve = |cost: Vec<f64>, cap: Option<&MemoryCap>| -> Result<Bounds> {
             let chain = ChainCosts {
                 cost,
@@ -299,7 +368,7 @@ impl Plan {
             }
         };
         Ok(Self::assemble(
-            spec, &graph, tp_plan, &bounds, &in_flight, &times,
+            spec, &graph, tp_plan, &bounds, &in_flight, &node_s,
         ))
     }
 
@@ -309,7 +378,7 @@ impl Plan {
         tp_plan: TpPlan,
         bounds: &[usize],
         in_flight: &[usize],
-        times: &[f64],
+        times: &[(f64, f64, f64)],
     ) -> Plan {
         let stages: Vec<StagePlan> = bounds
             .windows(2)
@@ -322,6 +391,12 @@ impl Plan {
                     .fold(LayerCost::default(), |a, c| a + c);
                 let flight = in_flight[i];
                 let act = total.activation_bytes * flight as u64;
+                let t = &times[w[0]..w[1]];
+                let (fwd_s, bwd_s, weight_grad_s) = (
+                    t.iter().map(|x| x.0).sum::<f64>(),
+                    t.iter().map(|x| x.1).sum::<f64>(),
+                    t.iter().map(|x| x.2).sum::<f64>(),
+                );
                 StagePlan {
                     stage: StageId(i),
                     rank: Rank(i % spec.pp),
@@ -337,13 +412,47 @@ impl Plan {
                     activation_bytes: act,
                     memory_bytes: total.static_bytes() + act,
                     send_bytes_per_microbatch: total.output_bytes,
-                    time_s: times[w[0]..w[1]].iter().sum(),
+                    time_s: fwd_s + bwd_s,
+                    fwd_s,
+                    bwd_s,
+                    weight_grad_s,
                 }
             })
             .collect();
         let t: Vec<f64> = stages.iter().map(|s| s.time_s).collect();
         let mean = t.iter().sum::<f64>() / t.len() as f64;
         let max = t.iter().cloned().fold(0.0, f64::max);
+        let process_bytes = spec
+            .profile
+            .as_ref()
+            .and_then(|p| p.calibration.memory)
+            .map_or(DEFAULT_PROCESS_BYTES, |m| m.baseline_bytes);
+        let residency = spec.profile.as_ref().map_or(1.0, |p| {
+            p.calibration
+                .residency(spec.policy, spec.tp, spec.micro_batch_size)
+        });
+        // The exact walk of the schedule's actions, when the schedule is small enough to
+        // build in microseconds (the closed-form in-flight counts otherwise).
+        let small = spec.pp * spec.virtual_stages * spec.microbatches <= WALKED_ACTIONS;
+        let schedule = crate::schedule::ScheduleKind::from_name(spec.schedule.name())
+            .filter(|_| small)
+            .and_then(|k| {
+                Schedule::build_virtual(k, spec.pp, spec.virtual_stages, spec.microbatches)
+                    .and_then(|s| s.lower())
+                    .ok()
+            });
+        let memory = rank_memory(
+            &stages,
+            &MemoryInputs {
+                graph,
+                schedule: schedule.as_ref(),
+                residency,
+                pp: spec.pp,
+                dp: spec.dp,
+                process_bytes,
+                data_bytes: spec.data_bytes,
+            },
+        );
         Plan {
             method: spec.method.name().to_string(),
             model: graph.shape,
@@ -359,7 +468,9 @@ impl Plan {
             imbalance: if mean > 0.0 { max / mean } else { 1.0 },
             memory_cap_bytes: spec.memory_cap_bytes,
             tp_plan,
+            policy: spec.policy,
             stages,
+            memory,
         }
     }
 
@@ -380,8 +491,9 @@ impl Plan {
         spec.dtype_bytes = graph.dtype_bytes;
         spec.tp = graph.tp;
         spec.schedule = PipeSchedule::Gpipe;
+        spec.policy = graph.policy;
         let tp_plan = TpPlan::new(&graph.shape, graph.tp)?;
-        let times = node_times(graph, &spec, false);
+        let times = node_times(graph, &spec)?;
         let mut plan = Self::assemble(&spec, graph, tp_plan, bounds, &spec.in_flight(), &times);
         plan.method = method.to_string();
         Ok(plan)
@@ -400,31 +512,40 @@ impl Plan {
         self.stages.iter().filter(|s| s.rank == rank).collect()
     }
 
-    /// Memory per pipeline rank (sum over its chunks), per device.
+    /// Peak memory of each pipeline rank, per device: the memory model's truthful
+    /// figure (process, data, model state, activations and working set; see
+    /// [`crate::memory`]), comparable with the machine's memory.
     pub fn rank_memory_bytes(&self) -> Vec<u64> {
+        if self.memory.len() == self.pp {
+            return self.memory.iter().map(|m| m.peak).collect();
+        }
         (0..self.pp)
             .map(|r| self.chunks_of(Rank(r)).iter().map(|s| s.memory_bytes).sum())
             .collect()
     }
 
-    /// Predicted seconds per microbatch per pipeline rank (sum over its chunks).
-    /// Predicted seconds of one schedule action on this plan: a chunk's per-microbatch
-    /// time split between forward and backward by FLOPs (I and W are half a backward
-    /// each), `message_s` for a send, nothing for a receive (its wait is simulated).
+    /// The largest [`Plan::rank_memory_bytes`].
+    pub fn peak_memory_bytes(&self) -> u64 {
+        self.rank_memory_bytes().into_iter().max().unwrap_or(0)
+    }
+
+    /// Predicted seconds of one schedule action on this plan's chunk: its forward, its
+    /// backward, or a zero-bubble `I` (backward minus weight gradients) or `W`; `message_s`
+    /// for a send, nothing for a receive (its wait is simulated).
     pub fn action_time(&self, action: &crate::schedule::Action, message_s: f64) -> f64 {
         use crate::schedule::ActionKind;
         let s = &self.stages[action.stage.0];
-        let share = s.fwd_flops / (s.fwd_flops + s.bwd_flops).max(f64::MIN_POSITIVE);
-        let forward = s.time_s * share;
         match action.kind {
-            ActionKind::Forward => forward,
-            ActionKind::Backward => s.time_s - forward,
-            ActionKind::InputGrad | ActionKind::WeightGrad => (s.time_s - forward) / 2.0,
+            ActionKind::Forward => s.fwd_s,
+            ActionKind::Backward => s.bwd_s,
+            ActionKind::InputGrad => s.bwd_s - s.weight_grad_s,
+            ActionKind::WeightGrad => s.weight_grad_s,
             ActionKind::SendAct | ActionKind::SendGrad => message_s,
             ActionKind::RecvAct | ActionKind::RecvGrad => 0.0,
         }
     }
 
+    /// Predicted seconds per microbatch per pipeline rank (sum over its chunks).
     pub fn rank_time_s(&self) -> Vec<f64> {
         (0..self.pp)
             .map(|r| self.chunks_of(Rank(r)).iter().map(|s| s.time_s).sum())
@@ -761,6 +882,7 @@ mod tests {
                     runs: 3,
                 })
                 .collect(),
+            calibration: Default::default(),
         });
         let plan = Plan::build(&spec).unwrap();
         assert!(

@@ -686,6 +686,27 @@ impl Simulation {
 /// cost time too). Sends never block; a receive waits for its matching send. Returns the
 /// timeline, or [`Error::Deadlock`] with every rank's blocked cell marked.
 pub fn simulate(s: &Schedule, cost: impl Fn(&Action) -> f64) -> Result<Simulation> {
+    simulate_messages(s, cost, |_| Delivery::default())
+}
+
+/// How a sent message travels (see [`simulate_messages`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Delivery {
+    /// Seconds from the moment the message moves until the receiver has it.
+    pub transit_s: f64,
+    /// The message moves only once its sender makes its next communication call (a
+    /// send or receive, or the end of its step), as large messages do on transports
+    /// that progress only inside the sender's calls; otherwise it moves when sent.
+    pub needs_sender_progress: bool,
+}
+
+/// [`simulate`] with message delivery: a receive can complete only `transit_s` after its
+/// message moved; busy time counts compute actions only.
+pub fn simulate_messages(
+    s: &Schedule,
+    cost: impl Fn(&Action) -> f64,
+    delivery: impl Fn(&Action) -> Delivery,
+) -> Result<Simulation> {
     let n = s.ranks.len();
     let mut pc = vec![0usize; n];
     let mut clock = vec![0.0f64; n];
@@ -695,13 +716,24 @@ pub fn simulate(s: &Schedule, cost: impl Fn(&Action) -> f64) -> Result<Simulatio
         .iter()
         .map(|a| Vec::with_capacity(a.len()))
         .collect();
-    // Completion time of each send, keyed by what the receiver will look for.
-    let mut sent: HashMap<(usize, ActionKind, usize), f64> = HashMap::new();
+    // Arrival time of each message, keyed by what the receiver will look for; and per
+    // rank the messages that wait for that rank's next communication call.
+    type Key = (usize, ActionKind, usize);
+    let mut sent: HashMap<Key, f64> = HashMap::new();
+    let mut stalled: Vec<Vec<(Key, f64)>> = vec![Vec::new(); n];
+    let release = |stalled: &mut Vec<(Key, f64)>, sent: &mut HashMap<Key, f64>, at: f64| {
+        for (key, transit) in stalled.drain(..) {
+            sent.insert(key, at + transit);
+        }
+    };
     loop {
         let mut progressed = false;
         for r in 0..n {
             while let Some(a) = s.ranks[r].get(pc[r]) {
                 let start = clock[r];
+                if !a.kind.is_compute() {
+                    release(&mut stalled[r], &mut sent, start);
+                }
                 let end = match a.kind {
                     ActionKind::RecvAct | ActionKind::RecvGrad => {
                         match sent.remove(&(a.stage.0, a.kind, a.mb.0)) {
@@ -712,7 +744,13 @@ pub fn simulate(s: &Schedule, cost: impl Fn(&Action) -> f64) -> Result<Simulatio
                     ActionKind::SendAct | ActionKind::SendGrad => {
                         let end = start + cost(a);
                         if let Some((to, kind)) = s.destination(a) {
-                            sent.insert((to, kind, a.mb.0), end);
+                            let d = delivery(a);
+                            let key = (to, kind, a.mb.0);
+                            if d.needs_sender_progress {
+                                stalled[r].push((key, d.transit_s));
+                            } else {
+                                sent.insert(key, end + d.transit_s);
+                            }
                         }
                         end
                     }
@@ -725,6 +763,11 @@ pub fn simulate(s: &Schedule, cost: impl Fn(&Action) -> f64) -> Result<Simulatio
                 spans[r].push((start, end));
                 clock[r] = end;
                 pc[r] += 1;
+                progressed = true;
+            }
+            if pc[r] == s.ranks[r].len() && !stalled[r].is_empty() {
+                // The end of the step flushes every pending send.
+                release(&mut stalled[r], &mut sent, clock[r]);
                 progressed = true;
             }
         }

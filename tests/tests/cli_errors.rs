@@ -139,3 +139,44 @@ fn plan_prints_table_and_json() {
     assert_eq!(plan["model"]["vocab"], 65);
     assert_eq!(plan["stages"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn recompute_and_sequence_parallel_keys() {
+    let base = good("policy");
+    let run = launch_text(
+        "recompute-bad",
+        &base.replace("schedule: gpipe", "schedule: gpipe, recompute: some"),
+        &[],
+    );
+    assert_clean_error(&run, &["parallel.recompute", "unknown variant `some`"]);
+    // Sequence parallelism splits tensor-parallel regions: at tp = 1 it is refused, by
+    // `strata plan` as by `strata launch`.
+    let sp = base.replace(
+        "schedule: gpipe",
+        "schedule: gpipe, sequence_parallel: true",
+    );
+    let run = launch_text("sp-tp1", &sp, &[]);
+    assert_clean_error(&run, &["parallel.sequence_parallel", "parallel.tp = 1"]);
+    let dir = scratch("sp-plan");
+    let cfg = write(&dir, "cfg.yaml", &sp);
+    let run = run_strata(
+        &["plan", cfg.to_str().unwrap()],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_clean_error(&run, &["parallel.sequence_parallel", "parallel.tp = 1"]);
+    // With tp > 1, and any recompute mode, the planner models them.
+    let ok = base.replace(
+        "schedule: gpipe",
+        "schedule: gpipe, tp: 2, recompute: full, sequence_parallel: true",
+    );
+    let ok = ok.replace("tp: 1,", "");
+    let cfg = write(&dir, "ok.yaml", &ok);
+    let run = run_strata(
+        &["plan", cfg.to_str().unwrap()],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("rank 0 peak memory"), "{}", run.stdout);
+}

@@ -131,7 +131,72 @@ fn profile_then_plan_by_measured_time() {
         LIMIT,
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
+    // Measured on the real ranks under mpiexec: communication curves, the sgemm peak,
+    // the optimizer, an idle rank's memory and layer timings with every rank busy.
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    let c = &p["calibration"];
+    assert_eq!(c["world"], 2, "{c}");
+    for key in ["p2p", "matmul", "step", "memory"] {
+        assert!(c[key].is_object(), "no {key} in {c}");
+    }
+    assert!(c["p2p"]["one_way"].as_array().unwrap().len() >= 5);
+    assert!(c["matmul"]["flops_per_s"].as_f64().unwrap() > 1e8);
+    assert!(c["memory"]["baseline_bytes"].as_u64().unwrap() > 10 << 20);
+    assert!(c["all_reduce"][0]["tensor_all_reduce"].is_array(), "{c}");
+    assert!(c["layer_sets"].as_array().unwrap().len() >= 4);
+    assert!(c["activation_footprint"][0]["measured_bytes"]
+        .as_u64()
+        .is_some());
+    assert!(run.stdout.contains("p2p: latency"), "{}", run.stdout);
     let run = run_strata(&["plan", cfg.to_str().unwrap()], &[], LIMIT);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(run.stdout.contains("profile split"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("costs from the profile") && run.stdout.contains("rank 1 peak memory"),
+        "{}",
+        run.stdout
+    );
+    // The auto-planner prices layouts from the same profile.
+    let run = run_strata(
+        &["plan", cfg.to_str().unwrap(), "--auto", "--world", "2"],
+        &[],
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("priced from the profile"),
+        "{}",
+        run.stdout
+    );
+    // Without a profile it says so.
+    let bare = write(
+        &dir,
+        "bare.yaml",
+        &tiny("pp: 2, microbatches: 4, micro_batch_size: 2"),
+    );
+    let run = run_strata(
+        &["plan", bare.to_str().unwrap(), "--auto", "--world", "2"],
+        &[],
+        LIMIT,
+    );
+    assert!(run.stdout.contains("no profile"), "{}", run.stdout);
+    let run = run_strata(
+        &[
+            "plan",
+            bare.to_str().unwrap(),
+            "--auto",
+            "--world",
+            "2",
+            "--profile",
+            prof.to_str().unwrap(),
+        ],
+        &[],
+        LIMIT,
+    );
+    assert!(
+        run.stdout.contains("priced from the profile"),
+        "{}",
+        run.stdout
+    );
 }

@@ -1,10 +1,25 @@
-//! Measured layer timings (`strata profile` writes them; `parallel.partition: profile`
-//! reads them), so that the split can weight layers by measured time instead of FLOPs,
-//! as torchgpipe's `balance_by_time` does.
+//! Measured costs of this machine (`strata profile` writes them; `parallel.profile`,
+//! `strata plan` and `strata plan --auto` read them).
+//!
+//! * Layer timings of one process, so that the split can weight layers by measured time
+//!   instead of FLOPs, as torchgpipe's `balance_by_time` does (`layers`).
+//! * The [`Calibration`] measured on the real ranks under MPI: layer timings with every
+//!   rank busy, the transport's point-to-point and all-reduce [`Curve`]s, the sgemm peak,
+//!   the optimizer's cost and the memory of an idle rank. Profiles written before it
+//!   existed still load (every part defaults to absent).
 //!
 //! Invariant: a [`Profile`] accepted by [`Profile::check`] was measured on a model of the
 //! same shape and micro-batch size as the one being planned, and has a finite,
 //! non-negative forward and backward time for each of `embed`, `block` and `head`.
+
+mod calibration;
+mod curve;
+
+pub use calibration::{
+    ActivationFootprint, Calibration, GroupCurve, LayerSet, MatmulPeak, P2pProfile, ProcessMemory,
+    StepCosts,
+};
+pub use curve::{Curve, CurvePoint};
 
 use crate::error::{Error, Result};
 use crate::graph::{LayerKind, ModelShape};
@@ -32,6 +47,9 @@ pub struct Profile {
     pub micro_batch_size: usize,
     pub dtype_bytes: usize,
     pub layers: Vec<LayerTiming>,
+    /// Measurements on the real ranks (absent in profiles from before it existed).
+    #[serde(default, skip_serializing_if = "Calibration::is_empty")]
+    pub calibration: Calibration,
 }
 
 impl Profile {
@@ -50,6 +68,22 @@ impl Profile {
         })
     }
 
+    /// Checks the profile was measured on a model of `shape` (any micro-batch size);
+    /// `path` is for messages.
+    pub fn check_model(&self, path: &str, shape: &ModelShape) -> Result<()> {
+        if self.model != *shape {
+            return Err(Error::BadProfile {
+                path: path.to_string(),
+                reason: format!(
+                    "measured on model {:?}, but the config's model is {:?}",
+                    self.model, shape
+                ),
+                fix: "rerun `strata profile` on this config".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the profile matches `shape` and `micro_batch_size`; `path` is for messages.
     pub fn check(&self, path: &str, shape: &ModelShape, micro_batch_size: usize) -> Result<()> {
         let bad = |reason: String| Error::BadProfile {
@@ -57,12 +91,7 @@ impl Profile {
             reason,
             fix: "rerun `strata profile` on this config".into(),
         };
-        if self.model != *shape {
-            return Err(bad(format!(
-                "measured on model {:?}, but the config's model is {:?}",
-                self.model, shape
-            )));
-        }
+        self.check_model(path, shape)?;
         if self.micro_batch_size != micro_batch_size {
             return Err(bad(format!(
                 "measured at micro_batch_size {}, but parallel.micro_batch_size = {}",

@@ -1,0 +1,191 @@
+//! What `strata profile` measures on the real ranks under MPI, besides the single-process
+//! layer timings: layer timings taken on every rank at once (at several micro-batch sizes
+//! and tensor-parallel degrees), the point-to-point and all-reduce curves of the engine's
+//! transport, the sgemm peak, the per-step costs outside the schedule (AdamW, gradient
+//! norm) and the memory a rank holds before it builds a model.
+//!
+//! Invariant: every part is optional ([`Calibration::default`] is an old profile without
+//! one); a part that is present was measured by the engine's own code paths (its
+//! communicators, its optimizer), so the planner prices what the engine really does.
+
+use super::curve::Curve;
+use super::LayerTiming;
+use crate::activation::ActivationPolicy;
+use serde::{Deserialize, Serialize};
+
+/// Layer timings measured with `concurrent` ranks timing at once (as in a real run, where
+/// every rank computes at the same time and they share the memory system).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerSet {
+    pub micro_batch_size: usize,
+    /// Tensor-parallel degree of the timed shard (its collectives excluded: they are
+    /// priced from the all-reduce curves).
+    pub tp: usize,
+    /// Ranks that were timing at the same moment.
+    pub concurrent: usize,
+    pub layers: Vec<LayerTiming>,
+    /// The zero-bubble split of one block's backward: seconds of `I` (input gradient) and
+    /// `W` (weight gradient), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_split: Option<(f64, f64)>,
+}
+
+/// The all-reduce curve of one group shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupCurve {
+    /// `tp` (consecutive ranks, activations) or `dp` (strided ranks, gradients).
+    pub group: String,
+    pub size: usize,
+    /// An f32 all-reduce of a flat buffer through the engine's communicator.
+    pub all_reduce: Curve,
+    /// The same as the engine's tensor-parallel layers run it: tensor to buffer, reduce,
+    /// buffer to tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_all_reduce: Option<Curve>,
+    /// The data-parallel gradient average as the engine runs it (bucket packing,
+    /// reduction, scaling, unpacking), against gradient bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_all_reduce: Option<Curve>,
+}
+
+/// Pipeline messages between two ranks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct P2pProfile {
+    /// One-way time (half a ping-pong) of a raw message through the engine's transport.
+    pub one_way: Curve,
+    /// Sender-side cost of a pipeline send: serialising the tensor and posting it.
+    pub send_overhead: Curve,
+    /// Receiver-side cost once the message is there: deserialising it into a tensor.
+    pub recv_overhead: Curve,
+    /// Messages above this size do not move while the sender computes (they progress only
+    /// inside the sender's communicator calls); `None` when every measured size did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalls_above_bytes: Option<u64>,
+    /// memcpy bandwidth of this machine, bytes/s, for comparison.
+    #[serde(default)]
+    pub memcpy_bytes_s: f64,
+}
+
+/// Dense fp32 matmul throughput per rank at the profile's thread count, every rank
+/// multiplying at once.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MatmulPeak {
+    pub threads: usize,
+    /// Best FLOP/s over the measured sizes.
+    pub flops_per_s: f64,
+    /// The square size that reached it.
+    pub n: usize,
+}
+
+/// Per-step costs outside the schedule, per rank: `fixed_s + element_s · elements` per
+/// flat buffer group, for each pass over the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepCosts {
+    /// AdamW update (and zeroing the gradients).
+    pub adamw_fixed_s: f64,
+    pub adamw_element_s: f64,
+    /// Squared gradient norm of the owned parameters.
+    pub norm_fixed_s: f64,
+    pub norm_element_s: f64,
+    /// Scaling the gradients when the norm is clipped.
+    pub clip_fixed_s: f64,
+    pub clip_element_s: f64,
+    /// One scalar all-reduce over the world (the gradient norm's), seconds.
+    pub scalar_all_reduce_s: f64,
+}
+
+/// Memory a worker holds before it builds its model: the process with libtorch and MPI
+/// initialised and one small op run (thread pools, allocator arenas).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessMemory {
+    /// Resident bytes of that process (`VmRSS`).
+    pub baseline_bytes: u64,
+    /// Installed memory of the machine (`MemTotal`), bytes.
+    pub machine_bytes: u64,
+}
+
+/// Resident memory of one transformer block's stashed activations per microbatch, as
+/// measured (growth of the process's resident set per stashed forward, so the
+/// allocator's own overhead is included) and as [`crate::activation`] counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActivationFootprint {
+    pub micro_batch_size: usize,
+    pub tp: usize,
+    #[serde(default)]
+    pub policy: ActivationPolicy,
+    pub measured_bytes: u64,
+    pub modeled_bytes: u64,
+}
+
+impl ActivationFootprint {
+    /// Resident bytes per modeled byte (≥ 1 when the allocator keeps freed holes).
+    pub fn residency(&self) -> f64 {
+        if self.modeled_bytes == 0 {
+            1.0
+        } else {
+            self.measured_bytes as f64 / self.modeled_bytes as f64
+        }
+    }
+}
+
+/// Everything measured under MPI; see the module docs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Ranks of the measuring job.
+    pub world: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_sets: Vec<LayerSet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p: Option<P2pProfile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub all_reduce: Vec<GroupCurve>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matmul: Option<MatmulPeak>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepCosts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ProcessMemory>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activation_footprint: Vec<ActivationFootprint>,
+}
+
+impl Calibration {
+    /// True for a profile written before calibration existed.
+    pub fn is_empty(&self) -> bool {
+        *self == Calibration::default()
+    }
+
+    /// The all-reduce curves of a group of `size` ranks of kind `group` (`tp` or `dp`),
+    /// falling back to the other kind of the same size.
+    pub fn group(&self, group: &str, size: usize) -> Option<&GroupCurve> {
+        let same_size = || self.all_reduce.iter().filter(|g| g.size == size);
+        same_size()
+            .find(|g| g.group == group)
+            .or_else(|| same_size().next())
+    }
+
+    /// Resident bytes per modeled activation byte for `policy` at `tp` and
+    /// `micro_batch_size`: the measurement of the same policy and tp at the nearest
+    /// micro-batch size, else of any policy; 1 when nothing was measured.
+    pub fn residency(&self, policy: ActivationPolicy, tp: usize, micro_batch_size: usize) -> f64 {
+        self.activation_footprint
+            .iter()
+            .min_by_key(|f| {
+                (
+                    f.policy != policy,
+                    f.tp != tp,
+                    f.micro_batch_size.abs_diff(micro_batch_size),
+                )
+            })
+            .map_or(1.0, ActivationFootprint::residency)
+    }
+
+    /// The layer set measured at `micro_batch_size` and `tp`, preferring the one with the
+    /// most concurrent ranks not above `ranks`.
+    pub fn layer_set(&self, micro_batch_size: usize, tp: usize, ranks: usize) -> Option<&LayerSet> {
+        self.layer_sets
+            .iter()
+            .filter(|s| s.micro_batch_size == micro_batch_size && s.tp == tp)
+            .min_by_key(|s| (s.concurrent > ranks, ranks.abs_diff(s.concurrent)))
+    }
+}
