@@ -77,7 +77,10 @@ fn auto_plans_world_1024_quickly() {
         "{}",
         run.stdout
     );
-    assert!(run.elapsed < Duration::from_secs(10), "{:?}", run.elapsed);
+    // A guard against a search that blows up, not a benchmark: this process starts
+    // libtorch (seconds on a loaded 2-core machine) while the profile test of this file
+    // runs mpiexec ranks next to it (alone it takes about 3 s, mostly loading libtorch).
+    assert!(run.elapsed < Duration::from_secs(30), "{:?}", run.elapsed);
 }
 
 #[test]
