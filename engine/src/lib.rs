@@ -33,4 +33,4 @@ pub use config::Config;
 pub use error::{Error, Result};
 /// The libtorch bindings the engine is built on (for tests and tools).
 pub use tch;
-pub use trainer::{train, CapturedGrad, RunOptions, RunSummary};
+pub use trainer::{train, CapturedGrad, FlopsModel, PeakSource, RunOptions, RunSummary};

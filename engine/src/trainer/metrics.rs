@@ -3,6 +3,7 @@
 //!
 //! Invariant: rank 0 is the only writer of the run directory.
 
+use super::flops::FlopsModel;
 use super::setup::RankState;
 use crate::comm::{wire, Communicator, Tag};
 use crate::config::Config;
@@ -36,6 +37,10 @@ pub struct StepRecord {
     pub val_loss: Option<f64>,
     pub lr: f64,
     pub tokens_per_s: f64,
+    /// Model FLOP/s of one rank (see [`super::flops`]).
+    pub flops_per_s_per_rank: f64,
+    /// Model FLOPs utilisation: `flops_per_s_per_rank` over the peak of one rank.
+    pub mfu: f64,
     pub step_s: f64,
     /// Seconds of the whole step on rank 0, evaluation and metrics gathering included.
     pub wall_s: f64,
@@ -132,7 +137,13 @@ pub struct StepInfo {
 }
 
 /// Combines every rank's report into the step's metrics line.
-pub fn record(cfg: &Config, rank: &RankState, reports: &[Report], info: StepInfo) -> StepRecord {
+pub fn record(
+    cfg: &Config,
+    rank: &RankState,
+    flops: &FlopsModel,
+    reports: &[Report],
+    info: StepInfo,
+) -> StepRecord {
     // Ranks start a step at different times but are chained by the pipeline, so the step
     // takes as long as the slowest rank's training part (evaluation excluded).
     let step_s = reports.iter().map(|r| r[4]).fold(0.0, f64::max);
@@ -141,12 +152,15 @@ pub fn record(cfg: &Config, rank: &RankState, reports: &[Report], info: StepInfo
     let val_loss = info
         .evaluated
         .then(|| reports[rank.loss_ranks[0].0][7] / rank.eval_microbatches as f64);
+    let (flops_per_s_per_rank, mfu) = flops.rate(step_s);
     StepRecord {
         step: info.step,
         loss,
         val_loss,
         lr: info.lr,
         tokens_per_s: cfg.tokens_per_step() as f64 / step_s,
+        flops_per_s_per_rank,
+        mfu,
         step_s,
         wall_s: info.wall_s,
         grad_norm: info.grad_norm,
@@ -223,12 +237,14 @@ pub fn progress_line(r: &StepRecord) -> String {
         .map_or(String::new(), |v| format!(" | val {v:.4}"));
     let bubble = r.ranks.iter().map(|r| r.bubble).fold(0.0, f64::max);
     format!(
-        "step {:>5} | loss {:.4}{val} | lr {:.2e} | {:>8.0} tok/s | {:.3} s | max bubble {:.1}%",
+        "step {:>5} | loss {:.4}{val} | lr {:.2e} | {:>8.0} tok/s | {:.3} s | {:.1} GFLOP/s/rank | MFU {:.1}% | max bubble {:.1}%",
         r.step,
         r.loss,
         r.lr,
         r.tokens_per_s,
         r.step_s,
+        r.flops_per_s_per_rank / 1e9,
+        r.mfu * 100.0,
         bubble * 100.0
     )
 }

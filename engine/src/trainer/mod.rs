@@ -9,12 +9,14 @@
 //! `c % pp`.
 
 mod checkpointing;
+mod flops;
 mod grads;
 mod lr;
 mod metrics;
 mod setup;
 
 pub use checkpointing::{Checkpointer, TrainState, EXP_AVG, EXP_AVG_SQ};
+pub use flops::{model_flops_per_step, FlopsModel, PeakSource};
 pub use grads::CapturedGrad;
 pub use lr::lr_at;
 pub use metrics::peak_rss_mib;
@@ -58,6 +60,12 @@ pub struct RunSummary {
     pub losses: Vec<f64>,
     pub val_losses: Vec<(usize, f64)>,
     pub tokens_per_s: Vec<f64>,
+    /// Model FLOPs utilisation of each step (see [`flops`]).
+    pub mfu: Vec<f64>,
+    /// Model FLOP/s per rank of each step.
+    pub flops_per_s_per_rank: Vec<f64>,
+    /// What the MFU is measured against.
+    pub flops: Option<FlopsModel>,
     /// Global gradient norm of each step (with `train.grad_clip`).
     pub grad_norms: Vec<f64>,
     /// Per rank: the most microbatches stashed for backward at once, over all steps.
@@ -79,6 +87,8 @@ impl RunSummary {
     fn add(&mut self, r: &StepRecord, steps: usize) {
         self.losses.push(r.loss);
         self.tokens_per_s.push(r.tokens_per_s);
+        self.mfu.push(r.mfu);
+        self.flops_per_s_per_rank.push(r.flops_per_s_per_rank);
         self.grad_norms.extend(r.grad_norm);
         for m in &r.ranks {
             self.peak_stash[m.rank] = self.peak_stash[m.rank].max(m.peak_stash);
@@ -117,12 +127,15 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         true => Some(MetricsFile::create(cfg, &rank.plan, start)?),
         false => None,
     };
+    let flops = FlopsModel::new(cfg, &rank.plan)?;
     if is_root && opts.verbose {
         println!("{}", banner(cfg, &rank, world));
+        println!("{}", flops.describe());
         resumed.iter().for_each(|line| println!("{line}"));
     }
     let mut summary = RunSummary {
         coord: Some(comms.coord),
+        flops: is_root.then(|| flops.clone()),
         peak_stash: vec![0; world],
         bubble: vec![0.0; world],
         ..RunSummary::default()
@@ -197,7 +210,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
             grad_norm,
             wall_s: t0.elapsed().as_secs_f64(),
         };
-        let record = metrics::record(cfg, &rank, &reports, info);
+        let record = metrics::record(cfg, &rank, &flops, &reports, info);
         summary.add(&record, steps);
         if let Some(file) = metrics_file.as_mut() {
             file.write(&record)?;
