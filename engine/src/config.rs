@@ -819,11 +819,15 @@ impl Config {
     /// Refuses what the partitioner can plan but the engine cannot run yet.
     fn check_engine_support(&self) -> Result<()> {
         let p = &self.parallel;
-        if p.recompute != Recompute::None {
+        if p.recompute == Recompute::Selective {
             return Err(self.field_error(
-                &format!("parallel.recompute = {}", p.recompute),
-                "activation recomputation is not implemented by the engine yet".into(),
-                "remove parallel.recompute to train; `strata plan` models its memory".into(),
+                "parallel.recompute = selective",
+                "selective recomputation (of the attention core) is not implemented by the \
+                 engine; its attention already keeps O(s) per head (flash), so selective would \
+                 save only the log-sum-exp"
+                    .into(),
+                "use parallel.recompute: full (whole blocks) or none; `strata plan` models all three"
+                    .into(),
             ));
         }
         if p.sequence_parallel && *p.tp > 1 {

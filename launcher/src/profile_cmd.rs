@@ -13,7 +13,9 @@
 use crate::launch::{find_program, LaunchError};
 use engine::comm::groups::ParallelComms;
 use engine::comm::mpi::MpiComm;
+use engine::flight::{FlightRecorder, Group, DEFAULT_CAPACITY};
 use engine::profile::calibrate::{calibrate, CalibrateOptions};
+use engine::watchdog::Watch;
 use engine::Config;
 use mpi::topology::Communicator as _;
 use partitioner::plan::{bytes, human, seconds};
@@ -165,8 +167,12 @@ pub fn worker(config: &Path, out: &Path, runs: usize) -> ExitCode {
                 .map(|g| g.total_params() as usize)
                 .unwrap_or(0),
         };
-        let mut comm = MpiComm::new(world.duplicate());
-        let mut groups = |mesh| ParallelComms::from_mpi(world.duplicate(), mesh);
+        // Every blocking wait of the measuring job has the config's deadlines.
+        let me = partitioner::Rank(rank as usize);
+        let flight = FlightRecorder::new(me, None, DEFAULT_CAPACITY);
+        let watch = Watch::new(flight, None, cfg.watchdog(), None);
+        let mut comm = MpiComm::new(world.duplicate(), Group::World, watch.clone())?;
+        let mut groups = |mesh| ParallelComms::from_mpi(world.duplicate(), mesh, &watch);
         calibrate(&shape, &mut comm, &mut groups, &opts)
     });
     match result {

@@ -179,4 +179,23 @@ fn recompute_and_sequence_parallel_keys() {
     );
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("rank 0 peak memory"), "{}", run.stdout);
+    // The engine runs `full` recomputation; `selective` and sequence parallelism are
+    // refused by launch, before any rank starts, naming the key and what to use instead.
+    let run = launch_text(
+        "recompute-selective",
+        &base.replace("schedule: gpipe", "schedule: gpipe, recompute: selective"),
+        &[],
+    );
+    assert_clean_error(
+        &run,
+        &["parallel.recompute = selective", "parallel.recompute: full"],
+    );
+    let run = launch_text("sp-tp2", &ok.replace("recompute: full, ", ""), &[]);
+    assert_clean_error(
+        &run,
+        &[
+            "parallel.sequence_parallel",
+            "not implemented by the engine",
+        ],
+    );
 }

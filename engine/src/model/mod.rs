@@ -12,6 +12,18 @@
 //! * [`tape`]: the forward as autograd segments joined by tp collectives, and the
 //!   backward (whole, or split into input-gradient `I` and weight-gradient `W`).
 //!
+//! Full activation recomputation ([`Model::with_recompute`], `parallel.recompute: full`,
+//! Megatron's `--recompute-granularity full` with the uniform method over every block):
+//! a training forward runs each block without autograd and keeps only its input; the
+//! backward reruns the block's forward on a tape of its own from that input and
+//! differentiates it at once. The layers around the blocks (embedding, head) keep their
+//! tapes. The tapes are joined by their input and output gradients, so every operation,
+//! and every parameter's one gradient addition per microbatch, is the same as without
+//! recomputation: losses and gradients are bit-identical. The one parameter two tapes
+//! share, a tied word embedding on a chunk with both the embedding and the head, has its
+//! two contributions held and added with one addition, as the single autograd graph of a
+//! fused (tp = 1, whole-backward) chunk adds them.
+//!
 //! Layers (see [`partitioner::LayerKind`]): `embed` (token embedding, + learned positions
 //! for GPT), `block.i`, and `head`. Linear weights are stored `[in, out]` (`Y = XA`).
 //!
@@ -38,7 +50,7 @@ use layers::VocabParallelEmbedding;
 use params::{init_grads, ParamBuilder};
 use partitioner::{Arch, LayerKind, ModelShape};
 use sharding::TpRank;
-use tape::{Mode, Tape, WeightWork};
+use tape::{Backward, Mode, Tape, WeightWork};
 use tch::{Device, Kind, Tensor};
 
 pub use params::{init_param, Init, Param};
@@ -118,14 +130,37 @@ pub enum Pass {
 
 /// A chunk's forward, kept until its backward.
 pub struct Forward {
-    tape: Tape,
+    /// In forward order; each part's input is the previous part's output.
+    parts: Vec<Part>,
     /// The hidden output `[b, s, d]`, or the mean loss (a scalar) on the last chunk;
     /// detached.
     pub output: Tensor,
-    seed: Seed,
+    /// Where the last part is seeded; None when it is a recomputed block (its output
+    /// gradient seeds it).
+    seed: Option<Seed>,
     /// With [`Pass::EvalLogits`] on the chunk with the head: this rank's logits
     /// `[b, s, n_local]` (its vocabulary columns; padded columns −∞).
     pub logits: Option<Tensor>,
+    mode: Mode,
+    split: bool,
+}
+
+impl Forward {
+    /// Blocks of this forward kept as their input alone, to be rerun in the backward.
+    pub fn recomputed_blocks(&self) -> usize {
+        self.parts
+            .iter()
+            .filter(|p| matches!(p, Part::Recompute { .. }))
+            .count()
+    }
+}
+
+/// A piece of a chunk's forward.
+enum Part {
+    /// Layers whose autograd state is kept; `out` is the part's hidden output.
+    Kept { tape: Tape, out: tape::V },
+    /// Block `layers[layer]`, kept as its input alone and rerun in the backward.
+    Recompute { layer: usize, input: Tensor },
 }
 
 /// What seeds a chunk's backward.
@@ -144,9 +179,17 @@ pub struct Model {
     layers: Vec<Layer>,
     params: Vec<Param>,
     rotary: Option<Rotary>,
+    /// Recompute every block in the backward (see the module docs).
+    recompute: bool,
 }
 
 impl Model {
+    /// The model with full activation recomputation on or off (off when built).
+    pub fn with_recompute(mut self, on: bool) -> Model {
+        self.recompute = on;
+        self
+    }
+
     /// Builds `layers` of the model as tp rank `tp` holds them, initialised from `seed`.
     /// With tied embeddings, a head chunk without the embedding holds a copy of it.
     pub fn new(spec: &ModelSpec, layers: &[LayerKind], seed: u64, tp: TpRank) -> Result<Model> {
@@ -209,6 +252,7 @@ impl Model {
             layers: built,
             params: b.params,
             rotary,
+            recompute: false,
         })
     }
 
@@ -241,37 +285,63 @@ impl Model {
             Pass::Train { .. } => Mode::Cut,
         };
         let split = matches!(pass, Pass::Train { split: true });
-        let mut tape = Tape::new(mode, split, input);
-        let mut x: tape::V = 0;
-        for layer in &self.layers {
+        let recompute = self.recompute && mode != Mode::Eval;
+        let mut fwd = Forward {
+            parts: Vec::new(),
+            output: input.shallow_clone(),
+            seed: None,
+            logits: None,
+            mode,
+            split,
+        };
+        // The open tape and its current value, or None while `fwd.output` is the hidden
+        // state (at the start, and after a recomputed block).
+        let mut open: Option<(Tape, tape::V)> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let (Layer::Block(b), true) = (layer, recompute) {
+                if let Some((tape, out)) = open.take() {
+                    fwd.output = tape.value(out).detach();
+                    fwd.parts.push(Part::Kept { tape, out });
+                }
+                let y = self.block_without_grad(b, &fwd.output, tp)?;
+                let input = std::mem::replace(&mut fwd.output, y);
+                fwd.parts.push(Part::Recompute { layer: i, input });
+                continue;
+            }
+            let (tape, x) = open.get_or_insert_with(|| (Tape::new(mode, split, &fwd.output), 0));
             match layer {
-                Layer::Embedding(e) => x = e.forward(&mut tape, input, tp, None)?,
-                Layer::Block(b) => x = b.forward(&mut tape, x, tp, self.rotary.as_ref(), None)?,
+                Layer::Embedding(e) => *x = e.forward(tape, input, tp, None)?,
+                Layer::Block(b) => *x = b.forward(tape, *x, tp, self.rotary.as_ref(), None)?,
                 Layer::Head(h) => {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
-                    let logits = match pass {
-                        Pass::EvalLogits => Some(h.logits(tape.value(x))?),
-                        _ => None,
-                    };
-                    let (loss, seed) = h.forward(&mut tape, x, targets, tp)?;
-                    let output = tape.value(loss).detach();
-                    return Ok(Forward {
-                        tape,
-                        output,
-                        seed,
-                        logits,
-                    });
+                    if pass == Pass::EvalLogits {
+                        fwd.logits = Some(h.logits(tape.value(*x))?);
+                    }
+                    let (loss, seed) = h.forward(tape, *x, targets, tp)?;
+                    *x = loss;
+                    fwd.seed = Some(seed);
                 }
             }
         }
-        let output = tape.value(x).detach();
-        Ok(Forward {
-            tape,
-            output,
-            seed: Seed::Hidden(x),
-            logits: None,
-        })
+        if let Some((tape, out)) = open {
+            fwd.output = tape.value(out).detach();
+            fwd.seed.get_or_insert(Seed::Hidden(out));
+            fwd.parts.push(Part::Kept { tape, out });
+        }
+        Ok(fwd)
+    }
+
+    /// Block `b`'s forward on `x` without autograd (the first pass of a recomputed block).
+    fn block_without_grad(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        tp: &mut dyn Communicator,
+    ) -> Result<Tensor> {
+        let mut tape = Tape::new(Mode::Eval, false, x);
+        let out = b.forward(&mut tape, 0, tp, self.rotary.as_ref(), None)?;
+        Ok(tape.value(out).shallow_clone())
     }
 
     /// Every linear layer of the chunk with a weight of its own (a tied LM head is the
@@ -368,7 +438,111 @@ impl Model {
         grad: Grad,
         tp: &mut dyn Communicator,
     ) -> Result<(Option<Tensor>, WeightWork)> {
-        let seed = match (fwd.seed, grad) {
+        let (mode, split) = (fwd.mode, fwd.split);
+        let hold = self.shared_across_tapes(mode, split);
+        let mut parts = fwd.parts;
+        let last = parts
+            .pop()
+            .ok_or_else(|| Error::Internal("a chunk's forward has no parts".into()))?;
+        let first = match (last, fwd.seed, grad) {
+            (Part::Recompute { layer, input }, None, Grad::Output(g)) => {
+                self.rerun_backward(layer, &input, g, mode, split, tp)?
+            }
+            (Part::Kept { tape, .. }, Some(seed), grad) => {
+                let seed = self.seed(seed, grad)?;
+                tape.backward(vec![seed], tp, &self.params, &hold)?
+            }
+            _ => {
+                return Err(Error::Internal(
+                    "a chunk's backward was seeded with the wrong kind of gradient".into(),
+                ))
+            }
+        };
+        let Backward {
+            mut input_grad,
+            mut work,
+            mut held,
+        } = first;
+        for part in parts.into_iter().rev() {
+            let g = input_grad.take().ok_or_else(|| {
+                Error::Internal("no gradient reached an inner part of a chunk".into())
+            })?;
+            let b = match part {
+                Part::Kept { tape, out } => {
+                    tape.backward(vec![(out, g)], tp, &self.params, &hold)?
+                }
+                Part::Recompute { layer, input } => {
+                    self.rerun_backward(layer, &input, g, mode, split, tp)?
+                }
+            };
+            input_grad = b.input_grad;
+            work.extend(b.work);
+            held.extend(b.held);
+        }
+        self.add_held(held)?;
+        Ok((input_grad, work))
+    }
+
+    /// Reruns block `layers[layer]` on `input` with autograd and differentiates it from
+    /// its output gradient `grad`.
+    fn rerun_backward(
+        &self,
+        layer: usize,
+        input: &Tensor,
+        grad: Tensor,
+        mode: Mode,
+        split: bool,
+        tp: &mut dyn Communicator,
+    ) -> Result<Backward> {
+        let Some(Layer::Block(b)) = self.layers.get(layer) else {
+            return Err(Error::Internal(format!("layer {layer} is not a block")));
+        };
+        let mut tape = Tape::new(mode, split, input);
+        let out = b.forward(&mut tape, 0, tp, self.rotary.as_ref(), None)?;
+        tape.backward(vec![(out, grad)], tp, &self.params, &[])
+    }
+
+    /// The parameters whose gradient two kept tapes of a recomputing chunk both produce
+    /// and a fused whole backward adds at once: a tied word embedding used by the
+    /// embedding and the head of this chunk (see the module docs).
+    fn shared_across_tapes(&self, mode: Mode, split: bool) -> Vec<usize> {
+        let both = self.layers.iter().any(|l| matches!(l, Layer::Embedding(_)))
+            && self.layers.iter().any(|l| matches!(l, Layer::Head(_)));
+        if !(self.recompute && mode == Mode::Fused && !split && self.spec.tie_embeddings && both) {
+            return Vec::new();
+        }
+        self.params
+            .iter()
+            .position(|p| p.name == "embed.wte")
+            .into_iter()
+            .collect()
+    }
+
+    /// Adds each held parameter's contributions together, then to its `.grad` (one
+    /// addition, as autograd's accumulation of a parameter used twice in one graph).
+    fn add_held(&self, held: Vec<(usize, Tensor)>) -> Result<()> {
+        let mut sums: Vec<(usize, Tensor)> = Vec::new();
+        for (i, g) in held {
+            match sums.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, s)) => *s = s.f_add(&g).ctx("held gradient")?,
+                None => sums.push((i, g)),
+            }
+        }
+        tch::no_grad(|| {
+            for (i, g) in sums {
+                let _ = self.params[i]
+                    .tensor
+                    .grad()
+                    .f_add_(&g)
+                    .ctx("held gradient")?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The seed of the part that ends the chunk.
+    fn seed(&self, seed: Seed, grad: Grad) -> Result<(tape::V, Tensor)> {
+        Ok(match (seed, grad) {
             (Seed::Loss(v), Grad::LossScale(s)) => {
                 let scale = Tensor::f_from_slice(&[s as f32])
                     .and_then(|t| t.f_view([]))
@@ -385,8 +559,7 @@ impl Model {
                     "a chunk's backward was seeded with the wrong kind of gradient".into(),
                 ))
             }
-        };
-        fwd.tape.backward(vec![seed], tp, &self.params)
+        })
     }
 }
 
@@ -395,4 +568,62 @@ pub fn tokens_tensor(ids: &[i64], rows: usize, seq_len: usize) -> Result<Tensor>
     Tensor::f_from_slice(ids)
         .and_then(|t| t.f_view([rows as i64, seq_len as i64]))
         .map_err(Error::torch("token tensor"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::local::LocalComm;
+    use partitioner::ModelShape;
+
+    /// A training forward with recomputation keeps every block as its input alone (the
+    /// embedding and head keep their tapes); its backward gives the gradients of the
+    /// plain model, bit for bit (tied embeddings: the shared parameter's two
+    /// contributions are added at once).
+    #[test]
+    fn recompute_keeps_block_inputs_and_the_same_gradients() {
+        let mut spec = ModelSpec::new(ModelShape::gpt(16, 8, 8, 2, 3, 16));
+        spec.tie_embeddings = true;
+        let layers = [
+            LayerKind::Embedding,
+            LayerKind::Block(0),
+            LayerKind::Block(1),
+            LayerKind::Block(2),
+            LayerKind::Head,
+        ];
+        let ids: Vec<i64> = (0..16).map(|i| (i * 5 + 3) % 16).collect();
+        let input = tokens_tensor(&ids, 2, 8).unwrap();
+        let targets =
+            tokens_tensor(&ids.iter().map(|i| (i + 1) % 16).collect::<Vec<_>>(), 2, 8).unwrap();
+        let mut tp = LocalComm::group(1).pop().unwrap();
+        let mut grads = |recompute: bool| {
+            let model = Model::new(&spec, &layers, 3, TpRank::SINGLE)
+                .unwrap()
+                .with_recompute(recompute);
+            // Two microbatches, so each gradient is accumulated onto a non-zero one.
+            for _ in 0..2 {
+                let pass = Pass::Train { split: false };
+                let fwd = model
+                    .forward(&input, Some(&targets), &mut tp, pass)
+                    .unwrap();
+                assert_eq!(fwd.recomputed_blocks(), if recompute { 3 } else { 0 });
+                let (g, work) = model.backward(fwd, Grad::LossScale(0.5), &mut tp).unwrap();
+                assert!(g.is_none());
+                work.run().unwrap();
+            }
+            let out: Vec<(String, Tensor)> = model
+                .params()
+                .iter()
+                .map(|p| (p.name.clone(), p.tensor.grad().copy()))
+                .collect();
+            out
+        };
+        let plain = grads(false);
+        let recomputed = grads(true);
+        assert_eq!(plain.len(), recomputed.len());
+        for ((name, a), (_, b)) in plain.iter().zip(&recomputed) {
+            assert!(a.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}");
+            assert!(a.equal(b), "{name} differs with recomputation");
+        }
+    }
 }

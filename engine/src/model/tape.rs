@@ -68,6 +68,11 @@ pub struct WeightGrad {
 pub struct WeightWork(Vec<WeightGrad>);
 
 impl WeightWork {
+    /// Appends `other`'s work (each weight's gradient still gets one addition per call).
+    pub fn extend(&mut self, other: WeightWork) {
+        self.0.extend(other.0);
+    }
+
     /// `dA += Xᵀ dY` (or `dYᵀ X`), `db += Σ dY` for every recorded linear layer.
     pub fn run(self) -> Result<()> {
         tch::no_grad(|| {
@@ -93,6 +98,17 @@ impl WeightWork {
             Ok(())
         })
     }
+}
+
+/// What a tape's backward leaves.
+pub struct Backward {
+    /// The gradient of the tape's input (None for token ids).
+    pub input_grad: Option<Tensor>,
+    /// The weight-gradient work of a split backward (empty otherwise).
+    pub work: WeightWork,
+    /// The gradients of the held parameters (`hold` of [`Tape::backward`]) by index into
+    /// `params`, in the order the segments produced them, not accumulated into `.grad`.
+    pub held: Vec<(usize, Tensor)>,
 }
 
 /// Where linear layers put their records during a segment.
@@ -306,15 +322,22 @@ impl Tape {
     /// gradients into `.grad`. Returns the gradient of the chunk input (None for token
     /// inputs) and, for a split backward, the weight-gradient work left for `W`.
     /// `params` are the chunk's parameters (asked for by name-less position in a split).
+    /// The gradients of `hold` (indices into `params`) are returned instead of added, so
+    /// that a caller joining several tapes can add a shared parameter's contributions with
+    /// one addition, as one autograd graph does.
     pub fn backward(
         self,
         seeds: Vec<(V, Tensor)>,
         tp: &mut dyn Communicator,
         params: &[Param],
-    ) -> Result<(Option<Tensor>, WeightWork)> {
+        hold: &[usize],
+    ) -> Result<Backward> {
         let split = self.split;
-        match self.mode {
-            Mode::Eval => Err(Error::Internal("backward of a forward-only tape".into())),
+        let mut held = Vec::new();
+        let (input_grad, work) = match self.mode {
+            Mode::Eval => {
+                return Err(Error::Internal("backward of a forward-only tape".into()));
+            }
             Mode::Fused => {
                 let outputs = seeds
                     .iter()
@@ -326,11 +349,28 @@ impl Tape {
                     records: self.records,
                 };
                 let mut work = WeightWork::default();
-                let grads = backward_segment(seg, &seeds, split, params, &mut work)?;
-                Ok((grads.into_iter().next().flatten(), work))
+                let mut out = Out {
+                    work: &mut work,
+                    held: &mut held,
+                };
+                let grads = backward_segment(seg, &seeds, split, params, hold, &mut out)?;
+                (grads.into_iter().next().flatten(), work)
             }
-            Mode::Cut => backward_cut(self.values.len(), self.nodes, seeds, tp, split, params),
-        }
+            Mode::Cut => {
+                let n = self.values.len();
+                let how = How {
+                    split,
+                    params,
+                    hold,
+                };
+                backward_cut(n, self.nodes, seeds, tp, how, &mut held)?
+            }
+        };
+        Ok(Backward {
+            input_grad,
+            work,
+            held,
+        })
     }
 }
 
@@ -342,13 +382,26 @@ fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
     Ok(())
 }
 
+/// How segments are differentiated: split or whole, the chunk's parameters, the held ones.
+struct How<'a> {
+    split: bool,
+    params: &'a [Param],
+    hold: &'a [usize],
+}
+
+/// Where a segment's backward leaves weight work and held parameter gradients.
+struct Out<'a> {
+    work: &'a mut WeightWork,
+    held: &'a mut Vec<(usize, Tensor)>,
+}
+
 fn backward_cut(
     n_values: usize,
     nodes: Vec<Node>,
     seeds: Vec<(V, Tensor)>,
     tp: &mut dyn Communicator,
-    split: bool,
-    params: &[Param],
+    how: How<'_>,
+    held: &mut Vec<(usize, Tensor)>,
 ) -> Result<(Option<Tensor>, WeightWork)> {
     let mut grads: Vec<Option<Tensor>> = (0..n_values).map(|_| None).collect();
     for (v, g) in seeds {
@@ -377,7 +430,12 @@ fn backward_cut(
                     continue;
                 }
                 let ids: Vec<V> = seg.inputs.iter().map(|(v, _)| *v).collect();
-                let leaf_grads = backward_segment(seg, &seeds, split, params, &mut work)?;
+                let mut out = Out {
+                    work: &mut work,
+                    held,
+                };
+                let leaf_grads =
+                    backward_segment(seg, &seeds, how.split, how.params, how.hold, &mut out)?;
                 for (v, g) in ids.into_iter().zip(leaf_grads) {
                     if let Some(g) = g {
                         accumulate(&mut grads[v], g)?;
@@ -391,13 +449,17 @@ fn backward_cut(
 
 /// Differentiates one segment from `seeds`; returns the gradient of each input leaf (None
 /// where it has none). A split backward skips weight-gradient GEMMs and leaves them in
-/// `work`; otherwise `.backward()` fills every parameter's `.grad`.
+/// `out.work`; otherwise `.backward()` fills every parameter's `.grad`. The gradients of
+/// `hold` go to `out.held` instead: the segment is then differentiated by asking autograd
+/// for the parameters' gradients and adding them (the same one addition per parameter
+/// that `.backward()` makes).
 fn backward_segment(
     seg: Segment,
     seeds: &[(V, Tensor)],
     split: bool,
     params: &[Param],
-    work: &mut WeightWork,
+    hold: &[usize],
+    out: &mut Out<'_>,
 ) -> Result<Vec<Option<Tensor>>> {
     let mut surrogate: Option<Tensor> = None;
     for (v, g) in seeds {
@@ -416,14 +478,18 @@ fn backward_segment(
     let surrogate =
         surrogate.ok_or_else(|| Error::Internal("a segment was seeded with no gradient".into()))?;
     let leaves: Vec<&Tensor> = seg.inputs.iter().map(|(_, l)| l).collect();
-    if !split {
+    if !split && hold.is_empty() {
         surrogate.f_backward().ctx("backward")?;
         return Ok(leaves
             .iter()
             .map(|l| Some(l.grad()).filter(Tensor::defined))
             .collect());
     }
-    let trainable: Vec<&Param> = params.iter().filter(|p| p.tensor.requires_grad()).collect();
+    let trainable: Vec<(usize, &Param)> = params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.tensor.requires_grad())
+        .collect();
     let wanted_leaves: Vec<&Tensor> = leaves
         .iter()
         .copied()
@@ -436,7 +502,7 @@ fn backward_segment(
         )));
     }
     let mut wrt: Vec<&Tensor> = wanted_leaves.clone();
-    wrt.extend(trainable.iter().map(|p| &p.tensor));
+    wrt.extend(trainable.iter().map(|(_, p)| &p.tensor));
     wrt.extend(seg.records.iter().map(|r| &r.y));
     let mut grads = Tensor::f_run_backward(&[&surrogate], &wrt, false, false)
         .ctx("input-gradient pass")?
@@ -455,8 +521,13 @@ fn backward_segment(
         });
     }
     tch::no_grad(|| -> Result<()> {
-        for (p, g) in trainable.iter().zip(grads.by_ref()) {
-            if g.defined() {
+        for ((i, p), g) in trainable.iter().zip(grads.by_ref()) {
+            if !g.defined() {
+                continue;
+            }
+            if hold.contains(i) {
+                out.held.push((*i, g));
+            } else {
                 let _ = p.tensor.grad().f_add_(&g).ctx("parameter gradient")?;
             }
         }
@@ -464,7 +535,7 @@ fn backward_segment(
     })?;
     for (r, dy) in seg.records.into_iter().zip(grads) {
         if dy.defined() {
-            work.0.push(WeightGrad {
+            out.work.0.push(WeightGrad {
                 x: r.x,
                 dy,
                 weight: r.weight,

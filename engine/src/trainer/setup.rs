@@ -15,7 +15,7 @@ use crate::model::sharding::{padded, TpRank};
 use crate::model::{tokens_tensor, Model, Param};
 use crate::optim::{AdamW, AdamWConfig};
 use partitioner::mesh::MeshCoord;
-use partitioner::{Plan, Rank, Schedule, ScheduleKind};
+use partitioner::{Plan, Rank, Recompute, Schedule, ScheduleKind};
 
 /// One rank's training state.
 pub struct RankState {
@@ -103,6 +103,7 @@ impl RankState {
                     cfg.train.seed,
                     tp,
                 )
+                .map(|m| m.with_recompute(cfg.parallel.recompute == Recompute::Full))
             })
             .collect::<Result<_>>()?;
         let params: Vec<Param> = chunks
