@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-3}
-BIN=target/release/strata
+BIN=${STRATA_BIN:-target/release/strata}
 OUT=$(mktemp -d /tmp/strata-recompute.XXXX)
 for mode in none full; do
   cfg="$OUT/gpt-tiny-$mode.yaml"
