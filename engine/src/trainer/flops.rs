@@ -129,7 +129,7 @@ mod tests {
     const TINY: &str =
         "model: {vocab: 64, seq_len: 16, d_model: 32, n_heads: 4, n_layers: 8, d_ff: 64}
 parallel: {pp: 2, tp: 1, dp: 2, microbatches: 2, micro_batch_size: 2, schedule: 1f1b}
-train: {steps: 1, data: random, threads: 3}
+train: {steps: 1, lr: 1.0e-3, data: random, threads: 3}
 output: {dir: /tmp/strata-flops-test}
 ";
 
