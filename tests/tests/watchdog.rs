@@ -355,7 +355,14 @@ fn a_second_sigterm_exits_at_once() {
     });
     assert_eq!(sent, 2, "never reached step 2:\n{}", run.stderr);
     assert!(!run.timed_out && run.elapsed < BOUND, "{}", run.stderr);
-    assert_ne!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    // The ranks exit 143 at once; what mpiexec (Hydra, which also acts on a second
+    // signal) returns then varies (seen: 0), so the test checks that the job ended long
+    // before any deadline could end it, with no clean stop and no checkpoint.
+    assert!(
+        !dir.join("run/checkpoints/latest").exists(),
+        "{}",
+        run.stderr
+    );
     assert!(
         lines_with(&run, "preempted at step").is_empty(),
         "{}",

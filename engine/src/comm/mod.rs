@@ -27,6 +27,7 @@ pub mod wire;
 use crate::error::Result;
 use crate::flight::FlightRecorder;
 use partitioner::Rank;
+use tch::Tensor;
 
 /// Message tags. Per-microbatch traffic encodes the receiving chunk's slot on its rank
 /// (0..4) and the microbatch (0..1024): `kind | slot << 3 | mb << 5`, which stays below the
@@ -91,6 +92,35 @@ pub trait Communicator: Send {
     fn post_recv(&mut self, from: Rank, tag: Tag, len: usize) -> Result<()> {
         let _ = (from, tag, len);
         Ok(())
+    }
+
+    /// Starts sending a tensor message (`header`, from [`wire::header`], then the elements
+    /// of `t`) to `to`; never blocks. MPI sends the elements straight from `t`'s memory
+    /// (kept alive until delivered); the default copies both into one byte message.
+    fn send_tensor(&mut self, to: Rank, tag: Tag, header: Vec<u8>, t: &Tensor) -> Result<()> {
+        let t = wire::wire_form(t)?;
+        let numel = t.numel();
+        let mut bytes = header;
+        let start = bytes.len();
+        bytes.resize(start + numel * t.kind().elt_size_in_bytes(), 0);
+        t.f_copy_data_u8(&mut bytes[start..], numel)
+            .map_err(crate::error::Error::torch("wire encode"))?;
+        self.send(to, tag, bytes)
+    }
+
+    /// Posts, ahead of time, the receive of a tensor message like `expect`. MPI lands the
+    /// elements in a tensor of this (peer, tag) reused across steps.
+    fn post_recv_tensor(&mut self, from: Rank, tag: Tag, expect: &wire::Expect) -> Result<()> {
+        self.post_recv(from, tag, expect.message_len())
+    }
+
+    /// Waits for a tensor message from `from` with `tag`, checked against `expect`. With
+    /// MPI the tensor is the reused receive buffer itself (no copy): it stays valid until
+    /// the same (peer, tag) is received again, in the next step — the executor consumes
+    /// every received tensor within its step.
+    fn recv_tensor(&mut self, from: Rank, tag: Tag, expect: &wire::Expect) -> Result<Tensor> {
+        let bytes = self.recv(from, tag)?;
+        wire::decode_tensor(&bytes, from, expect)
     }
 
     /// This rank's flight recorder, if the transport keeps one: actions are recorded

@@ -4,7 +4,13 @@
 //! `MPI_IN_PLACE`, or from one buffer straight into another), never a star through rank 0.
 //! Waits loop over `MPI_Test` under a [`WaitPolicy`] (see [`super::wait`]).
 //!
-//! Sends are `MPI_Isend`s whose buffers are kept in a pending list until `MPI_Test` says
+//! Tensor messages (the executor's activations and gradients) are zero-copy: a header
+//! and the elements go as two messages with one tag (MPI keeps their order), the elements
+//! straight from the sending tensor's memory, and into a tensor allocated once per
+//! (peer, tag) and reused every step ([`Communicator::recv_tensor`] says for how long a
+//! received tensor stays valid).
+//!
+//! Other sends are `MPI_Isend`s whose buffers are kept in a pending list until `MPI_Test` says
 //! they are done. Receives are either posted early (`MPI_Irecv` into an owned buffer of the
 //! expected size, see [`Communicator::post_recv`]) and completed by polling `MPI_Test`, or,
 //! when nothing was posted, found by polling `MPI_Iprobe` and received at the probed size.
@@ -18,6 +24,7 @@
 //! the rank's flight recorder (peer as a world rank, bytes), sends until they complete.
 
 use super::wait::{WaitPolicy, Waiter};
+use super::wire::{self, Expect};
 use super::{Communicator, ReduceOp, Tag};
 use crate::error::{Error, Result};
 use crate::flight::{CommOp, Group};
@@ -28,13 +35,21 @@ use ::mpi::topology::{Communicator as _, SimpleCommunicator};
 use ::mpi::traits::*;
 use partitioner::Rank;
 use std::collections::{HashMap, VecDeque};
+use tch::Tensor;
+
+/// What a send keeps alive (and unmoved) until MPI is done with it: held, never read.
+#[allow(dead_code)]
+enum Keep {
+    Bytes(Vec<u8>),
+    /// A tensor whose memory MPI reads the elements from (zero-copy).
+    Tensor(Tensor),
+}
 
 struct PendingSend {
-    /// Kept alive (and unmoved on the heap) until the request completes.
-    _buf: Vec<u8>,
+    keep: Keep,
     req: ffi::MPI_Request,
-    /// The flight-recorder event of this send.
-    event: u64,
+    /// The flight-recorder event of this send (on the last part of a message).
+    event: Option<u64>,
 }
 
 // SAFETY: the request handle is only used from the thread that owns the communicator.
@@ -49,11 +64,29 @@ struct PostedRecv {
 // SAFETY: as for PendingSend.
 unsafe impl Send for PostedRecv {}
 
+/// The receive buffers of one (peer, tag): a header and a tensor, reused across steps.
+struct Slot {
+    head: Vec<u8>,
+    tensor: Tensor,
+}
+
+/// A tensor receive posted ahead of time: header and elements, into `slot`.
+struct PostedTensor {
+    slot: Slot,
+    reqs: [ffi::MPI_Request; 2],
+}
+
+// SAFETY: as for PendingSend.
+unsafe impl Send for PostedTensor {}
+
 /// An MPI communicator (the world, or a group cut from it).
 pub struct MpiComm {
     comm: SimpleCommunicator,
     pending: Vec<PendingSend>,
     posted: HashMap<(Rank, Tag), VecDeque<PostedRecv>>,
+    posted_tensors: HashMap<(Rank, Tag), VecDeque<PostedTensor>>,
+    /// Receive buffers of completed tensor receives, by (peer, tag), for the next step.
+    pool: HashMap<(Rank, Tag), Vec<Slot>>,
     watch: Watch,
     group: Group,
     /// World rank of each member, by group rank.
@@ -112,6 +145,8 @@ impl MpiComm {
             comm,
             pending: Vec::new(),
             posted: HashMap::new(),
+            posted_tensors: HashMap::new(),
+            pool: HashMap::new(),
             watch,
             group,
             world_ranks,
@@ -152,6 +187,16 @@ impl MpiComm {
     }
 }
 
+/// Bytes received, per `status`.
+fn received_bytes(status: &ffi::MPI_Status) -> usize {
+    let mut count = 0;
+    // SAFETY: a status filled by a completed receive.
+    unsafe {
+        ffi::MPI_Get_count(status, u8::equivalent_datatype().as_raw(), &mut count);
+    }
+    count.max(0) as usize
+}
+
 /// Completes whichever pending sends are done; never blocks.
 fn progress(pending: &mut Vec<PendingSend>, watch: &Watch) -> Result<()> {
     let mut i = 0;
@@ -165,7 +210,9 @@ fn progress(pending: &mut Vec<PendingSend>, watch: &Watch) -> Result<()> {
             return Err(Error::Comm(format!("MPI_Test failed with code {rc}")));
         }
         if flag != 0 {
-            watch.flight().end(pending[i].event);
+            if let Some(event) = pending[i].event {
+                watch.flight().end(event);
+            }
             pending.swap_remove(i);
         } else {
             i += 1;
@@ -184,8 +231,6 @@ impl Communicator for MpiComm {
     }
 
     fn send(&mut self, to: Rank, tag: Tag, data: Vec<u8>) -> Result<()> {
-        let count = i32::try_from(data.len())
-            .map_err(|_| Error::Comm(format!("message of {} bytes exceeds 2 GiB", data.len())))?;
         let event = self.watch.flight().comm(
             CommOp::Send,
             self.group,
@@ -193,29 +238,97 @@ impl Communicator for MpiComm {
             tag.0,
             data.len(),
         );
-        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
-        let rc = unsafe {
-            ffi::MPI_Isend(
-                data.as_ptr() as *const std::ffi::c_void,
-                count,
-                u8::equivalent_datatype().as_raw(),
-                to.0 as i32,
-                tag.0,
-                self.comm.as_raw(),
-                req.as_mut_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(Error::Comm(format!(
-                "MPI_Isend to rank {to} failed with code {rc}"
-            )));
-        }
-        self.pending.push(PendingSend {
-            _buf: data,
-            req: unsafe { req.assume_init() },
-            event,
-        });
+        let (ptr, len) = (data.as_ptr(), data.len());
+        self.isend(ptr, len, to, tag, Keep::Bytes(data), Some(event))?;
         progress(&mut self.pending, &self.watch)
+    }
+
+    fn send_tensor(&mut self, to: Rank, tag: Tag, header: Vec<u8>, t: &Tensor) -> Result<()> {
+        let t = wire::wire_form(t)?;
+        let nbytes = t.numel() * t.kind().elt_size_in_bytes();
+        let event = self.watch.flight().comm(
+            CommOp::Send,
+            self.group,
+            Some(self.world_rank(to)),
+            tag.0,
+            header.len() + nbytes,
+        );
+        let (hp, hl) = (header.as_ptr(), header.len());
+        self.isend(hp, hl, to, tag, Keep::Bytes(header), None)?;
+        let ptr = t.data_ptr() as *const u8;
+        self.isend(ptr, nbytes, to, tag, Keep::Tensor(t), Some(event))?;
+        progress(&mut self.pending, &self.watch)
+    }
+
+    fn post_recv_tensor(&mut self, from: Rank, tag: Tag, expect: &Expect) -> Result<()> {
+        let mut slot = self.take_slot(from, tag, expect)?;
+        let head = self.irecv(slot.head.as_mut_ptr(), slot.head.len(), from, tag)?;
+        let body = self.irecv(
+            slot.tensor.data_ptr() as *mut u8,
+            expect.payload_len(),
+            from,
+            tag,
+        )?;
+        self.posted_tensors
+            .entry((from, tag))
+            .or_default()
+            .push_back(PostedTensor {
+                slot,
+                reqs: [head, body],
+            });
+        Ok(())
+    }
+
+    fn recv_tensor(&mut self, from: Rank, tag: Tag, expect: &Expect) -> Result<Tensor> {
+        if self
+            .posted_tensors
+            .get(&(from, tag))
+            .is_none_or(|q| q.is_empty())
+        {
+            self.post_recv_tensor(from, tag, expect)?;
+        }
+        let mut posted = self
+            .posted_tensors
+            .get_mut(&(from, tag))
+            .and_then(|q| q.pop_front())
+            .ok_or_else(|| Error::Internal("a posted receive vanished".into()))?;
+        let bytes = expect.message_len();
+        let event = self.watch.flight().comm(
+            CommOp::Recv,
+            self.group,
+            Some(self.world_rank(from)),
+            tag.0,
+            bytes,
+        );
+        let statuses = match self.wait_all(&mut posted.reqs, from, tag, bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                // MPI may still write into the buffers: leak them.
+                std::mem::forget(posted.slot);
+                return Err(e);
+            }
+        };
+        let slot = posted.slot;
+        let got_head = received_bytes(&statuses[0]);
+        let checked = wire::check_header(&slot.head[..got_head.min(slot.head.len())], from, expect)
+            .and_then(|end| match end == got_head {
+                true => Ok(()),
+                false => Err(wire::payload_error(from, expect, got_head - end)),
+            })
+            .and_then(|_| {
+                let got = received_bytes(&statuses[1]);
+                match got == expect.payload_len() {
+                    true => slot
+                        .tensor
+                        .f_detach()
+                        .map_err(Error::torch("receive buffer")),
+                    false => Err(wire::payload_error(from, expect, got)),
+                }
+            });
+        self.pool.entry((from, tag)).or_default().push(slot);
+        let out = checked?;
+        self.watch.flight().end(event);
+        Ok(out)
     }
 
     fn flight(&self) -> Option<&crate::flight::FlightRecorder> {
@@ -322,7 +435,7 @@ impl Communicator for MpiComm {
             if deadline.passed() {
                 let stuck = self.watch.flight().entries();
                 // Name the receiver of the oldest send still in flight.
-                let oldest = self.pending.iter().map(|p| p.event).min();
+                let oldest = self.pending.iter().filter_map(|p| p.event).min();
                 let peer = oldest
                     .and_then(|seq| stuck.iter().find(|e| e.seq == seq))
                     .and_then(|e| match e.what {
@@ -413,6 +526,138 @@ impl MpiComm {
         }
     }
 
+    /// `MPI_Isend` of `len` bytes at `ptr`, which lives in `keep` (kept, unmoved, until
+    /// the request completes).
+    fn isend(
+        &mut self,
+        ptr: *const u8,
+        len: usize,
+        to: Rank,
+        tag: Tag,
+        keep: Keep,
+        event: Option<u64>,
+    ) -> Result<()> {
+        let count = i32::try_from(len)
+            .map_err(|_| Error::Comm(format!("message of {len} bytes exceeds 2 GiB")))?;
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        // SAFETY: `ptr` points to `len` bytes owned by `keep`, kept in `pending` until
+        // the request completes (or leaked, see Drop).
+        let rc = unsafe {
+            ffi::MPI_Isend(
+                ptr as *const std::ffi::c_void,
+                count,
+                u8::equivalent_datatype().as_raw(),
+                to.0 as i32,
+                tag.0,
+                self.comm.as_raw(),
+                req.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Comm(format!(
+                "MPI_Isend to rank {to} failed with code {rc}"
+            )));
+        }
+        self.pending.push(PendingSend {
+            keep,
+            // SAFETY: MPI_Isend succeeded.
+            req: unsafe { req.assume_init() },
+            event,
+        });
+        Ok(())
+    }
+
+    /// `MPI_Irecv` of up to `len` bytes into `ptr`.
+    fn irecv(&self, ptr: *mut u8, len: usize, from: Rank, tag: Tag) -> Result<ffi::MPI_Request> {
+        let count = i32::try_from(len)
+            .map_err(|_| Error::Comm(format!("message of {len} bytes exceeds 2 GiB")))?;
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        // SAFETY: the caller keeps `len` bytes at `ptr` alive until the request completes.
+        let rc = unsafe {
+            ffi::MPI_Irecv(
+                ptr as *mut std::ffi::c_void,
+                count,
+                u8::equivalent_datatype().as_raw(),
+                from.0 as i32,
+                tag.0,
+                self.comm.as_raw(),
+                req.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Comm(format!(
+                "MPI_Irecv from rank {from} failed with code {rc}"
+            )));
+        }
+        // SAFETY: MPI_Irecv succeeded.
+        Ok(unsafe { req.assume_init() })
+    }
+
+    /// A receive buffer for (from, tag) shaped like `expect`: the one this key used last
+    /// step (its tensor consumed by then: the executor uses every received tensor within
+    /// its step), or a new one (`Tensor::empty`: never zero-filled, never copied).
+    fn take_slot(&mut self, from: Rank, tag: Tag, expect: &Expect) -> Result<Slot> {
+        let fits = |s: &Slot| {
+            s.head.len() == expect.header_len()
+                && s.tensor.kind() == expect.kind
+                && s.tensor.size() == expect.shape
+        };
+        if let Some(slot) = self
+            .pool
+            .get_mut(&(from, tag))
+            .and_then(|v| v.pop())
+            .filter(fits)
+        {
+            return Ok(slot);
+        }
+        let tensor = Tensor::f_empty(expect.shape.as_slice(), (expect.kind, tch::Device::Cpu))
+            .map_err(Error::torch("receive buffer"))?;
+        Ok(Slot {
+            head: vec![0u8; expect.header_len()],
+            tensor,
+        })
+    }
+
+    /// Waits for every request of `reqs` (a receive from `from`) under the deadline.
+    fn wait_all(
+        &mut self,
+        reqs: &mut [ffi::MPI_Request],
+        from: Rank,
+        tag: Tag,
+        bytes: usize,
+    ) -> Result<Vec<ffi::MPI_Status>> {
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
+        let mut waiter = Waiter::new(self.wait);
+        // SAFETY: MPI_Status is a plain C struct; zero is a valid bit pattern.
+        let mut statuses: Vec<ffi::MPI_Status> = vec![unsafe { std::mem::zeroed() }; reqs.len()];
+        loop {
+            let mut flag = 0;
+            // SAFETY: live requests and one status per request.
+            let rc = unsafe {
+                ffi::MPI_Testall(
+                    reqs.len() as i32,
+                    reqs.as_mut_ptr(),
+                    &mut flag,
+                    statuses.as_mut_ptr(),
+                )
+            };
+            if rc != 0 {
+                return Err(Error::Comm(format!(
+                    "receive from rank {from} (tag {}) failed with MPI code {rc} (a message longer than expected?)",
+                    tag.0
+                )));
+            }
+            if flag != 0 {
+                return Ok(statuses);
+            }
+            if deadline.passed() {
+                return Err(self.stalled(CommOp::Recv, Some(from), tag, bytes, &deadline));
+            }
+            progress(&mut self.pending, &self.watch)?;
+            waiter.pause();
+        }
+    }
+
     /// Waits for a receive posted by [`Communicator::post_recv`].
     fn complete_posted(&mut self, mut posted: PostedRecv, from: Rank, tag: Tag) -> Result<Vec<u8>> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
@@ -482,7 +727,18 @@ impl Drop for MpiComm {
             unsafe {
                 ffi::MPI_Request_free(&mut p.req);
             }
-            std::mem::forget(p._buf);
+            std::mem::forget(p.keep);
+        }
+        for (_, queue) in self.posted_tensors.drain() {
+            for mut p in queue {
+                for r in &mut p.reqs {
+                    // SAFETY: a live request of ours; its buffers are leaked.
+                    unsafe {
+                        ffi::MPI_Request_free(r);
+                    }
+                }
+                std::mem::forget(p.slot);
+            }
         }
         // Receives posted but never completed (a step cut short by an error): MPI may
         // still write into their buffers.

@@ -2,6 +2,8 @@
 //!
 //! A tensor message is a fixed header followed by the raw, contiguous, little-endian
 //! element bytes: `magic u32 | dtype u8 | ndim u8 | chunk u16 | microbatch u32 | dims i64 × ndim`.
+//! Transports may carry the two parts as one buffer ([`encode_tensor`]) or as two
+//! messages, the elements straight from and into tensor memory (MPI, zero-copy).
 //! The receiver states what it expects (dtype, shape, chunk, microbatch) and every mismatch —
 //! including a truncated or oversized payload — is a typed [`Error::Wire`], never a panic.
 
@@ -47,24 +49,36 @@ pub struct Expect {
 impl Expect {
     /// Size in bytes of the message carrying such a tensor.
     pub fn message_len(&self) -> usize {
+        self.header_len() + self.payload_len()
+    }
+
+    /// Size in bytes of the header of such a message.
+    pub fn header_len(&self) -> usize {
+        FIXED + 8 * self.shape.len()
+    }
+
+    /// Size in bytes of the tensor's elements.
+    pub fn payload_len(&self) -> usize {
         let numel: i64 = self.shape.iter().product();
-        FIXED + 8 * self.shape.len() + numel.max(0) as usize * self.kind.elt_size_in_bytes()
+        numel.max(0) as usize * self.kind.elt_size_in_bytes()
     }
 }
 
-/// Serialises `t` (any device; copied to host) tagged with `chunk` and `microbatch`.
-pub fn encode_tensor(t: &Tensor, chunk: usize, microbatch: usize) -> Result<Vec<u8>> {
+/// `t` as it goes on the wire: a contiguous CPU tensor (`t` itself, shared, when it
+/// already is one; a copy otherwise).
+pub fn wire_form(t: &Tensor) -> Result<Tensor> {
+    t.f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(Error::torch("wire encode"))
+}
+
+/// The header of a message carrying `t` to `chunk` for `microbatch`.
+pub fn header(t: &Tensor, chunk: usize, microbatch: usize) -> Result<Vec<u8>> {
     let kind = t.f_kind().map_err(Error::torch("wire encode"))?;
     let code = kind_code(kind)
         .ok_or_else(|| Error::Comm(format!("cannot send tensors of kind {kind:?}")))?;
-    let t = t
-        .f_to_device(Device::Cpu)
-        .and_then(|t| t.f_contiguous())
-        .map_err(Error::torch("wire encode"))?;
     let dims = t.size();
-    let numel = t.numel();
-    let nbytes = numel * kind.elt_size_in_bytes();
-    let mut out = Vec::with_capacity(FIXED + 8 * dims.len() + nbytes);
+    let mut out = Vec::with_capacity(FIXED + 8 * dims.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(code);
     out.push(dims.len() as u8);
@@ -73,6 +87,16 @@ pub fn encode_tensor(t: &Tensor, chunk: usize, microbatch: usize) -> Result<Vec<
     for d in &dims {
         out.extend_from_slice(&d.to_le_bytes());
     }
+    Ok(out)
+}
+
+/// Serialises `t` (any device; copied to host) tagged with `chunk` and `microbatch`, as
+/// one buffer: header then elements (transports without zero-copy sends use it).
+pub fn encode_tensor(t: &Tensor, chunk: usize, microbatch: usize) -> Result<Vec<u8>> {
+    let t = wire_form(t)?;
+    let mut out = header(&t, chunk, microbatch)?;
+    let numel = t.numel();
+    let nbytes = numel * t.kind().elt_size_in_bytes();
     let start = out.len();
     out.resize(start + nbytes, 0);
     t.f_copy_data_u8(&mut out[start..], numel)
@@ -80,8 +104,9 @@ pub fn encode_tensor(t: &Tensor, chunk: usize, microbatch: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// Parses a tensor message from `from`, checking it against `expect`.
-pub fn decode_tensor(bytes: &[u8], from: Rank, expect: &Expect) -> Result<Tensor> {
+/// Checks the header at the start of `bytes`, from `from`, against `expect`; returns its
+/// length.
+pub fn check_header(bytes: &[u8], from: Rank, expect: &Expect) -> Result<usize> {
     let bad = |got: String| Error::Wire {
         from,
         expected: format!(
@@ -116,15 +141,31 @@ pub fn decode_tensor(bytes: &[u8], from: Rank, expect: &Expect) -> Result<Tensor
             "{kind:?} {dims:?} for chunk {chunk} microbatch {mb}"
         )));
     }
-    let numel: i64 = dims.iter().product();
-    let payload = &bytes[dims_end..];
-    if payload.len() != numel as usize * kind.elt_size_in_bytes() {
-        return Err(bad(format!(
-            "{} payload bytes for {numel} elements",
-            payload.len()
-        )));
+    Ok(dims_end)
+}
+
+/// The error of a payload of `got` bytes where `expect` says how many there must be.
+pub fn payload_error(from: Rank, expect: &Expect, got: usize) -> Error {
+    let numel: i64 = expect.shape.iter().product();
+    Error::Wire {
+        from,
+        expected: format!(
+            "{:?} {:?} for microbatch {}",
+            expect.kind, expect.shape, expect.microbatch
+        ),
+        got: format!("{got} payload bytes for {numel} elements"),
     }
-    Tensor::f_from_data_size(payload, &dims, kind).map_err(Error::torch("wire decode"))
+}
+
+/// Parses a tensor message from `from`, checking it against `expect`.
+pub fn decode_tensor(bytes: &[u8], from: Rank, expect: &Expect) -> Result<Tensor> {
+    let start = check_header(bytes, from, expect)?;
+    let payload = &bytes[start..];
+    if payload.len() != expect.payload_len() {
+        return Err(payload_error(from, expect, payload.len()));
+    }
+    Tensor::f_from_data_size(payload, &expect.shape, expect.kind)
+        .map_err(Error::torch("wire decode"))
 }
 
 /// Little-endian f64s.

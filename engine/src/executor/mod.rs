@@ -4,7 +4,7 @@
 //! so any schedule that passes validation and simulation in the partitioner runs here:
 //! GPipe, 1F1B, interleaved 1F1B (several chunks per rank) and zero-bubble (I/W split).
 //!
-//! * Receives for the whole step are posted up front ([`Communicator::post_recv`]), in
+//! * Receives for the whole step are posted up front ([`Communicator::post_recv_tensor`]), in
 //!   schedule order, so transfers can land while the rank computes ([`transfer`]).
 //! * Activations in flight are stashed by (chunk, microbatch) ([`compute`]).
 //! * `B` runs a chunk's whole backward. `I` runs the input-gradient pass only and stashes
@@ -16,7 +16,7 @@
 //! microbatch before use.
 //!
 //! [`Schedule`]: partitioner::Schedule
-//! [`Communicator::post_recv`]: crate::comm::Communicator::post_recv
+//! [`Communicator::post_recv_tensor`]: crate::comm::Communicator::post_recv_tensor
 //! [`WeightWork`]: crate::model::tape::WeightWork
 
 mod compute;

@@ -1,7 +1,10 @@
 //! The executor's sends and receives of activations and gradients between chunks.
 //!
-//! Invariant: a received tensor is decoded against what this rank expects (dtype, shape,
-//! chunk, microbatch) before it is used.
+//! Tensors travel without copies where the transport allows (MPI: from the sending
+//! tensor's memory, into a receive tensor reused every step).
+//!
+//! Invariants: a received tensor is checked against what this rank expects (dtype, shape,
+//! chunk, microbatch) before it is used, and is used only within its step.
 
 use super::{bug, Step};
 use crate::comm::wire::{self, Expect};
@@ -33,8 +36,8 @@ pub(super) fn post_receives(step: &mut Step<'_>, actions: &[Action]) -> Result<(
     for a in actions {
         if matches!(a.kind, ActionKind::RecvAct | ActionKind::RecvGrad) {
             let (from, tag) = recv_route(step, a);
-            let len = expect(step, a.stage.0, a.mb).message_len();
-            step.comm.post_recv(from, tag, len)?;
+            let expect = expect(step, a.stage.0, a.mb);
+            step.comm.post_recv_tensor(from, tag, &expect)?;
         }
     }
     Ok(())
@@ -43,8 +46,9 @@ pub(super) fn post_receives(step: &mut Step<'_>, actions: &[Action]) -> Result<(
 /// Waits for a receive and files the tensor for the compute action that needs it.
 pub(super) fn recv(step: &mut Step<'_>, a: &Action) -> Result<()> {
     let (from, tag) = recv_route(step, a);
-    let bytes = step.comm.recv(from, tag)?;
-    let t = wire::decode_tensor(&bytes, from, &expect(step, a.stage.0, a.mb))?;
+    let t = step
+        .comm
+        .recv_tensor(from, tag, &expect(step, a.stage.0, a.mb))?;
     let key = (a.stage, a.mb);
     match a.kind {
         ActionKind::RecvAct => step.state.received.insert(key, t),
@@ -75,9 +79,6 @@ pub(super) fn send(step: &mut Step<'_>, a: &Action) -> Result<()> {
         }
     };
     let tag = Tag::microbatch(kind, l.slot_of(to_chunk), a.mb.0);
-    step.comm.send(
-        l.rank_of(to_chunk),
-        tag,
-        wire::encode_tensor(&t, to_chunk, a.mb.0)?,
-    )
+    let header = wire::header(&t, to_chunk, a.mb.0)?;
+    step.comm.send_tensor(l.rank_of(to_chunk), tag, header, &t)
 }
