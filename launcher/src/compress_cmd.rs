@@ -4,6 +4,7 @@
 use crate::launch::LaunchError;
 use clap::Args;
 use engine::checkpoint::human_bytes;
+use engine::compress::prune::{prune_checkpoint, Method, PruneOptions, Scope};
 use engine::compress::quantize::quantize_checkpoint;
 use engine::quant::Scheme;
 use std::path::PathBuf;
@@ -33,6 +34,55 @@ pub fn quantize(args: &QuantizeArgs) -> Result<(), LaunchError> {
         human_bytes(q.bytes_after),
         100.0 * q.bytes_after as f64 / q.bytes_before.max(1) as f64,
         q.dir.display()
+    );
+    Ok(())
+}
+
+/// Flags of `strata prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// A dense (or already pruned) Strata checkpoint.
+    pub checkpoint: PathBuf,
+    /// Where to write the pruned checkpoint (a checkpoint root: DIR/step-N and DIR/latest).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Share of the blocks' linear weights to remove, in (0, 1) (2:4: always 0.5).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// magnitude (smallest |w|), 2:4 (2 of every 4 consecutive inputs of an output) or
+    /// sensitivity (per-layer sparsity from a validation-loss scan).
+    #[arg(long)]
+    pub method: String,
+    /// Magnitude only: layer (each weight to the sparsity, the default) or global (one
+    /// ranking over the whole model).
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Sensitivity only: validation batches (of the run's micro-batch size) per loss.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batches: usize,
+}
+
+pub fn prune(args: &PruneArgs) -> Result<(), LaunchError> {
+    let opts = PruneOptions {
+        method: Method::parse(&args.method)?,
+        sparsity: args.sparsity,
+        scope: args.scope.as_deref().map(Scope::parse).transpose()?,
+        eval_batches: args.eval_batches,
+    };
+    let p = prune_checkpoint(&args.checkpoint, &args.out, &opts)?;
+    if let Some(scan) = &p.scan {
+        println!("{}", scan.table());
+    }
+    println!(
+        "pruned {} weights ({} parameters) with {} to {:.1}% sparsity (target {:.1}%): {} -> {} on disk (masks included), written to {}",
+        p.info.weights.len(),
+        p.info.weights.iter().map(|w| w.params).sum::<usize>(),
+        p.info.method.name(),
+        100.0 * p.info.sparsity,
+        100.0 * p.info.target,
+        human_bytes(p.bytes_before),
+        human_bytes(p.bytes_after),
+        p.dir.display()
     );
     Ok(())
 }

@@ -91,6 +91,9 @@ enum Command {
     /// Quantise a checkpoint's linear weights (weight-only int8, per-output-channel
     /// symmetric scales) into a new checkpoint.
     Quantize(compress_cmd::QuantizeArgs),
+    /// Prune a checkpoint's block linear weights (magnitude, 2:4 or sensitivity), storing
+    /// the masks; training from it (train.resume) keeps pruned weights at zero.
+    Prune(compress_cmd::PruneArgs),
     /// One rank of `strata generate`; started by mpiexec.
     #[command(hide = true)]
     GenerateWorker {
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::EvalWorker { job, json } => return eval_cmd::worker(&job, json),
         Command::Generate(args) => generate_cmd::generate(&args),
         Command::Quantize(args) => compress_cmd::quantize(&args),
+        Command::Prune(args) => compress_cmd::prune(&args),
         Command::GenerateWorker { job } => return generate_cmd::worker(&job),
         Command::Worker { config } => return worker::run(&config),
     };

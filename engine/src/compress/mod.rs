@@ -5,11 +5,17 @@
 //!
 //! * [`Trained`]: an opened checkpoint with its config, model and parameter names;
 //! * [`quantize`]: weight-only int8 of every linear layer;
+//! * [`prune`]: magnitude, 2:4 and sensitivity pruning with stored masks;
+//! * [`mask`]: the masks a training run keeps pruned weights at zero with;
+//! * [`eval`]: validation loss of a whole checkpoint model on one rank;
 //!
 //! Invariants: the output keeps the source's config, vocabulary and step, and only model
 //! tensors (no optimizer state: a compressed checkpoint starts a new run when trained
 //! from); the manifest's `extra` says what was done, so every reader can tell.
 
+pub mod eval;
+pub mod mask;
+pub mod prune;
 pub mod quantize;
 
 use crate::checkpoint::{self, Checkpoint, Layout, SaveMeta, SaveOptions, SavedTensor};
@@ -61,6 +67,18 @@ impl Trained {
         tensors: &[SavedTensor],
         extra: BTreeMap<String, serde_json::Value>,
     ) -> Result<PathBuf> {
+        self.write_with_state(out, tensors, extra, serde_json::Value::Null)
+    }
+
+    /// [`Trained::write`] with a trainer state (a pruned checkpoint keeps the source's, so
+    /// `train.resume` continues from it).
+    pub fn write_with_state(
+        &self,
+        out: &Path,
+        tensors: &[SavedTensor],
+        extra: BTreeMap<String, serde_json::Value>,
+        train_state: serde_json::Value,
+    ) -> Result<PathBuf> {
         let m = self.ckpt.manifest();
         let mut all_extra = m.extra.clone();
         all_extra.extend(extra);
@@ -76,7 +94,7 @@ impl Trained {
                 virtual_stages: 1,
                 schedule: m.layout.schedule.clone(),
             },
-            train_state: serde_json::Value::Null,
+            train_state,
             extra: all_extra,
         };
         let mut comm = LocalComm::group(1)

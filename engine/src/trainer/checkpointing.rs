@@ -127,7 +127,9 @@ impl Checkpointer {
         let t0 = Instant::now();
         let sampler = RssSampler::start();
         let tensors = if comms.coord.dp == 0 {
-            owned_tensors(rank)?
+            let mut t = owned_tensors(rank)?;
+            t.extend(rank.masks.saved(&rank.params));
+            t
         } else {
             Vec::new()
         };
@@ -141,6 +143,7 @@ impl Checkpointer {
         };
         let mut meta = self.meta.clone();
         meta.step = step;
+        meta.extra.extend(rank.masks.extra());
         meta.train_state =
             serde_json::to_value(&state).map_err(|e| Error::Internal(e.to_string()))?;
         let opts = SaveOptions {

@@ -120,6 +120,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
     let world = comms.world.size();
     let is_root = me.0 == 0;
     let (start, resumed) = checkpointing::resume(cfg, &mut rank, comms)?;
+    rank.masks = crate::compress::mask::Masks::for_resume(cfg, &rank.params)?;
     let fault = opts.fail_in_save.filter(|f| f.0 == me).map(|f| (f.1, f.2));
     let saver = Checkpointer::new(cfg, &rank, opts.write_outputs, fault)?;
     let trace_from = checkpointing::trace_window_start(cfg, start);
@@ -159,6 +160,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         let t_opt = t0.elapsed().as_secs_f64();
         let grad_norm = grads::clip(&rank, comms, cfg.train.grad_clip, &mut stats.wait_s)?;
         rank.optim.step(&rank.flat, lr)?;
+        rank.masks.apply(&rank.params)?;
         let train_s = t0.elapsed().as_secs_f64();
         let evaluated = step == 1
             || step == steps

@@ -44,6 +44,8 @@ pub struct RankState {
     pub param_bytes: usize,
     pub microbatches: usize,
     pub eval_microbatches: usize,
+    /// Pruning masks from `train.resume` (empty unless it names a pruned checkpoint).
+    pub masks: crate::compress::mask::Masks,
     hidden_shape: Vec<i64>,
 }
 
@@ -165,6 +167,7 @@ impl RankState {
                 .collect::<Result<_>>()?,
             microbatches: m,
             eval_microbatches: eval_m,
+            masks: Default::default(),
             hidden_shape: vec![
                 *cfg.parallel.micro_batch_size as i64,
                 shape.seq_len as i64,
