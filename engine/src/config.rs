@@ -21,7 +21,10 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+mod checks;
 mod init_from;
+mod source;
+pub use source::Override;
 
 /// A positive integer in a config; zero or negative values are rejected with the field
 /// name and the fix.
@@ -337,87 +340,37 @@ pub const MAX_VIRTUAL_STAGES: usize = 4;
 impl Config {
     /// Reads, parses, validates and resolves a config file.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.display().to_string(),
-            field: "(file)".into(),
-            problem: format!("cannot read the config: {e}"),
-            fix: "pass the path of an existing YAML file, e.g. configs/demo.yaml".into(),
-        })?;
-        Self::parse(&text, path)
+        Self::load_with(path, &[])
+    }
+
+    /// Like [`Config::load`], with `--set KEY=VALUE` overrides applied to the YAML tree
+    /// before parsing (so they meet the same checks as the file).
+    pub fn load_with(path: &Path, overrides: &[Override]) -> Result<Config> {
+        Self::parse_with(&source::read(path)?, path, overrides)
     }
 
     /// Parses and validates YAML `text` as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let cfg = Self::parse_unchecked(text, path)?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::parse_with(text, path, &[])
     }
 
     /// Parses YAML `text` (unknown keys and bad types rejected) without validation.
     pub(crate) fn parse_unchecked(text: &str, path: &Path) -> Result<Config> {
-        let shown = path.display().to_string();
-        let de = serde_yaml::Deserializer::from_str(text);
-        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let loc = inner.location();
-            let msg = inner.to_string();
-            // serde_yaml prefixes its own (coarser) path and appends " at line L column C".
-            let msg = msg.find(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
-            const SEMANTIC: [&str; 7] = [
-                "unknown field",
-                "missing field",
-                "invalid type",
-                "invalid value",
-                "unknown variant",
-                "duplicate field",
-                "must be",
-            ];
-            let Some(start) = SEMANTIC.iter().filter_map(|m| msg.find(m)).min() else {
-                return Error::ConfigSyntax {
-                    path: shown.clone(),
-                    line: loc.as_ref().map_or(0, |l| l.line()),
-                    column: loc.as_ref().map_or(0, |l| l.column()),
-                    message: msg.to_string(),
-                };
-            };
-            let problem = &msg[start..];
-            let field = if field == "." {
-                "(top level)".to_string()
-            } else {
-                field
-            };
-            let (problem, fix) = match problem.split_once("; fix: ") {
-                Some((p, f)) => (p.to_string(), f.to_string()),
-                None if problem.starts_with("unknown field") => (
-                    problem.to_string(),
-                    "remove or rename the key; configs/README.md lists every key".to_string(),
-                ),
-                None if problem.starts_with("missing field") => (
-                    problem.to_string(),
-                    "add the key; configs/README.md lists every key and its meaning".to_string(),
-                ),
-                None if problem.starts_with("must be a positive integer") => {
-                    (problem.to_string(), format!("set {field} to 1 or more"))
-                }
-                None => (
-                    problem.to_string(),
-                    format!("give {field} the type shown in configs/README.md"),
-                ),
-            };
-            let problem = match loc {
-                Some(l) => format!("{problem} (line {}, column {})", l.line(), l.column()),
-                None => problem,
-            };
-            Error::Config {
-                path: shown.clone(),
-                field,
-                problem,
-                fix,
-            }
-        })?;
-        cfg.source = path.to_path_buf();
-        init_from::adopt(&mut cfg, text)?;
+        Self::deserialize(text, path, &[])
+    }
+
+    /// Deserialises `text` with `overrides` applied, then adopts what `model.init_from`
+    /// supplies for the keys that neither the file nor an override wrote.
+    fn deserialize(text: &str, path: &Path, overrides: &[Override]) -> Result<Config> {
+        let mut cfg = source::deserialize(text, path, overrides)?;
+        init_from::adopt(&mut cfg, text, overrides)?;
+        Ok(cfg)
+    }
+
+    /// Like [`Config::parse`], with overrides.
+    pub fn parse_with(text: &str, path: &Path, overrides: &[Override]) -> Result<Config> {
+        let cfg = Self::deserialize(text, path, overrides)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -517,8 +470,10 @@ impl Config {
                 "set output.dir: runs/<name>".into(),
             ));
         }
+        self.check_output_dir()?;
         // Data, vocabulary and the plan.
         let source = self.data_source()?;
+        self.check_split_windows(&source)?;
         let shape = self.shape_with(&source)?;
         self.plan_for(&shape)?;
         self.check_checkpoint_keys()?;
@@ -665,6 +620,13 @@ impl Config {
                 )),
             },
             Some(path) => {
+                if path.is_dir() {
+                    return Err(self.field_error(
+                        "train.data",
+                        format!("{} is a directory, not a text file", path.display()),
+                        "point train.data at a text file inside it, or use `random`".into(),
+                    ));
+                }
                 if !path.is_file() {
                     return Err(self.field_error(
                         "train.data",
@@ -676,22 +638,6 @@ impl Config {
                     Some(v) => init_from::covering_vocab(self, v, &path)?,
                     None => CharVocab::from_file(&path)?,
                 };
-                let min_len = 2 * (*self.model.seq_len + 1);
-                if vocab.len_tokens < min_len {
-                    return Err(self.field_error(
-                        "train.data",
-                        format!(
-                            "{} has {} characters, too few for model.seq_len = {}",
-                            path.display(),
-                            vocab.len_tokens,
-                            *self.model.seq_len
-                        ),
-                        format!(
-                            "use a file of at least {} characters or a smaller seq_len",
-                            min_len * 10
-                        ),
-                    ));
-                }
                 Ok(DataSource::Chars { path, vocab })
             }
         }
@@ -843,35 +789,23 @@ impl Config {
 
     /// Reads and checks a config for planning only (`strata plan`, `strata profile`):
     /// the model, parallel layout and data are validated, but not what only the engine
-    /// needs (architecture support, tp/dp support, optimizer settings).
-    pub fn load_for_plan(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.display().to_string(),
-            field: "(file)".into(),
-            problem: format!("cannot read the config: {e}"),
-            fix: "pass the path of an existing YAML file, e.g. configs/demo.yaml".into(),
-        })?;
-        Self::parse_for_plan(&text, path)
+    /// needs (architecture support, tp/dp support, optimizer settings, output directory).
+    pub fn load_for_plan(path: &Path, overrides: &[Override]) -> Result<Config> {
+        Self::parse_for_plan(&source::read(path)?, path, overrides)
     }
 
     /// Reads a config for `strata profile`: keys and types are checked and the model
     /// shape (data, vocabulary) resolved, but no plan is built, since the profile that
     /// `parallel.profile` names may not exist yet.
-    pub fn load_for_profile(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.display().to_string(),
-            field: "(file)".into(),
-            problem: format!("cannot read the config: {e}"),
-            fix: "pass the path of an existing YAML file, e.g. configs/demo.yaml".into(),
-        })?;
-        let cfg = Self::parse_unchecked(&text, path)?;
+    pub fn load_for_profile(path: &Path, overrides: &[Override]) -> Result<Config> {
+        let cfg = Self::deserialize(&source::read(path)?, path, overrides)?;
         cfg.shape()?.validate().map_err(cfg.plan_err())?;
         Ok(cfg)
     }
 
     /// Like [`Config::parse`], checking only what planning needs.
-    pub fn parse_for_plan(text: &str, path: &Path) -> Result<Config> {
-        let cfg = Self::parse_unchecked(text, path)?;
+    pub fn parse_for_plan(text: &str, path: &Path, overrides: &[Override]) -> Result<Config> {
+        let cfg = Self::deserialize(text, path, overrides)?;
         cfg.plan()?;
         Ok(cfg)
     }
@@ -918,6 +852,35 @@ output: {dir: /tmp/strata-test}
         Config::parse(text, Path::new("x.yaml"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn overrides_apply_before_validation_and_are_recorded() {
+        let sets: Vec<Override> = ["train.steps=100", "parallel.pp=4", "train.data=random"]
+            .iter()
+            .map(|s| Override::parse(s).unwrap())
+            .collect();
+        let c = Config::parse_with(GOOD, Path::new("x.yaml"), &sets).unwrap();
+        assert_eq!((*c.train.steps, *c.parallel.pp), (100, 4));
+        let yaml = c.resolved_yaml().unwrap();
+        assert!(
+            yaml.contains("steps: 100") && yaml.contains("pp: 4"),
+            "{yaml}"
+        );
+        // The same checks and messages as the file, naming the --set.
+        let bad = [Override::parse("parallel.pp=5").unwrap()];
+        let e = Config::parse_with(GOOD, Path::new("x.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("parallel.pp = 5"), "{e}");
+        let bad = [Override::parse("train.lr=fast").unwrap()];
+        let e = Config::parse_with(GOOD, Path::new("x.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.lr: invalid type") && e.contains("(from --set train.lr=fast)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -33,11 +33,37 @@ impl CharVocab {
     }
 }
 
+/// Reads a data file as UTF-8 text; a file that is not UTF-8 is a user error naming the
+/// first bad byte's offset.
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
+    let bad = |problem: String, fix: &str| Error::Config {
+        path: path.display().to_string(),
+        field: "train.data".into(),
+        problem,
+        fix: fix.into(),
+    };
+    let bytes = std::fs::read(path).map_err(|e| {
+        bad(
+            format!("cannot read the data file: {e}"),
+            "point train.data at a readable text file, or use `random`",
+        )
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let byte = e.as_bytes()[at];
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        bad(
+            format!("not UTF-8 text: byte 0x{byte:02x} at byte offset {at} (line {line}) is not valid UTF-8"),
+            "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`) and point train.data at the result",
+        )
     })
+}
+
+/// Tokens in the (train, validation) splits of a stream of `n` tokens: the first 90%
+/// trains, the rest validates.
+pub fn split_lens(n: usize) -> (usize, usize) {
+    let cut = n * 9 / 10;
+    (cut, n - cut)
 }
 
 /// Where tokens come from.
@@ -55,7 +81,7 @@ pub enum Split {
 }
 
 /// Length of the generated random-token stream.
-const RANDOM_TOKENS: usize = 1 << 16;
+pub const RANDOM_TOKENS: usize = 1 << 16;
 
 impl DataSource {
     /// Bytes of tokens every rank holds once the dataset is loaded (int64 ids of both
@@ -97,7 +123,7 @@ impl Dataset {
                 (tokens, *vocab)
             }
         };
-        let cut = tokens.len() * 9 / 10;
+        let (cut, _) = split_lens(tokens.len());
         Ok(Dataset {
             vocab,
             val: tokens[cut..].to_vec(),

@@ -1,7 +1,8 @@
 //! `strata`: plan a pipeline, launch it locally under mpiexec, or run as one MPI worker.
 //!
 //! Exit codes: 0 success; 1 the job failed at run time; 2 bad input (config, flags,
-//! missing mpiexec) — always with a one-line message naming the field and the fix.
+//! missing mpiexec) — always with a one-line message naming the field and the fix;
+//! 128 + N when signal N (SIGTERM, SIGINT) stopped a launched job before it finished.
 
 mod checkpoint_cmd;
 mod compress_cmd;
@@ -9,13 +10,17 @@ mod eval_cmd;
 mod export_cmd;
 mod generate_cmd;
 mod launch;
+mod logging;
 mod plan_cmd;
 mod profile_cmd;
 mod simulate_cmd;
+mod supervise;
 mod worker;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use engine::config::Override;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -27,6 +32,22 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--set KEY=VALUE`, repeatable: overrides a config key before validation.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Sets {
+    /// Override a config key, e.g. `--set train.steps=100 --set parallel.pp=4` (the
+    /// value is YAML; checked like the file; recorded in the run's config.yaml).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl Sets {
+    /// The parsed overrides; a malformed one is a bad-input error.
+    pub fn parse(&self) -> Result<Vec<Override>, engine::Error> {
+        self.set.iter().map(|s| Override::parse(s)).collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -52,12 +73,18 @@ enum Command {
         runs: usize,
     },
     /// Run a config on this machine: spawns `mpiexec -n <pp·tp·dp> strata worker`.
+    /// SIGTERM or SIGINT (Ctrl-C) is forwarded to the job; a second one stops it at once.
     Launch {
         /// Experiment YAML file.
         config: PathBuf,
         /// mpiexec to use (default: `mpiexec` on PATH).
         #[arg(long, env = "STRATA_MPIEXEC")]
         mpiexec: Option<PathBuf>,
+        /// Seconds the job has to exit after a second SIGTERM/SIGINT before it is killed.
+        #[arg(long, default_value_t = 10.0)]
+        grace_s: f64,
+        #[command(flatten)]
+        sets: Sets,
     },
     /// Print a config's schedule grid, simulate it, and draw the predicted timeline (SVG).
     Simulate {
@@ -66,6 +93,14 @@ enum Command {
         /// Where to write the SVG (default: <output.dir>/schedule.svg).
         #[arg(long)]
         svg: Option<PathBuf>,
+        #[command(flatten)]
+        sets: Sets,
+    },
+    /// Summarise a run directory (losses, tokens/s, bubble, memory, time split) and draw
+    /// loss.svg and timeline.svg into it.
+    Report {
+        /// The run directory (a config's output.dir).
+        run_dir: PathBuf,
     },
     /// Inspect or verify a checkpoint (a step-NNNNNN directory or a checkpoint root).
     #[command(subcommand)]
@@ -105,34 +140,91 @@ enum Command {
         /// Experiment YAML file.
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        sets: Sets,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Worker { config, sets } => return worker::run(config, sets),
+        Command::EvalWorker { job, json } => return eval_cmd::worker(job, *json),
+        Command::GenerateWorker { job } => return generate_cmd::worker(job),
+        _ => {}
+    }
+    logging::init(None);
+    if !matches!(cli.command, Command::Launch { .. }) {
+        // Printing commands end quietly when their reader goes away (`strata plan | head`),
+        // like other Unix tools; `launch` keeps ignoring SIGPIPE: it must outlive its job.
+        // SAFETY: restoring a default signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Plan(args) => plan_cmd::plan(&args),
         Command::Profile(args) => profile_cmd::profile(&args),
         Command::ProfileWorker { config, out, runs } => {
             return profile_cmd::worker(&config, &out, runs)
         }
-        Command::Launch { config, mpiexec } => launch::launch(&config, mpiexec.as_deref()),
-        Command::Simulate { config, svg } => simulate_cmd::simulate_config(&config, svg),
+        Command::Launch {
+            config,
+            mpiexec,
+            grace_s,
+            sets,
+        } => launch_cmd(&config, &sets, mpiexec.as_deref(), grace_s),
+        Command::Simulate { config, svg, sets } => {
+            simulate_cmd::simulate_config(&config, &sets, svg)
+        }
+        Command::Report { run_dir } => report(&run_dir),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(&cmd),
         Command::Eval(args) => eval_cmd::eval(&args),
         Command::Export(args) => export_cmd::export(&args),
-        Command::EvalWorker { job, json } => return eval_cmd::worker(&job, json),
         Command::Generate(args) => generate_cmd::generate(&args),
         Command::Quantize(args) => compress_cmd::quantize(&args),
         Command::Prune(args) => compress_cmd::prune(&args),
-        Command::GenerateWorker { job } => return generate_cmd::worker(&job),
-        Command::Worker { config } => return worker::run(&config),
+        Command::EvalWorker { .. } | Command::GenerateWorker { .. } | Command::Worker { .. } => {
+            unreachable!("handled above")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("strata: error: {e}");
+            // Not eprintln!: a closed stderr must not turn the exit code into a panic's.
+            let _ = writeln!(std::io::stderr(), "strata: error: {e}");
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+fn launch_cmd(
+    config: &Path,
+    sets: &Sets,
+    mpiexec: Option<&Path>,
+    grace_s: f64,
+) -> Result<(), launch::LaunchError> {
+    if !(grace_s.is_finite() && grace_s >= 0.0) {
+        return Err(launch::LaunchError::Env(format!(
+            "--grace-s = {grace_s}: must be a number of seconds ≥ 0; fix: pass e.g. --grace-s 10"
+        )));
+    }
+    launch::launch(&launch::LaunchArgs {
+        config,
+        overrides: &sets.parse()?,
+        mpiexec,
+        grace: std::time::Duration::from_secs_f64(grace_s),
+    })
+}
+
+/// `strata report RUN_DIR`: prints the summary and writes the plots.
+fn report(run_dir: &Path) -> Result<(), launch::LaunchError> {
+    let report = engine::report::write_report(run_dir)?;
+    let mut out = report.summary;
+    for p in &report.written {
+        out += &format!("wrote {}\n", p.display());
+    }
+    // `strata report DIR | head` closes stdout early: not an error.
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    Ok(())
 }

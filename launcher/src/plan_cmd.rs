@@ -49,6 +49,8 @@ pub struct PlanArgs {
     /// Profile from `strata profile` to price the plan with (overrides parallel.profile).
     #[arg(long)]
     pub profile: Option<PathBuf>,
+    #[command(flatten)]
+    pub sets: crate::Sets,
 }
 
 fn plan_error(path: &Path) -> impl Fn(partitioner::Error) -> engine::Error + '_ {
@@ -101,7 +103,7 @@ pub fn plan(args: &PlanArgs) -> Result<(), LaunchError> {
             "pass --dtype-bytes 2 for bf16 or 4 for fp32",
         ));
     }
-    let mut cfg = Config::load_for_profile(path)?;
+    let mut cfg = Config::load_for_profile(path, &args.sets.parse()?)?;
     if let Some(p) = &args.profile {
         cfg.parallel.profile = Some(
             std::path::absolute(p)

@@ -63,7 +63,7 @@ fn micro_batch_sizes(cfg: &Config) -> Vec<usize> {
 /// Runs `strata profile`.
 pub fn profile(args: &ProfileArgs) -> Result<(), LaunchError> {
     let path = args.config.as_path();
-    let cfg = Config::load_for_profile(path)?;
+    let cfg = Config::load_for_profile(path, &[])?;
     let shape = cfg.shape()?;
     let world = args.world.unwrap_or(cfg.world_size());
     if world == 0 {
@@ -152,7 +152,7 @@ pub fn worker(config: &Path, out: &Path, runs: usize) -> ExitCode {
     };
     let world = universe.world();
     let rank = world.rank();
-    let result = Config::load_for_profile(config).and_then(|cfg| {
+    let result = Config::load_for_profile(config, &[]).and_then(|cfg| {
         let shape = cfg.shape()?;
         let sizes = micro_batch_sizes(&cfg);
         // Curves reach past the largest activation message (4x), within [64 KiB, 16 MiB].

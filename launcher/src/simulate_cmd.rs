@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 
 /// Simulates the config's schedule; writes the picture to `svg` (default
 /// `<output.dir>/schedule.svg`).
-pub fn simulate_config(path: &Path, svg: Option<PathBuf>) -> Result<(), LaunchError> {
-    let cfg = Config::load(path)?;
+pub fn simulate_config(
+    path: &Path,
+    sets: &crate::Sets,
+    svg: Option<PathBuf>,
+) -> Result<(), LaunchError> {
+    let cfg = Config::load_with(path, &sets.parse()?)?;
     let plan = cfg.plan()?;
     let plan_err = |e| engine::Error::Plan {
         path: path.display().to_string(),

@@ -12,7 +12,7 @@
 //! Invariant: a validated config with `init_from` describes exactly the HF model (up to
 //! fewer positions), and the HF directory's tensors match its own `config.json`.
 
-use super::{Config, Count, Vocab};
+use super::{Config, Count, Override, Vocab};
 use crate::data::CharVocab;
 use crate::error::{Error, Result};
 use crate::hf::{HfCheckpoint, HfConfig, HfVocab};
@@ -36,7 +36,7 @@ fn written_model_keys(text: &str) -> BTreeSet<String> {
 
 /// Takes the constants the config leaves unwritten from the HF `config.json`, and the
 /// character vocabulary from its `vocab.json`.
-pub(super) fn adopt(cfg: &mut Config, text: &str) -> Result<()> {
+pub(super) fn adopt(cfg: &mut Config, text: &str, overrides: &[Override]) -> Result<()> {
     let Some(dir) = cfg.init_from_dir() else {
         return Ok(());
     };
@@ -52,7 +52,14 @@ pub(super) fn adopt(cfg: &mut Config, text: &str) -> Result<()> {
         });
     }
     let hf = HfConfig::read(&dir)?;
-    let written = written_model_keys(text);
+    let mut written = written_model_keys(text);
+    // `--set model.KEY=…` writes KEY as surely as the file does.
+    written.extend(
+        overrides
+            .iter()
+            .filter(|o| o.key.len() >= 2 && o.key[0] == "model")
+            .map(|o| o.key[1].clone()),
+    );
     let unset = |k: &str| !written.contains(k);
     let (s, m) = (&hf.spec, &mut cfg.model);
     if unset("vocab") || m.vocab == Vocab::Auto {

@@ -32,11 +32,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Runs `strata worker`: the supervisor, or (in the supervised child) the rank itself.
-pub fn run(config: &Path) -> ExitCode {
+pub fn run(config: &Path, sets: &crate::Sets) -> ExitCode {
     if supervisor::wanted() {
         return supervisor::supervise();
     }
-    rank_main(config)
+    rank_main(config, sets)
 }
 
 /// A failure to inject, from `STRATA_FAIL_AT` (tests of failure handling).
@@ -161,7 +161,7 @@ fn install_signal_handlers() -> std::io::Result<engine::preempt::StopFlag> {
 }
 
 /// One MPI rank. Any error aborts the whole job (MPI_Abort), naming this rank.
-fn rank_main(path: &Path) -> ExitCode {
+fn rank_main(path: &Path, sets: &crate::Sets) -> ExitCode {
     let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Multiple) else {
         eprintln!("strata worker: error: MPI was already initialised");
         return ExitCode::from(1);
@@ -169,6 +169,7 @@ fn rank_main(path: &Path) -> ExitCode {
     let world = universe.world();
     let (rank, size) = (Rank(world.rank() as usize), world.size() as usize);
     install_early_panic_hook(rank, size);
+    crate::logging::init(Some(rank.0));
     let prefix = format!("strata worker rank {rank}/{size}: error: ");
     let fail =
         |msg: String, code: i32| -> ! { report_and_abort(&world, format!("{prefix}{msg}"), code) };
@@ -192,7 +193,15 @@ fn rank_main(path: &Path) -> ExitCode {
         Some(Ok(f)) => Some(f),
         Some(Err(msg)) => fail(msg, 2),
     };
-    let cfg = match Config::load(path).and_then(|cfg| cfg.check_world(size).map(|_| cfg)) {
+    // The ranks that share this machine (and its memory) with this one.
+    let ranks_here = world.split_shared(rank.0 as i32).size() as usize;
+    let loaded = sets.parse().and_then(|overrides| {
+        let cfg = Config::load_with(path, &overrides)?;
+        cfg.check_world(size)?;
+        cfg.check_host_memory(&cfg.plan()?, ranks_here)?;
+        Ok(cfg)
+    });
+    let cfg = match loaded {
         Ok(cfg) => cfg,
         Err(e) => {
             // Every rank sees the same config error: let rank 0 alone report it.
@@ -241,6 +250,9 @@ fn rank_main(path: &Path) -> ExitCode {
     if let Err(e) = heartbeat.finish() {
         aborter.abort(format!("{prefix}{e}"), 1);
     }
+    if rank.0 == 0 {
+        write_run_report(&cfg);
+    }
     if let (Some(step), 0) = (summary.preempted_at, rank.0) {
         print_line(&format!(
             "strata: {}",
@@ -248,6 +260,23 @@ fn rank_main(path: &Path) -> ExitCode {
         ));
     }
     ExitCode::SUCCESS
+}
+
+/// Rank 0, after a successful (or preempted) run: the report into the run directory.
+/// The training itself succeeded, so a failure here is a warning, not a failed job.
+fn write_run_report(cfg: &Config) {
+    match engine::report::write_report(&cfg.output_dir()) {
+        Ok(report) => {
+            print!("{}", report.summary);
+            let names: Vec<String> = report
+                .written
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            tracing::info!("wrote {}", names.join(", "));
+        }
+        Err(e) => tracing::warn!("the run finished, but its report failed: {e}"),
+    }
 }
 
 #[cfg(test)]

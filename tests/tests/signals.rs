@@ -1,0 +1,217 @@
+//! `strata launch` under signals: SIGTERM is forwarded to the job, the launcher never exits
+//! while a process of its job still runs, a second signal escalates to SIGKILL after the
+//! grace period, and ranks orphaned by a dying mpiexec are waited for and reaped.
+//!
+//! Processes are found by a marker unique to each test (its scratch path) in their
+//! command lines, so concurrent tests never see each other's.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use strata_tests::{scratch, strata_bin, tiny_config, write};
+
+/// Live (non-zombie) processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true);
+        if cmdline.contains(marker) && !zombie && pid != std::process::id() as i32 {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits for `child` to exit (killing it after `limit`); returns its exit code and stderr.
+fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String) {
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            // Leave nothing running behind a failed test: a second signal escalates.
+            signal(&child, libc::SIGTERM);
+            std::thread::sleep(Duration::from_secs(12));
+            let _ = child.kill();
+            panic!("the launcher did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), reader.join().unwrap())
+}
+
+fn launch(args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn metrics_lines(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn sigterm_to_launch_leaves_no_orphan_ranks() {
+    let dir = scratch("sig-term");
+    let out = dir.join("run");
+    let cfg = write(&dir, "cfg.yaml", &tiny_config(2, "1f1b", 100_000, &out));
+    let marker = cfg.to_str().unwrap();
+    let child = launch(&["launch", marker], &[]);
+    // Both ranks are training once the first step is recorded.
+    let started = wait_until(Duration::from_secs(90), || metrics_lines(&out) >= 2);
+    if !started {
+        signal(&child, libc::SIGTERM);
+        let (code, stderr) = finish(child, Duration::from_secs(60));
+        panic!("the run did not start: exit {code:?}: {stderr}");
+    }
+    let ranks = processes_with(marker)
+        .into_iter()
+        .filter(|(_, c)| c.contains(" worker ") && !c.contains("mpiexec"))
+        .count();
+    assert_eq!(ranks, 2, "{:?}", processes_with(marker));
+    signal(&child, libc::SIGTERM);
+    let (code, stderr) = finish(child, Duration::from_secs(60));
+    // Checked the moment the launcher is gone: mpiexec and every rank went before it.
+    let left = processes_with(marker);
+    assert!(
+        left.is_empty(),
+        "still running after the launcher exited: {left:?}"
+    );
+    // 0 once the ranks checkpoint and exit on SIGTERM; 128 + 15 while they die of it.
+    assert!(
+        matches!(code, Some(0) | Some(143)),
+        "exit {code:?}: {stderr}"
+    );
+    assert!(stderr.contains("SIGTERM received: forwarded"), "{stderr}");
+}
+
+/// A stand-in for mpiexec, so the launcher's side is tested without MPI: it ignores
+/// SIGTERM and SIGINT or not, and runs a `rank` (a shell whose $0 is the marker).
+fn fake_mpiexec(dir: &Path, marker: &str, mode: &str) -> String {
+    let body = match mode {
+        // Ignores signals: only SIGKILL ends it.
+        "stubborn" => format!("trap '' TERM INT\nsh -c 'sleep 300; true' {marker} &\nwait\n"),
+        // Exits at once, leaving its rank behind in a new session.
+        "orphaning" => format!("setsid sh -c 'sleep 300; true' {marker} &\nexit 0\n"),
+        _ => unreachable!(),
+    };
+    let path = dir.join(format!("mpiexec-{mode}"));
+    std::fs::write(&path, format!("#!/bin/bash\n{body}")).unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&path)
+        .status()
+        .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
+    let dir = scratch("sig-stubborn");
+    let cfg = write(
+        &dir,
+        "cfg.yaml",
+        &tiny_config(2, "1f1b", 2, &dir.join("run")),
+    );
+    let marker = format!("rank-marker-{}", dir.display());
+    let fake = fake_mpiexec(&dir, &marker, "stubborn");
+    let args = [
+        "launch",
+        cfg.to_str().unwrap(),
+        "--mpiexec",
+        &fake,
+        "--grace-s",
+        "1",
+    ];
+    let child = launch(&args, &[]);
+    assert!(wait_until(Duration::from_secs(30), || !processes_with(
+        &marker
+    )
+    .is_empty()));
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !processes_with(&marker).is_empty(),
+        "the first signal is only forwarded"
+    );
+    let t = Instant::now();
+    signal(&child, libc::SIGINT);
+    let (code, stderr) = finish(child, Duration::from_secs(30));
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("killing the job"), "{stderr}");
+    let left = processes_with(&marker);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn ranks_orphaned_by_mpiexec_are_reaped_before_the_launcher_exits() {
+    let dir = scratch("sig-orphan");
+    let cfg = write(
+        &dir,
+        "cfg.yaml",
+        &tiny_config(2, "1f1b", 2, &dir.join("run")),
+    );
+    let marker = format!("rank-marker-{}", dir.display());
+    let fake = fake_mpiexec(&dir, &marker, "orphaning");
+    let args = [
+        "launch",
+        cfg.to_str().unwrap(),
+        "--mpiexec",
+        &fake,
+        "--grace-s",
+        "1",
+    ];
+    let (code, stderr) = finish(launch(&args, &[]), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "mpiexec itself succeeded: {stderr}");
+    assert!(stderr.contains("outlived mpiexec"), "{stderr}");
+    let left = processes_with(&marker);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
