@@ -86,7 +86,9 @@ fn terminal_columns() -> Option<u16> {
 pub fn launch(args: &LaunchArgs) -> Result<(), LaunchError> {
     let cfg = Config::load_with(args.config, args.overrides)?;
     if let Ok(v) = std::env::var("STRATA_FAIL_AT") {
-        let rank = crate::worker::parse_fail_at(&v).map_err(LaunchError::Env)?.rank;
+        let rank = crate::worker::parse_fail_at(&v)
+            .map_err(LaunchError::Env)?
+            .rank;
         if rank.0 >= cfg.world_size() {
             return Err(LaunchError::Env(format!(
                 "STRATA_FAIL_AT = `{v}`: rank {rank} is outside this job's {} ranks; fix: name a rank below {}, or unset it",

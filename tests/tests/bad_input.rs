@@ -20,7 +20,7 @@ struct Case {
     /// Files written into the case directory: (name, contents).
     files: &'static [(&'static str, &'static [u8])],
     /// The command line; `{cfg}` is the config, `{dir}` the case directory, `{demo}`
-    /// configs/demo.yaml.
+    /// configs/demo.yaml, `{configs}` the configs directory.
     args: &'static [&'static str],
     env: &'static [(&'static str, &'static str)],
     needles: &'static [&'static str],
@@ -324,6 +324,17 @@ const CASES: &[Case] = &[
         needles: &["model.seq_len = 100000", "MemTotal", "too much"],
         ..BASE
     },
+    Case {
+        name: "llama-48 does not fit this machine",
+        args: &[
+            "launch",
+            "{configs}/llama-48.yaml",
+            "--set",
+            "output.dir={dir}/run",
+        ],
+        needles: &["llama-48.yaml", "MemTotal", "too much"],
+        ..BASE
+    },
     // --- flags ---
     Case {
         name: "--set without =",
@@ -421,6 +432,97 @@ const CASES: &[Case] = &[
         needles: &["STRATA_FAIL_AT", "outside this job's 2 ranks"],
         ..BASE
     },
+    // --- checkpoints: train.resume, checkpoint.*, strata checkpoint ---
+    Case {
+        name: "resume from a missing path",
+        edit: &[("grad_clip: 1.0}", "grad_clip: 1.0, resume: {dir}/nowhere}")],
+        needles: &["train.resume", "no checkpoint at", "nowhere"],
+        ..BASE
+    },
+    Case {
+        name: "resume from a directory without checkpoints",
+        edit: &[("grad_clip: 1.0}", "grad_clip: 1.0, resume: {dir}/empty}")],
+        files: &[("empty/notes.txt", b"nothing saved here")],
+        needles: &["train.resume", "holds no complete checkpoint"],
+        ..BASE
+    },
+    Case {
+        name: "resume from a file",
+        edit: &[("grad_clip: 1.0}", "grad_clip: 1.0, resume: {dir}/ck.txt}")],
+        files: &[("ck.txt", b"not a checkpoint")],
+        needles: &["train.resume", "no such checkpoint directory"],
+        ..BASE
+    },
+    Case {
+        name: "resume latest with a dangling pointer",
+        edit: &[
+            ("grad_clip: 1.0}", "grad_clip: 1.0, resume: latest}"),
+            (
+                "output: {dir: {dir}/run}",
+                "output: {dir: {dir}/run}\ncheckpoint: {dir: {dir}/ck}",
+            ),
+        ],
+        files: &[("ck/latest", b"step-000005\n")],
+        needles: &["train.resume", "latest", "not a complete checkpoint"],
+        ..BASE
+    },
+    Case {
+        name: "resume from a damaged manifest",
+        edit: &[(
+            "grad_clip: 1.0}",
+            "grad_clip: 1.0, resume: {dir}/ck/step-000001}",
+        )],
+        files: &[("ck/step-000001/manifest.json", b"{ not json")],
+        needles: &["train.resume", "manifest.json", "does not parse"],
+        ..BASE
+    },
+    Case {
+        name: "empty checkpoint dir",
+        edit: &[(
+            "output: {dir: {dir}/run}",
+            "output: {dir: {dir}/run}\ncheckpoint: {dir: ''}",
+        )],
+        needles: &["checkpoint.dir", "is empty"],
+        ..BASE
+    },
+    Case {
+        name: "checkpoint dir is a file",
+        edit: &[(
+            "output: {dir: {dir}/run}",
+            "output: {dir: {dir}/run}\ncheckpoint: {dir: {dir}/afile}",
+        )],
+        files: &[("afile", b"not a directory")],
+        needles: &["checkpoint.dir", "not a directory"],
+        ..BASE
+    },
+    Case {
+        name: "unknown checkpoint key",
+        edit: &[(
+            "output: {dir: {dir}/run}",
+            "output: {dir: {dir}/run}\ncheckpoint: {every: 2, keeep: 1}",
+        )],
+        needles: &["checkpoint", "unknown field `keeep`"],
+        ..BASE
+    },
+    Case {
+        name: "checkpoint verify of a missing directory",
+        args: &["checkpoint", "verify", "{dir}/step-000099"],
+        needles: &["step-000099", "no such checkpoint directory"],
+        ..BASE
+    },
+    Case {
+        name: "checkpoint inspect of a root without checkpoints",
+        args: &["checkpoint", "inspect", "{dir}"],
+        needles: &["holds no complete checkpoint"],
+        ..BASE
+    },
+    Case {
+        name: "checkpoint inspect of a damaged manifest",
+        args: &["checkpoint", "inspect", "{dir}/ck/step-000001"],
+        files: &[("ck/step-000001/manifest.json", b"{\"step\": 1, \"vers")],
+        needles: &["manifest.json", "does not parse"],
+        ..BASE
+    },
     // --- strata report ---
     Case {
         name: "report of a missing directory",
@@ -462,9 +564,12 @@ fn run_case(i: usize, case: &Case) -> Run {
     let cfg = dir.join("cfg.yaml");
     std::fs::write(&cfg, text.replace("{dir}", d)).unwrap();
     for (name, bytes) in case.files {
-        std::fs::write(dir.join(name), bytes).unwrap();
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
     }
     let demo = repo_root().join("configs/demo.yaml");
+    let configs = repo_root().join("configs");
     let args: Vec<String> = case
         .args
         .iter()
@@ -472,6 +577,7 @@ fn run_case(i: usize, case: &Case) -> Run {
             a.replace("{cfg}", cfg.to_str().unwrap())
                 .replace("{dir}", d)
                 .replace("{demo}", demo.to_str().unwrap())
+                .replace("{configs}", configs.to_str().unwrap())
         })
         .collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -198,4 +198,56 @@ fn recompute_and_sequence_parallel_keys() {
             "not implemented by the engine",
         ],
     );
+
+/// `strata plan CONFIG | head`, with a reader that is gone before the first line: the
+/// printing commands end quietly (SIGPIPE, like other Unix tools), never with a panic.
+#[test]
+fn printing_commands_end_quietly_when_stdout_is_closed() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = scratch("epipe");
+    let cfg = write(&dir, "cfg.yaml", &good("epipe"));
+    let cfg = cfg.to_str().unwrap();
+    let llama = repo_root().join("configs/llama-48.yaml");
+    let llama = llama.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["plan", cfg],
+        &["plan", cfg, "--json"],
+        &[
+            "plan",
+            llama,
+            "--auto",
+            "--world",
+            "64",
+            "--memory-gib",
+            "80",
+        ],
+        &["simulate", cfg, "--svg", "/dev/null"],
+    ];
+    for args in commands {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors, which we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (read, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let out = std::process::Command::new(strata_tests::strata_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        // Killed by SIGPIPE (like `cat` or `grep`), or exited 0: never Rust's panic code 101.
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.code() == Some(0),
+            "{args:?}: {:?}: {stderr}",
+            out.status
+        );
+    }
 }

@@ -1,6 +1,8 @@
-//! `strata launch` under signals: SIGTERM is forwarded to the job, the launcher never exits
-//! while a process of its job still runs, a second signal escalates to SIGKILL after the
-//! grace period, and ranks orphaned by a dying mpiexec are waited for and reaped.
+//! `strata launch` under signals: SIGTERM is forwarded to the job (which checkpoints and
+//! exits 0, and `train.resume: latest` continues it with the losses of an uninterrupted
+//! run), the launcher never exits while a process of its job still runs, a second signal
+//! escalates to SIGKILL after the grace period, and ranks orphaned by a dying mpiexec are
+//! waited for and reaped.
 //!
 //! Processes are found by a marker unique to each test (its scratch path) in their
 //! command lines, so concurrent tests never see each other's.
@@ -9,7 +11,9 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use strata_tests::{scratch, strata_bin, tiny_config, write};
+use strata_tests::{
+    assert_losses_match, read_losses, run_strata, scratch, strata_bin, tiny_config, write,
+};
 
 /// Live (non-zombie) processes whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<(i32, String)> {
@@ -93,25 +97,41 @@ fn metrics_lines(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
 }
 
+/// The step N of the one `preempted at step N; …` line in `stderr`.
+fn preempted_step(stderr: &str) -> usize {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("preempted at step "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    lines[0]
+        .split("preempted at step ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", lines[0]))
+}
+
 #[test]
-fn sigterm_to_launch_leaves_no_orphan_ranks() {
+fn sigterm_to_launch_checkpoints_leaves_no_orphan_ranks_and_resumes_exactly() {
     let dir = scratch("sig-term");
     let out = dir.join("run");
     let cfg = write(&dir, "cfg.yaml", &tiny_config(2, "1f1b", 100_000, &out));
     let marker = cfg.to_str().unwrap();
     let child = launch(&["launch", marker], &[]);
-    // Both ranks are training once the first step is recorded.
-    let started = wait_until(Duration::from_secs(90), || metrics_lines(&out) >= 2);
+    // Both ranks are training once the first steps are recorded.
+    let started = wait_until(Duration::from_secs(90), || metrics_lines(&out) >= 3);
     if !started {
         signal(&child, libc::SIGTERM);
         let (code, stderr) = finish(child, Duration::from_secs(60));
         panic!("the run did not start: exit {code:?}: {stderr}");
     }
+    // Each rank is a supervisor and its child (see `strata worker`): at least 2.
     let ranks = processes_with(marker)
         .into_iter()
         .filter(|(_, c)| c.contains(" worker ") && !c.contains("mpiexec"))
         .count();
-    assert_eq!(ranks, 2, "{:?}", processes_with(marker));
+    assert!(ranks >= 2, "{:?}", processes_with(marker));
     signal(&child, libc::SIGTERM);
     let (code, stderr) = finish(child, Duration::from_secs(60));
     // Checked the moment the launcher is gone: mpiexec and every rank went before it.
@@ -120,12 +140,52 @@ fn sigterm_to_launch_leaves_no_orphan_ranks() {
         left.is_empty(),
         "still running after the launcher exited: {left:?}"
     );
-    // 0 once the ranks checkpoint and exit on SIGTERM; 128 + 15 while they die of it.
-    assert!(
-        matches!(code, Some(0) | Some(143)),
-        "exit {code:?}: {stderr}"
-    );
     assert!(stderr.contains("SIGTERM received: forwarded"), "{stderr}");
+    // The ranks saved a checkpoint at one step boundary and the job (and so the
+    // launcher) exited 0.
+    assert_eq!(code, Some(0), "{stderr}");
+    let step = preempted_step(&stderr);
+    assert!(out
+        .join(format!("checkpoints/step-{step:06}/manifest.json"))
+        .is_file());
+
+    // `train.resume: latest` continues it: two more steps give the losses of a run that
+    // was never interrupted.
+    let total = (step + 2).to_string();
+    let resume = run_strata(
+        &[
+            "launch",
+            marker,
+            "--set",
+            "train.resume=latest",
+            "--set",
+            &format!("train.steps={total}"),
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    assert_eq!(resume.code, Some(0), "{}", resume.stderr);
+    let ref_out = dir.join("reference");
+    let ref_cfg = write(
+        &dir,
+        "ref.yaml",
+        &tiny_config(2, "1f1b", step + 2, &ref_out),
+    );
+    let reference = run_strata(
+        &["launch", ref_cfg.to_str().unwrap()],
+        &[],
+        Duration::from_secs(120),
+    );
+    assert_eq!(reference.code, Some(0), "{}", reference.stderr);
+    let (got, want) = (read_losses(&out), read_losses(&ref_out));
+    assert_eq!(got.len(), step + 2, "{got:?}");
+    assert_losses_match(
+        &want,
+        &got,
+        1e-6,
+        1e-6,
+        "preempted + resumed vs uninterrupted",
+    );
 }
 
 /// A stand-in for mpiexec, so the launcher's side is tested without MPI: it ignores
