@@ -198,6 +198,7 @@ fn recompute_and_sequence_parallel_keys() {
             "not implemented by the engine",
         ],
     );
+}
 
 /// `strata plan CONFIG | head`, with a reader that is gone before the first line: the
 /// printing commands end quietly (SIGPIPE, like other Unix tools), never with a panic.
