@@ -20,11 +20,12 @@ pub mod quantize;
 
 use crate::checkpoint::{self, Checkpoint, Layout, SaveMeta, SaveOptions, SavedTensor};
 use crate::comm::local::LocalComm;
-use crate::config::{Config, Vocab};
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::hf::from_checkpoint::{checkpoint_config, resolved_spec};
 use crate::model::sharding::TpRank;
 use crate::model::{Model, ModelSpec};
-use partitioner::{LayerKind, ModelShape};
+use partitioner::LayerKind;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -110,48 +111,4 @@ pub fn model_layers(n_layers: usize) -> Vec<LayerKind> {
     v.extend((0..n_layers).map(LayerKind::Block));
     v.push(LayerKind::Head);
     v
-}
-
-/// The config a checkpoint was saved with (parsed, not validated: its data file may be
-/// gone).
-pub fn checkpoint_config(ckpt: &Checkpoint) -> Result<Config> {
-    let path = ckpt.dir().join(checkpoint::MANIFEST);
-    let mut cfg: Config = serde_yaml::from_str(&ckpt.manifest().config).map_err(|e| {
-        checkpoint::checkpoint_error(
-            &path,
-            "",
-            format!("its config does not parse: {e}"),
-            "the manifest is damaged or from another version of Strata",
-        )
-    })?;
-    cfg.source = path;
-    Ok(cfg)
-}
-
-/// The model of a resolved config (numeric `model.vocab`), without reading its data.
-pub fn resolved_spec(cfg: &Config) -> Result<ModelSpec> {
-    let m = &cfg.model;
-    let Vocab::Fixed(vocab) = m.vocab else {
-        return Err(Error::Internal(format!(
-            "{}: model.vocab is not resolved to a number",
-            cfg.source.display()
-        )));
-    };
-    let shape = ModelShape {
-        arch: m.arch,
-        vocab,
-        seq_len: *m.seq_len,
-        d_model: *m.d_model,
-        n_heads: *m.n_heads,
-        n_kv_heads: m.n_kv_heads.map_or(*m.n_heads, |c| *c),
-        n_layers: *m.n_layers,
-        d_ff: *m.d_ff,
-    };
-    Ok(ModelSpec {
-        tie_embeddings: m.tie_embeddings,
-        activation: m.activation.unwrap_or_default(),
-        norm_eps: m.norm_eps,
-        rope_theta: m.rope_theta,
-        ..ModelSpec::new(shape)
-    })
 }
