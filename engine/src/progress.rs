@@ -48,6 +48,8 @@ pub struct StepProgress {
     pub step_s: f64,
     /// The largest bubble over ranks this step, 0..1.
     pub max_bubble: f64,
+    /// Model FLOP/s each rank did this step (forward + backward of its chunks).
+    pub flops_per_s_per_rank: f64,
     /// Model FLOPs utilisation, 0..1, when the device's peak is known.
     pub mfu: Option<f64>,
 }
@@ -62,21 +64,16 @@ impl StepProgress {
             .mfu
             .map_or(String::new(), |m| format!(" | MFU {:.1}%", 100.0 * m));
         format!(
-            "step {:>5} | loss {:.4}{val} | lr {:.2e} | {:>8.0} tok/s | {:.3} s{mfu} | max bubble {:.1}%",
+            "step {:>5} | loss {:.4}{val} | lr {:.2e} | {:>8.0} tok/s | {:.3} s | {:.1} GFLOP/s/rank{mfu} | max bubble {:.1}%",
             self.step,
             self.loss,
             self.lr,
             self.tokens_per_s,
             self.step_s,
+            self.flops_per_s_per_rank / 1e9,
             100.0 * self.max_bubble
         )
     }
-}
-
-/// Model FLOPs utilisation: `flops_per_step` (forward + backward of the whole model over
-/// the global batch) done in `step_s`, against `peak_flops` summed over all ranks.
-pub fn mfu(flops_per_step: f64, step_s: f64, peak_flops: f64) -> Option<f64> {
-    (step_s > 0.0 && peak_flops > 0.0).then(|| flops_per_step / step_s / peak_flops)
 }
 
 /// Rank 0's progress display.
@@ -262,14 +259,10 @@ mod tests {
         assert!(!l.contains("val") && !l.contains("MFU"), "{l}");
         p.val_loss = Some(2.25);
         p.mfu = Some(0.031);
+        p.flops_per_s_per_rank = 4.2e9;
         let l = p.line();
+        assert!(l.contains("| 4.2 GFLOP/s/rank"), "{l}");
         assert!(l.contains("| val 2.2500") && l.contains("MFU 3.1%"), "{l}");
         assert!(l.ends_with("max bubble 25.0%"), "{l}");
-    }
-
-    #[test]
-    fn mfu_is_flops_over_peak() {
-        assert_eq!(mfu(2e12, 2.0, 1e13), Some(0.1));
-        assert_eq!(mfu(1.0, 0.0, 1.0), None);
     }
 }

@@ -496,6 +496,15 @@ const CASES: &[Case] = &[
         ..BASE
     },
     Case {
+        name: "checkpoint dir not writable",
+        edit: &[(
+            "output: {dir: {dir}/run}",
+            "output: {dir: {dir}/run}\ncheckpoint: {dir: /proc/strata-no-such/ck}",
+        )],
+        needles: &["checkpoint.dir", "not writable"],
+        ..BASE
+    },
+    Case {
         name: "unknown checkpoint key",
         edit: &[(
             "output: {dir: {dir}/run}",

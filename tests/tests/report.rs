@@ -1,6 +1,8 @@
 //! A launched run with `--set` overrides: the ranks get the same overrides (the run has the
 //! overridden length and config.yaml records it), rank 0 writes the report at the end
 //! (loss.svg, timeline.svg), and `strata report RUN_DIR` prints the summary again.
+//! Progress: plain lines at `train.log_every` when stderr is a pipe, a live bar when the
+//! launcher's stderr is a terminal (`STRATA_PROGRESS=bar` stands in for one here).
 
 use std::time::Duration;
 use strata_tests::{read_losses, run_strata, scratch, tiny_config, write};
@@ -70,4 +72,60 @@ fn launch_with_overrides_writes_the_report_and_strata_report_prints_it() {
     // The forward and backward colours of `strata simulate`'s picture.
     let lower = timeline.to_lowercase();
     assert!(lower.contains("#4e79a7") && lower.contains("#e15759"));
+}
+
+/// The step numbers of rank 0's plain progress lines.
+fn progress_steps(stderr: &str) -> Vec<usize> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("strata rank 0: step "))
+        .map(|rest| rest.split('|').next().unwrap().trim().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn progress_is_plain_lines_when_piped_and_a_live_bar_on_a_terminal() {
+    let dir = scratch("progress");
+    let text =
+        tiny_config(2, "1f1b", 5, &dir.join("lines")).replace("log_every: 1", "log_every: 2");
+    let cfg = write(&dir, "cfg.yaml", &text);
+    let cfg = cfg.to_str().unwrap();
+    let limit = Duration::from_secs(120);
+    let run = run_strata(&["launch", cfg], &[("STRATA_PROGRESS", "lines")], limit);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    // The first step, every log_every-th, and the last (evaluated) one.
+    assert_eq!(
+        progress_steps(&run.stderr),
+        vec![1, 2, 4, 5],
+        "{}",
+        run.stderr
+    );
+    let first = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("strata rank 0: step     1 | loss "))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    for needle in ["| val ", " tok/s", "| MFU ", "max bubble"] {
+        assert!(first.contains(needle), "`{needle}` missing from {first}");
+    }
+
+    let bar_dir = format!("output.dir={}", dir.join("bar").display());
+    let run = run_strata(
+        &["launch", cfg, "--set", &bar_dir],
+        &[("STRATA_PROGRESS", "bar"), ("COLUMNS", "160")],
+        limit,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(progress_steps(&run.stderr).is_empty(), "{}", run.stderr);
+    // The finished bar: position, loss, last val loss, tokens/s, MFU and ETA, redrawn in
+    // place (ANSI line clears).
+    let bar = run
+        .stderr
+        .split(['\r', '\n'])
+        .rfind(|l| l.contains("5/5"))
+        .unwrap_or_else(|| panic!("no finished bar in {:?}", run.stderr));
+    for needle in ["train [", "| loss ", "| val ", " tok/s", "| MFU ", "| ETA "] {
+        assert!(bar.contains(needle), "`{needle}` missing from {bar:?}");
+    }
+    assert!(run.stderr.contains("\x1b[2K"), "{:?}", run.stderr);
 }

@@ -92,6 +92,10 @@ impl Config {
                 "point checkpoint.dir at a directory (it is created if missing)".into(),
             ));
         }
+        // A run must not train for hours and then fail at its first save.
+        if self.checkpoint.enabled {
+            self.check_writable_dir("checkpoint.dir", &root)?;
+        }
         Ok(())
     }
 

@@ -14,18 +14,24 @@ use std::path::Path;
 
 impl Config {
     /// `output.dir` is a directory (or can be created as one) that this process can write.
-    /// Creates nothing but a probe file, removed at once, in the nearest existing ancestor.
     pub(super) fn check_output_dir(&self) -> Result<()> {
-        let dir = self.output_dir();
-        let mut existing: &Path = &dir;
+        self.check_writable_dir("output.dir", &self.output_dir())
+    }
+
+    /// `dir` (the value of `field`) is a directory, or can be created as one, that this
+    /// process can write. Creates nothing but a probe file, removed at once, in the
+    /// nearest existing ancestor.
+    pub(crate) fn check_writable_dir(&self, field: &str, dir: &Path) -> Result<()> {
+        let mut existing: &Path = dir;
         loop {
             match std::fs::metadata(existing) {
                 Ok(m) if m.is_dir() => break,
                 Ok(_) => return Err(self.field_error(
-                    "output.dir",
+                    field,
                     format!("{} is a file, not a directory", existing.display()),
-                    "point output.dir at a directory (it is created if missing), e.g. runs/<name>"
-                        .into(),
+                    format!(
+                        "point {field} at a directory (it is created if missing), e.g. runs/<name>"
+                    ),
                 )),
                 Err(e)
                     if matches!(
@@ -37,9 +43,9 @@ impl Config {
                 }
                 Err(e) => {
                     return Err(self.field_error(
-                        "output.dir",
+                        field,
                         format!("cannot inspect {}: {e}", existing.display()),
-                        "choose an output.dir you can write, e.g. runs/<name>".into(),
+                        format!("choose a {field} you can write, e.g. runs/<name>"),
                     ))
                 }
             }
@@ -56,14 +62,13 @@ impl Config {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(self.field_error(
-                "output.dir",
+                field,
                 format!(
                     "{} cannot be created: {} is not writable ({e})",
                     dir.display(),
                     existing.display()
                 ),
-                "choose a writable output.dir, e.g. runs/<name> under the directory you launch from"
-                    .into(),
+                format!("choose a writable {field}, e.g. runs/<name> under the directory you launch from"),
             )),
         }
     }

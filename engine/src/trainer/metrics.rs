@@ -9,6 +9,7 @@ use crate::comm::{wire, Communicator, Tag};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::executor::StepStats;
+use crate::progress::StepProgress;
 use partitioner::{Plan, Rank};
 use serde::Serialize;
 use std::io::Write;
@@ -230,21 +231,17 @@ fn lines_up_to(path: &Path, step: usize) -> String {
         .collect()
 }
 
-/// The progress line of a step.
-pub fn progress_line(r: &StepRecord) -> String {
-    let val = r
-        .val_loss
-        .map_or(String::new(), |v| format!(" | val {v:.4}"));
-    let bubble = r.ranks.iter().map(|r| r.bubble).fold(0.0, f64::max);
-    format!(
-        "step {:>5} | loss {:.4}{val} | lr {:.2e} | {:>8.0} tok/s | {:.3} s | {:.1} GFLOP/s/rank | MFU {:.1}% | max bubble {:.1}%",
-        r.step,
-        r.loss,
-        r.lr,
-        r.tokens_per_s,
-        r.step_s,
-        r.flops_per_s_per_rank / 1e9,
-        r.mfu * 100.0,
-        bubble * 100.0
-    )
+/// The progress display's view of a step's record.
+pub fn progress(r: &StepRecord) -> StepProgress {
+    StepProgress {
+        step: r.step,
+        loss: r.loss,
+        val_loss: r.val_loss,
+        lr: r.lr,
+        tokens_per_s: r.tokens_per_s,
+        step_s: r.step_s,
+        max_bubble: r.ranks.iter().map(|m| m.bubble).fold(0.0, f64::max),
+        flops_per_s_per_rank: r.flops_per_s_per_rank,
+        mfu: Some(r.mfu),
+    }
 }

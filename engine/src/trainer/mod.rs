@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::data::Split;
 use crate::error::{Error, Result};
 use crate::executor::{run_actions, StepStats};
+use crate::progress::{Progress, ProgressMode};
 use crate::trace::Trace;
 use metrics::{Measured, MetricsFile, StepInfo, StepRecord};
 use partitioner::mesh::MeshCoord;
@@ -134,6 +135,12 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         println!("{}", flops.describe());
         resumed.iter().for_each(|line| println!("{line}"));
     }
+    let steps = *cfg.train.steps;
+    let mode = match is_root && opts.verbose {
+        true => ProgressMode::from_env(),
+        false => ProgressMode::Quiet,
+    };
+    let mut progress = Progress::new(mode, start + 1, steps, *cfg.train.log_every);
     let mut summary = RunSummary {
         coord: Some(comms.coord),
         flops: is_root.then(|| flops.clone()),
@@ -142,7 +149,6 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         ..RunSummary::default()
     };
     let mut trace = Trace::default();
-    let steps = *cfg.train.steps;
     for step in start + 1..=steps {
         if let Some(f) = comms.flight() {
             f.set_step(step);
@@ -217,17 +223,15 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         if let Some(file) = metrics_file.as_mut() {
             file.write(&record)?;
         }
-        let log = step == 1 || step == steps || step % *cfg.train.log_every == 0 || evaluated;
-        if opts.verbose && log {
-            println!("{}", metrics::progress_line(&record));
-        }
+        progress.step(&metrics::progress(&record));
         if let Some(line) = saved.filter(|_| opts.verbose) {
-            println!("{line}");
+            progress.println(&line);
         }
         if stop {
             break;
         }
     }
+    progress.finish();
     for comm in [
         &mut comms.world,
         &mut comms.pp,
