@@ -71,6 +71,8 @@ enum Command {
         /// Timed repetitions per measurement.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        #[command(flatten)]
+        sets: Sets,
     },
     /// Run a config on this machine: spawns `mpiexec -n <pp·tp·dp> strata worker`.
     /// SIGTERM or SIGINT (Ctrl-C) is forwarded to the job; a second one stops it at once.
@@ -165,9 +167,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan_cmd::plan(&args),
         Command::Profile(args) => profile_cmd::profile(&args),
-        Command::ProfileWorker { config, out, runs } => {
-            return profile_cmd::worker(&config, &out, runs)
-        }
+        Command::ProfileWorker {
+            config,
+            out,
+            runs,
+            sets,
+        } => return profile_cmd::worker(&config, &out, runs, &sets),
         Command::Launch {
             config,
             mpiexec,

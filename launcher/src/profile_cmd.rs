@@ -41,6 +41,8 @@ pub struct ProfileArgs {
     /// mpiexec to use (default: `mpiexec` on PATH).
     #[arg(long, env = "STRATA_MPIEXEC")]
     pub mpiexec: Option<PathBuf>,
+    #[command(flatten)]
+    pub sets: crate::Sets,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
@@ -63,7 +65,8 @@ fn micro_batch_sizes(cfg: &Config) -> Vec<usize> {
 /// Runs `strata profile`.
 pub fn profile(args: &ProfileArgs) -> Result<(), LaunchError> {
     let path = args.config.as_path();
-    let cfg = Config::load_for_profile(path, &[])?;
+    let overrides = args.sets.parse()?;
+    let cfg = Config::load_for_profile(path, &overrides)?;
     let shape = cfg.shape()?;
     let world = args.world.unwrap_or(cfg.world_size());
     if world == 0 {
@@ -125,6 +128,7 @@ fn run_workers(
         .arg(std::path::absolute(&part).unwrap_or_else(|_| part.clone()))
         .arg("--runs")
         .arg(args.runs.max(1).to_string())
+        .args(args.sets.set.iter().flat_map(|s| ["--set", s.as_str()]))
         .status()
         .map_err(|source| LaunchError::Spawn {
             program: program.display().to_string(),
@@ -145,36 +149,39 @@ fn run_workers(
 }
 
 /// One rank of the measuring job; rank 0 writes the calibration to `out`.
-pub fn worker(config: &Path, out: &Path, runs: usize) -> ExitCode {
+pub fn worker(config: &Path, out: &Path, runs: usize, sets: &crate::Sets) -> ExitCode {
     let Some(universe) = mpi::initialize() else {
         eprintln!("strata profile-worker: error: MPI was already initialised");
         return ExitCode::from(1);
     };
     let world = universe.world();
     let rank = world.rank();
-    let result = Config::load_for_profile(config, &[]).and_then(|cfg| {
-        let shape = cfg.shape()?;
-        let sizes = micro_batch_sizes(&cfg);
-        // Curves reach past the largest activation message (4x), within [64 KiB, 16 MiB].
-        let largest = 4 * sizes.iter().max().unwrap_or(&1) * shape.seq_len * shape.d_model;
-        let opts = CalibrateOptions {
-            runs: runs.max(1),
-            threads: *cfg.train.threads,
-            micro_batch_sizes: sizes,
-            footprint_micro_batch_size: *cfg.parallel.micro_batch_size,
-            max_message_bytes: (4 * largest).next_power_of_two().clamp(1 << 16, 16 << 20),
-            max_grad_bytes: 4 * partitioner::LayerGraph::new(&shape, 1, 4)
-                .map(|g| g.total_params() as usize)
-                .unwrap_or(0),
-        };
-        // Every blocking wait of the measuring job has the config's deadlines.
-        let me = partitioner::Rank(rank as usize);
-        let flight = FlightRecorder::new(me, None, DEFAULT_CAPACITY);
-        let watch = Watch::new(flight, None, cfg.watchdog(), None);
-        let mut comm = MpiComm::new(world.duplicate(), Group::World, watch.clone())?;
-        let mut groups = |mesh| ParallelComms::from_mpi(world.duplicate(), mesh, &watch);
-        calibrate(&shape, &mut comm, &mut groups, &opts)
-    });
+    let result = sets
+        .parse()
+        .and_then(|o| Config::load_for_profile(config, &o))
+        .and_then(|cfg| {
+            let shape = cfg.shape()?;
+            let sizes = micro_batch_sizes(&cfg);
+            // Curves reach past the largest activation message (4x), within [64 KiB, 16 MiB].
+            let largest = 4 * sizes.iter().max().unwrap_or(&1) * shape.seq_len * shape.d_model;
+            let opts = CalibrateOptions {
+                runs: runs.max(1),
+                threads: *cfg.train.threads,
+                micro_batch_sizes: sizes,
+                footprint_micro_batch_size: *cfg.parallel.micro_batch_size,
+                max_message_bytes: (4 * largest).next_power_of_two().clamp(1 << 16, 16 << 20),
+                max_grad_bytes: 4 * partitioner::LayerGraph::new(&shape, 1, 4)
+                    .map(|g| g.total_params() as usize)
+                    .unwrap_or(0),
+            };
+            // Every blocking wait of the measuring job has the config's deadlines.
+            let me = partitioner::Rank(rank as usize);
+            let flight = FlightRecorder::new(me, None, DEFAULT_CAPACITY);
+            let watch = Watch::new(flight, None, cfg.watchdog(), None);
+            let mut comm = MpiComm::new(world.duplicate(), Group::World, watch.clone())?;
+            let mut groups = |mesh| ParallelComms::from_mpi(world.duplicate(), mesh, &watch);
+            calibrate(&shape, &mut comm, &mut groups, &opts)
+        });
     match result {
         Ok(cal) if rank == 0 => {
             let text = serde_json::to_string_pretty(&cal).expect("calibration serialises");

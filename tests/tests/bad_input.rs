@@ -332,7 +332,7 @@ const CASES: &[Case] = &[
             "--set",
             "output.dir={dir}/run",
         ],
-        needles: &["llama-48.yaml", "MemTotal", "too much"],
+        needles: &["llama-48.yaml", "8.77B parameters", "MemTotal", "too much"],
         ..BASE
     },
     // --- flags ---
@@ -364,6 +364,12 @@ const CASES: &[Case] = &[
         name: "--set below a value",
         args: &["launch", "{cfg}", "--set", "train.steps.x=1"],
         needles: &["--set train.steps.x=1", "`train.steps` is a value"],
+        ..BASE
+    },
+    Case {
+        name: "profile --set bad model key",
+        args: &["profile", "{cfg}", "--set", "model.d_model=0"],
+        needles: &["model.d_model", "from --set model.d_model=0"],
         ..BASE
     },
     Case {

@@ -500,8 +500,8 @@ fn die_mid_save(w: &mut HashingWriter, path: &Path, kind: SaveFault, step: usize
     w.out.flush().map_err(io_err(path))?;
     match kind {
         SaveFault::Abort => {
-            eprintln!(
-                "strata: injected crash in the checkpoint save of step {step} (STRATA_FAIL_AT), writing {}",
+            tracing::error!(
+                "injected crash in the checkpoint save of step {step} (STRATA_FAIL_AT), writing {}",
                 path.display()
             );
             std::process::abort()

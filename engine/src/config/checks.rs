@@ -26,13 +26,15 @@ impl Config {
         loop {
             match std::fs::metadata(existing) {
                 Ok(m) if m.is_dir() => break,
-                Ok(_) => return Err(self.field_error(
-                    field,
-                    format!("{} is a file, not a directory", existing.display()),
-                    format!(
+                Ok(_) => {
+                    return Err(self.field_error(
+                        field,
+                        format!("{} is a file, not a directory", existing.display()),
+                        format!(
                         "point {field} at a directory (it is created if missing), e.g. runs/<name>"
                     ),
-                )),
+                    ))
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -179,8 +181,10 @@ impl Config {
         } else {
             (
                 format!(
-                    "model size (model.d_model = {}, model.n_layers = {})",
-                    *self.model.d_model, *self.model.n_layers
+                    "model size ({:.2}B parameters: model.d_model = {}, model.n_layers = {})",
+                    plan.total_params as f64 / 1e9,
+                    *self.model.d_model,
+                    *self.model.n_layers
                 ),
                 "use a smaller model, or spread the job over more machines (mpirun or srun with `strata worker`)".to_string(),
             )
