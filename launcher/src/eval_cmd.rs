@@ -6,7 +6,7 @@
 //! any rank starts), written to a temporary JSON file, and run by
 //! `mpiexec -n <pp·tp·dp> strata eval-worker --job FILE`; rank 0 prints the result.
 
-use crate::launch::{find_program, LaunchError};
+use crate::launch::{mpiexec_command, run_job, LaunchError};
 use clap::Args;
 use engine::comm::groups::ParallelComms;
 use engine::eval::{evaluate, EvalJob, EvalOptions, EvalResult, LayoutArg};
@@ -15,7 +15,7 @@ use engine::watchdog::Watch;
 use mpi::topology::Communicator as _;
 use partitioner::Rank;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 /// `strata eval`'s arguments.
 #[derive(Args)]
@@ -57,40 +57,20 @@ pub fn eval(args: &EvalArgs) -> Result<(), LaunchError> {
     let layout = parse_layout(args.layout.as_deref())?;
     let job = EvalJob::prepare(&args.source, layout, args.data.as_deref())?;
     let world = job.config()?.world_size();
-    let requested = args.mpiexec.as_deref().unwrap_or(Path::new("mpiexec"));
-    let program = find_program(requested)
-        .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;
-    let me = std::env::current_exe().map_err(|source| LaunchError::Spawn {
-        program: "strata (current executable)".into(),
-        source,
-    })?;
     let job_path = std::env::temp_dir().join(format!("strata-eval-{}.json", std::process::id()));
     let text = serde_json::to_string(&job).map_err(|e| engine::Error::Internal(e.to_string()))?;
     std::fs::write(&job_path, text).map_err(|source| engine::Error::Io {
         path: job_path.clone(),
         source,
     })?;
-    let mut cmd = Command::new(&program);
-    cmd.arg("-n")
-        .arg(world.to_string())
-        .arg(&me)
-        .arg("eval-worker")
-        .arg("--job")
-        .arg(&job_path);
+    let (mut cmd, program) = mpiexec_command(args.mpiexec.as_deref(), world, "eval-worker")?;
+    cmd.arg("--job").arg(&job_path);
     if args.json {
         cmd.arg("--json");
     }
-    let status = cmd.status().map_err(|source| LaunchError::Spawn {
-        program: program.display().to_string(),
-        source,
-    });
+    let status = run_job(cmd, &program, "");
     let _ = std::fs::remove_file(&job_path);
-    match status? {
-        s if s.success() => Ok(()),
-        s => Err(LaunchError::JobFailed {
-            status: s.to_string(),
-        }),
-    }
+    status
 }
 
 /// One rank of `strata eval`. Any error aborts the whole job, naming this rank.

@@ -4,7 +4,7 @@
 //! generate-worker --job FILE`. World rank 0 prints each prompt with its continuation,
 //! then one line of measurements (or one JSON object with `--json`).
 
-use crate::launch::{find_program, LaunchError};
+use crate::launch::{mpiexec_command, run_job, LaunchError};
 use clap::Args;
 use engine::comm::groups::ParallelComms;
 use engine::flight::{FlightRecorder, DEFAULT_CAPACITY};
@@ -14,7 +14,7 @@ use mpi::topology::Communicator as _;
 use partitioner::mesh::Mesh;
 use partitioner::Rank;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 /// Flags of `strata generate`.
 #[derive(Args, Debug)]
@@ -154,13 +154,6 @@ pub fn generate(args: &GenerateArgs) -> Result<(), LaunchError> {
 
 /// Writes the job next to a temporary directory and runs the workers under mpiexec.
 fn spawn(job: &GenerateJob, args: &GenerateArgs) -> Result<(), LaunchError> {
-    let requested = args.mpiexec.as_deref().unwrap_or(Path::new("mpiexec"));
-    let program = find_program(requested)
-        .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;
-    let me = std::env::current_exe().map_err(|source| LaunchError::Spawn {
-        program: "strata (current executable)".into(),
-        source,
-    })?;
     let dir = std::env::temp_dir().join(format!("strata-generate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|source| engine::Error::Io {
         path: dir.clone(),
@@ -173,27 +166,12 @@ fn spawn(job: &GenerateJob, args: &GenerateArgs) -> Result<(), LaunchError> {
         path: path.clone(),
         source,
     })?;
-    let world = job.world_size();
-    let status = Command::new(&program)
-        .arg("-n")
-        .arg(world.to_string())
-        .arg(&me)
-        .arg("generate-worker")
-        .arg("--job")
-        .arg(&path)
-        .status()
-        .map_err(|source| LaunchError::Spawn {
-            program: program.display().to_string(),
-            source,
-        });
+    let (mut cmd, program) =
+        mpiexec_command(args.mpiexec.as_deref(), job.world_size(), "generate-worker")?;
+    cmd.arg("--job").arg(&path);
+    let status = run_job(cmd, &program, "a generation rank failed");
     let _ = std::fs::remove_dir_all(&dir);
-    if status?.success() {
-        Ok(())
-    } else {
-        Err(LaunchError::JobFailed {
-            status: "a generation rank failed".into(),
-        })
-    }
+    status
 }
 
 /// One MPI rank of `strata generate`.

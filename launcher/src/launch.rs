@@ -58,6 +58,44 @@ pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `mpiexec -n <world> <this strata> <subcommand>`, ready for the subcommand's own
+/// arguments: how every multi-rank verb starts its ranks. `requested` is the `--mpiexec`
+/// flag (default `mpiexec` on PATH). Returns the command and the mpiexec it runs.
+pub(crate) fn mpiexec_command(
+    requested: Option<&Path>,
+    world: usize,
+    subcommand: &str,
+) -> Result<(Command, PathBuf), LaunchError> {
+    let requested = requested.unwrap_or(Path::new("mpiexec"));
+    let program = find_program(requested)
+        .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;
+    let me = std::env::current_exe().map_err(|source| LaunchError::Spawn {
+        program: "strata (current executable)".into(),
+        source,
+    })?;
+    let mut cmd = Command::new(&program);
+    cmd.arg("-n").arg(world.to_string()).arg(me).arg(subcommand);
+    Ok((cmd, program))
+}
+
+/// Runs a command from [`mpiexec_command`] to its end; a job that fails is
+/// [`LaunchError::JobFailed`] with `what` (or its exit status when `what` is empty).
+pub(crate) fn run_job(mut cmd: Command, program: &Path, what: &str) -> Result<(), LaunchError> {
+    let status = cmd.status().map_err(|source| LaunchError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
+    match status.success() {
+        true => Ok(()),
+        false if what.is_empty() => Err(LaunchError::JobFailed {
+            status: status.to_string(),
+        }),
+        false => Err(LaunchError::JobFailed {
+            status: what.to_string(),
+        }),
+    }
+}
+
 /// What `strata launch` was asked for.
 pub struct LaunchArgs<'a> {
     pub config: &'a Path,
@@ -108,22 +146,10 @@ pub fn launch(args: &LaunchArgs) -> Result<(), LaunchError> {
             r.files
         );
     }
-    let requested = args.mpiexec.unwrap_or(Path::new("mpiexec"));
-    let program = find_program(requested)
-        .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;
-    let me = std::env::current_exe().map_err(|source| LaunchError::Spawn {
-        program: "strata (current executable)".into(),
-        source,
-    })?;
     let config_abs = std::path::absolute(args.config).unwrap_or_else(|_| args.config.to_path_buf());
     let world = cfg.world_size();
-    let mut cmd = Command::new(&program);
-    cmd.arg("-n")
-        .arg(world.to_string())
-        .arg(&me)
-        .arg("worker")
-        .arg("--config")
-        .arg(&config_abs);
+    let (mut cmd, program) = mpiexec_command(args.mpiexec, world, "worker")?;
+    cmd.arg("--config").arg(&config_abs);
     for o in args.overrides {
         cmd.arg("--set").arg(o.as_arg());
     }

@@ -10,7 +10,7 @@
 //! Invariant: the profile-worker job writes its result to a file that `profile` reads
 //! back; a failed job is an error (exit 1), never a profile without its calibration.
 
-use crate::launch::{find_program, LaunchError};
+use crate::launch::{mpiexec_command, run_job, LaunchError};
 use engine::comm::groups::ParallelComms;
 use engine::comm::mpi::MpiComm;
 use engine::flight::{FlightRecorder, Group, DEFAULT_CAPACITY};
@@ -22,7 +22,7 @@ use partitioner::plan::{bytes, human, seconds};
 use partitioner::profile::{Calibration, Profile};
 use partitioner::ModelShape;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 /// What `strata profile` was asked for.
 #[derive(clap::Args)]
@@ -109,36 +109,16 @@ fn run_workers(
     world: usize,
     args: &ProfileArgs,
 ) -> Result<Calibration, LaunchError> {
-    let requested = args.mpiexec.as_deref().unwrap_or(Path::new("mpiexec"));
-    let program = find_program(requested)
-        .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;
-    let me = std::env::current_exe().map_err(|source| LaunchError::Spawn {
-        program: "strata (current executable)".into(),
-        source,
-    })?;
     let part = out.with_extension("calibration.json");
-    let status = Command::new(&program)
-        .arg("-n")
-        .arg(world.to_string())
-        .arg(&me)
-        .arg("profile-worker")
-        .arg("--config")
+    let (mut cmd, program) = mpiexec_command(args.mpiexec.as_deref(), world, "profile-worker")?;
+    cmd.arg("--config")
         .arg(std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf()))
         .arg("--out")
         .arg(std::path::absolute(&part).unwrap_or_else(|_| part.clone()))
         .arg("--runs")
         .arg(args.runs.max(1).to_string())
-        .args(args.sets.set.iter().flat_map(|s| ["--set", s.as_str()]))
-        .status()
-        .map_err(|source| LaunchError::Spawn {
-            program: program.display().to_string(),
-            source,
-        })?;
-    if !status.success() {
-        return Err(LaunchError::JobFailed {
-            status: status.to_string(),
-        });
-    }
+        .args(args.sets.set.iter().flat_map(|s| ["--set", s.as_str()]));
+    run_job(cmd, &program, "")?;
     let text = std::fs::read_to_string(&part).map_err(io_err(&part))?;
     let _ = std::fs::remove_file(&part);
     serde_json::from_str(&text).map_err(|e| {
