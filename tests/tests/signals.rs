@@ -208,16 +208,17 @@ fn fake_mpiexec(dir: &Path, marker: &str, mode: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
-#[test]
-fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
-    let dir = scratch("sig-stubborn");
+/// A tiny config launched through a fake mpiexec of `mode` (grace 1 s): the marker its
+/// "ranks" carry, and the `strata` arguments.
+fn fake_job(name: &str, mode: &str) -> (String, Vec<String>) {
+    let dir = scratch(name);
     let cfg = write(
         &dir,
         "cfg.yaml",
         &tiny_config(2, "1f1b", 2, &dir.join("run")),
     );
     let marker = format!("rank-marker-{}", dir.display());
-    let fake = fake_mpiexec(&dir, &marker, "stubborn");
+    let fake = fake_mpiexec(&dir, &marker, mode);
     let args = [
         "launch",
         cfg.to_str().unwrap(),
@@ -226,6 +227,13 @@ fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
         "--grace-s",
         "1",
     ];
+    (marker, args.map(String::from).to_vec())
+}
+
+#[test]
+fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
+    let (marker, args) = fake_job("sig-stubborn", "stubborn");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let child = launch(&args, &[]);
     assert!(wait_until(Duration::from_secs(30), || !processes_with(
         &marker
@@ -253,22 +261,8 @@ fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
 
 #[test]
 fn ranks_orphaned_by_mpiexec_are_reaped_before_the_launcher_exits() {
-    let dir = scratch("sig-orphan");
-    let cfg = write(
-        &dir,
-        "cfg.yaml",
-        &tiny_config(2, "1f1b", 2, &dir.join("run")),
-    );
-    let marker = format!("rank-marker-{}", dir.display());
-    let fake = fake_mpiexec(&dir, &marker, "orphaning");
-    let args = [
-        "launch",
-        cfg.to_str().unwrap(),
-        "--mpiexec",
-        &fake,
-        "--grace-s",
-        "1",
-    ];
+    let (marker, args) = fake_job("sig-orphan", "orphaning");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, stderr) = finish(launch(&args, &[]), Duration::from_secs(30));
     assert_eq!(code, Some(0), "mpiexec itself succeeded: {stderr}");
     assert!(stderr.contains("outlived mpiexec"), "{stderr}");
