@@ -708,6 +708,20 @@ impl Config {
                 "set parallel.tp to 2 or more, or remove parallel.sequence_parallel".into(),
             ));
         }
+        let seq_len = *self.model.seq_len;
+        if p.sequence_parallel && !seq_len.is_multiple_of(*p.tp) {
+            return Err(self.field_error(
+                "model.seq_len",
+                format!(
+                    "{seq_len} is not divisible by parallel.tp = {} with \
+                     parallel.sequence_parallel: each sequence is split into tp equal blocks",
+                    *p.tp
+                ),
+                "set model.seq_len to a multiple of parallel.tp, or remove \
+                 parallel.sequence_parallel"
+                    .into(),
+            ));
+        }
         Ok(ActivationPolicy {
             recompute: p.recompute,
             sequence_parallel: p.sequence_parallel,
@@ -776,15 +790,7 @@ impl Config {
                     .into(),
             ));
         }
-        if p.sequence_parallel && *p.tp > 1 {
-            return Err(self.field_error(
-                "parallel.sequence_parallel",
-                "sequence parallelism is not implemented by the engine yet".into(),
-                "remove parallel.sequence_parallel to train; `strata plan` models its memory"
-                    .into(),
-            ));
-        }
-        Ok(())
+        self.activation_policy().map(drop)
     }
 
     /// Reads and checks a config for planning only (`strata plan`, `strata profile`):

@@ -33,6 +33,8 @@ pub enum CommOp {
     AllReduce,
     Barrier,
     Flush,
+    AllGather,
+    ReduceScatter,
 }
 
 impl CommOp {
@@ -43,6 +45,8 @@ impl CommOp {
             CommOp::AllReduce => "all_reduce",
             CommOp::Barrier => "barrier",
             CommOp::Flush => "flush",
+            CommOp::AllGather => "all_gather",
+            CommOp::ReduceScatter => "reduce_scatter",
         }
     }
 
@@ -57,6 +61,8 @@ impl CommOp {
             CommOp::AllReduce,
             CommOp::Barrier,
             CommOp::Flush,
+            CommOp::AllGather,
+            CommOp::ReduceScatter,
         ]
         .get(c as usize)
         .copied()

@@ -179,7 +179,7 @@ fn recompute_and_sequence_parallel_keys() {
     );
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("rank 0 peak memory"), "{}", run.stdout);
-    // The engine runs `full` recomputation; `selective` and sequence parallelism are
+    // The engine runs `full` recomputation and sequence parallelism; `selective` is
     // refused by launch, before any rank starts, naming the key and what to use instead.
     let run = launch_text(
         "recompute-selective",
@@ -190,14 +190,10 @@ fn recompute_and_sequence_parallel_keys() {
         &run,
         &["parallel.recompute = selective", "parallel.recompute: full"],
     );
-    let run = launch_text("sp-tp2", &ok.replace("recompute: full, ", ""), &[]);
-    assert_clean_error(
-        &run,
-        &[
-            "parallel.sequence_parallel",
-            "not implemented by the engine",
-        ],
-    );
+    // Sequence parallelism splits each sequence into tp blocks: an odd one is refused.
+    let odd = ok.replace("seq_len: 16", "seq_len: 15");
+    let run = launch_text("sp-odd", &odd, &[]);
+    assert_clean_error(&run, &["model.seq_len", "parallel.sequence_parallel"]);
 }
 
 /// `strata plan CONFIG | head`, with a reader that is gone before the first line: the

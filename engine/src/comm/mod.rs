@@ -222,8 +222,95 @@ pub trait Communicator: Send {
         self.all_reduce_f32(recv, op)
     }
 
+    /// Gathers every rank's `send` (the same length `n` on every rank) into `recv`
+    /// (`size · n` values, rank `r`'s block at `r · n`), identical on every rank. MPI runs
+    /// `MPI_Iallgather` from `send`'s memory straight into `recv`'s; the default (in
+    /// process) sends the block to every peer and places theirs (`Tag::BROADCAST`: every
+    /// rank runs the same collectives in the same order, so messages match by arrival).
+    fn all_gather_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let (n, p, me) = (send.len(), self.size(), self.rank().0);
+        check_blocks("all-gather", n, recv.len(), p)?;
+        recv[me * n..(me + 1) * n].copy_from_slice(send);
+        if p == 1 {
+            return Ok(());
+        }
+        let bytes: Vec<u8> = send.iter().flat_map(|x| x.to_le_bytes()).collect();
+        for r in (0..p).filter(|&r| r != me) {
+            self.send(Rank(r), Tag::plain(Tag::BROADCAST), bytes.clone())?;
+        }
+        for r in (0..p).filter(|&r| r != me) {
+            let theirs = self.recv(Rank(r), Tag::plain(Tag::BROADCAST))?;
+            decode_f32s(&theirs, Rank(r), &mut recv[r * n..(r + 1) * n])?;
+        }
+        Ok(())
+    }
+
+    /// Sums `send` (`size · n` values) over all ranks and leaves block `r` of the sum
+    /// (`n` values, at `r · n`) in rank `r`'s `recv`. The sum runs in rank order, as the
+    /// default all-reduce's does. MPI runs `MPI_Ireduce_scatter_block` from `send`'s memory
+    /// into `recv`'s; the default (in process) sends each peer its block
+    /// (`Tag::REDUCE`, matched by arrival as in `all_gather_into`).
+    fn reduce_scatter_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let (n, p, me) = (recv.len(), self.size(), self.rank().0);
+        check_blocks("reduce-scatter", n, send.len(), p)?;
+        if p == 1 {
+            recv.copy_from_slice(send);
+            return Ok(());
+        }
+        for r in (0..p).filter(|&r| r != me) {
+            let bytes: Vec<u8> = send[r * n..(r + 1) * n]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            self.send(Rank(r), Tag::plain(Tag::REDUCE), bytes)?;
+        }
+        let mut theirs = vec![0f32; n];
+        for r in 0..p {
+            let block: &[f32] = if r == me {
+                &send[me * n..(me + 1) * n]
+            } else {
+                let bytes = self.recv(Rank(r), Tag::plain(Tag::REDUCE))?;
+                decode_f32s(&bytes, Rank(r), &mut theirs)?;
+                &theirs
+            };
+            if r == 0 {
+                recv.copy_from_slice(block);
+            } else {
+                for (a, b) in recv.iter_mut().zip(block) {
+                    *a += *b;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Blocks until every rank has reached the barrier.
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_sum(&mut [0.0])
     }
+}
+
+/// Checks that a gathered or scattered buffer of `whole` values is `size` blocks of `n`.
+fn check_blocks(what: &str, n: usize, whole: usize, size: usize) -> Result<()> {
+    if n * size == whole {
+        return Ok(());
+    }
+    Err(crate::error::Error::Internal(format!(
+        "{what} of {size} blocks of {n} values over a buffer of {whole}"
+    )))
+}
+
+/// Decodes little-endian f32s from `from` into `out`, checking the length.
+fn decode_f32s(bytes: &[u8], from: Rank, out: &mut [f32]) -> Result<()> {
+    if bytes.len() != 4 * out.len() {
+        return Err(crate::error::Error::Wire {
+            from,
+            expected: format!("{} f32 values", out.len()),
+            got: format!("{} bytes", bytes.len()),
+        });
+    }
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! MPI communicator over the `mpi` crate (MPICH or Open MPI).
 //!
 //! Collectives are MPI's own (`MPI_Iallreduce`, in place on the caller's memory with
-//! `MPI_IN_PLACE`, or from one buffer straight into another), never a star through rank 0.
+//! `MPI_IN_PLACE`, or from one buffer straight into another; `MPI_Iallgather` and
+//! `MPI_Ireduce_scatter_block` from the caller's buffer into the caller's buffer), never a
+//! star through rank 0.
 //! Waits loop over `MPI_Test` under a [`WaitPolicy`] (see [`super::wait`]).
 //!
 //! Tensor messages (the executor's activations and gradients) are zero-copy: a header
@@ -408,6 +410,14 @@ impl Communicator for MpiComm {
         unsafe { self.iallreduce(Some(send.as_ptr().cast()), to, n, 4, dtype, op) }
     }
 
+    fn all_gather_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.gather_or_scatter(CommOp::AllGather, send, recv)
+    }
+
+    fn reduce_scatter_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.gather_or_scatter(CommOp::ReduceScatter, send, recv)
+    }
+
     fn all_reduce_sum(&mut self, values: &mut [f64]) -> Result<()> {
         let dtype = f64::equivalent_datatype().as_raw();
         let (n, recv) = (values.len(), values.as_mut_ptr().cast());
@@ -504,26 +514,110 @@ impl MpiComm {
         if rc != 0 {
             return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
         }
-        let mut req = req.assume_init();
+        self.wait_collective(req.assume_init(), CommOp::AllReduce, bytes, event)
+    }
+
+    /// Waits for the non-blocking collective `req` (`op` on `bytes`, flight event
+    /// `event`) under the deadline, progressing pending sends meanwhile.
+    fn wait_collective(
+        &mut self,
+        mut req: ffi::MPI_Request,
+        op: CommOp,
+        bytes: usize,
+        event: u64,
+    ) -> Result<()> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
         let mut waiter = Waiter::new(self.wait);
         loop {
             let mut flag = 0;
             let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
-            let rc = ffi::MPI_Test(&mut req, &mut flag, status.as_mut_ptr());
+            // SAFETY: `req` is a live request of this communicator's collective.
+            let rc = unsafe { ffi::MPI_Test(&mut req, &mut flag, status.as_mut_ptr()) };
             if rc != 0 {
-                return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+                return Err(Error::Comm(format!(
+                    "MPI {} failed with code {rc}",
+                    op.name()
+                )));
             }
             if flag != 0 {
                 self.watch.flight().end(event);
                 return Ok(());
             }
             if deadline.passed() {
-                return Err(self.stalled(CommOp::AllReduce, None, Tag(0), bytes, &deadline));
+                return Err(self.stalled(op, None, Tag(0), bytes, &deadline));
             }
             progress(&mut self.pending, &self.watch)?;
             waiter.pause();
         }
+    }
+
+    /// `MPI_Iallgather` of `send` (`n` f32 per rank) into `recv` (`size · n`), or
+    /// `MPI_Ireduce_scatter_block` (sum) of `send` (`size · n`) into `recv` (`n`), from
+    /// and into the callers' memory, waited for under the deadline.
+    fn gather_or_scatter(&mut self, op: CommOp, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let p = self.size();
+        let n = if op == CommOp::AllGather {
+            send.len()
+        } else {
+            recv.len()
+        };
+        let whole = if op == CommOp::AllGather {
+            recv.len()
+        } else {
+            send.len()
+        };
+        if n * p != whole {
+            return Err(Error::Internal(format!(
+                "{} of {p} blocks of {n} values over a buffer of {whole}",
+                op.name()
+            )));
+        }
+        if p == 1 {
+            recv.copy_from_slice(send);
+            return Ok(());
+        }
+        let count = i32::try_from(n)
+            .map_err(|_| Error::Comm(format!("{} of {n} values exceeds 2^31", op.name())))?;
+        let dtype = f32::equivalent_datatype().as_raw();
+        let bytes = 4 * whole;
+        let event = self.watch.flight().comm(op, self.group, None, 0, bytes);
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        let (from, to) = (send.as_ptr().cast(), recv.as_mut_ptr().cast());
+        // SAFETY: `send` and `recv` are distinct slices of the checked lengths, borrowed
+        // until the collective has been waited for (past the deadline the job is ended).
+        let rc = unsafe {
+            if op == CommOp::AllGather {
+                ffi::MPI_Iallgather(
+                    from,
+                    count,
+                    dtype,
+                    to,
+                    count,
+                    dtype,
+                    self.comm.as_raw(),
+                    req.as_mut_ptr(),
+                )
+            } else {
+                ffi::MPI_Ireduce_scatter_block(
+                    from,
+                    to,
+                    count,
+                    dtype,
+                    ffi::RSMPI_SUM,
+                    self.comm.as_raw(),
+                    req.as_mut_ptr(),
+                )
+            }
+        };
+        if rc != 0 {
+            return Err(Error::Comm(format!(
+                "MPI {} failed with code {rc}",
+                op.name()
+            )));
+        }
+        // SAFETY: the call succeeded, so it initialised the request.
+        let req = unsafe { req.assume_init() };
+        self.wait_collective(req, op, bytes, event)
     }
 
     /// `MPI_Isend` of `len` bytes at `ptr`, which lives in `keep` (kept, unmoved, until

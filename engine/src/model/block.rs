@@ -8,7 +8,11 @@
 //!
 //! On the tape a block is 2 × (norm → copy_to_tp_region → column-parallel work and the
 //! row-parallel partial → reduce_from_tp_region → residual): four tp collectives forward
-//! and four backward (two all-reduces each way), none at tp = 1.
+//! and four backward (two all-reduces each way), none at tp = 1. With sequence
+//! parallelism the norms and residuals run on `[b, s/p, d]` sequence blocks, and the
+//! regions are entered by an all-gather and left by a reduce-scatter instead
+//! ([`Tape::enter_tp_region`], [`Tape::leave_tp_region`]): the same bytes on the wire, the
+//! norm and element-wise activations divided by p.
 
 use super::attention::{causal_attention, Heads, Rotary};
 use super::kv::Cached;
@@ -154,22 +158,22 @@ impl Block {
         cached: Option<Cached<'_>>,
     ) -> Result<V> {
         let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
-        let h1 = tape.copy_to_tp_region(h1);
+        let h1 = tape.enter_tp_region(h1, tp)?;
         let heads = self.heads;
         let attn = tape.seg1(&[h1], |t, rec| {
             let y = causal_attention(&self.qkv.forward(&t[0], rec)?, heads, rotary, cached)?;
             self.proj.partial(&y, rec)
         })?;
-        let attn = tape.reduce_from_tp_region(attn, tp)?;
+        let attn = tape.leave_tp_region(attn, tp)?;
         let out = tape.seg(&[x, attn], |t, _| {
             let x2 = residual(&t[0], &t[1], self.proj.bias_after_reduce())?;
             let h2 = self.norm2.forward(&x2)?;
             Ok(vec![x2, h2])
         })?;
         let (x2, h2) = (out[0], out[1]);
-        let h2 = tape.copy_to_tp_region(h2);
+        let h2 = tape.enter_tp_region(h2, tp)?;
         let mlp = tape.seg1(&[h2], |t, rec| self.mlp.partial(&t[0], rec))?;
-        let mlp = tape.reduce_from_tp_region(mlp, tp)?;
+        let mlp = tape.leave_tp_region(mlp, tp)?;
         tape.seg1(&[x2, mlp], |t, _| {
             residual(&t[0], &t[1], self.mlp.out().bias_after_reduce())
         })

@@ -7,6 +7,8 @@
 //!   exponentials and target logits, so the full logits are never gathered. Its gradient
 //!   is the analytic `(softmax − onehot) / tokens` on the local slice, seeded into the
 //!   tape at the logits.
+//! * Sequence parallelism: the final norm runs on this rank's sequence block, which is
+//!   all-gathered before the LM head (the vocabulary-parallel loss sees every token).
 //! * Tied embeddings: the head multiplies by this rank's rows of the word embedding,
 //!   `logits = h Eᵀ` (`E` stored `[V, d]`, used transposed).
 
@@ -109,7 +111,7 @@ impl Head {
         tp: &mut dyn Communicator,
     ) -> Result<(V, Seed)> {
         let h = tape.seg1(&[x], |t, _| self.norm.forward(&t[0]))?;
-        let h = tape.copy_to_tp_region(h);
+        let h = tape.enter_tp_region(h, tp)?;
         if self.tp_size == 1 {
             let v = self.vocab as i64;
             let loss = tape.seg1(&[h], |t, rec| {

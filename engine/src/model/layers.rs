@@ -11,7 +11,13 @@
 //! * [`Norm`]: LayerNorm (GPT) or RMSNorm (LLaMA), replicated.
 //! * [`VocabParallelEmbedding`]: rank `i` holds vocabulary rows `[i·V'/p, (i+1)·V'/p)` of the
 //!   vocabulary padded to `V'`; ids outside its range look up zeros and the partial
-//!   embeddings are summed by `reduce_from_tp_region`.
+//!   embeddings are summed by `reduce_from_tp_region`; with sequence parallelism the sum
+//!   (plus positions) is then scattered along the sequence (Megatron's embedding).
+//!
+//! With sequence parallelism ([`super::tape`]) the column-parallel input enters through
+//! an all-gather along the sequence and the row-parallel partials leave through a
+//! reduce-scatter; the replicated parameters used on sequence blocks (norms, the bias
+//! added after the reduction) are marked [`super::params::Param::sequence_parallel`].
 //!
 //! Weights are stored `[in, out]` (`Y = XA`), so both splits slice without transposes.
 //! Under a split backward (zero bubble) a linear multiplies by its *detached* weight and
@@ -174,13 +180,17 @@ impl RowParallelLinear {
             split,
         )?;
         let bias = match bias {
-            true => Some(b.param(
-                layer,
-                &format!("{name}.bias"),
-                &[d_out],
-                Init::Zeros,
-                Split::Replicated,
-            )?),
+            true => {
+                let bias = b.param(
+                    layer,
+                    &format!("{name}.bias"),
+                    &[d_out],
+                    Init::Zeros,
+                    Split::Replicated,
+                )?;
+                b.mark_sequence_parallel();
+                Some(bias)
+            }
             false => None,
         };
         Ok(RowParallelLinear {
@@ -247,6 +257,7 @@ impl Norm {
             Init::Ones,
             Split::Replicated,
         )?;
+        b.mark_sequence_parallel();
         Ok(if rms {
             Norm::Rms { weight, eps }
         } else {
@@ -257,6 +268,7 @@ impl Norm {
                 Init::Zeros,
                 Split::Replicated,
             )?;
+            b.mark_sequence_parallel();
             Norm::Layer { weight, bias, eps }
         })
     }
@@ -354,8 +366,8 @@ impl VocabParallelEmbedding {
             })?;
             tape.reduce_from_tp_region(partial, tp)?
         };
-        match &self.wpe {
-            None => Ok(looked_up),
+        let h = match &self.wpe {
+            None => looked_up,
             Some(wpe) => tape.seg1(&[looked_up], |h, _| {
                 let seq = h[0].size()[1];
                 let p = match positions {
@@ -363,7 +375,8 @@ impl VocabParallelEmbedding {
                     None => wpe.f_narrow(0, 0, seq),
                 };
                 h[0].f_add(&p.ctx("positions")?).ctx("position embedding")
-            }),
-        }
+            })?,
+        };
+        tape.scatter_to_sequence_parallel_region(h, tp)
     }
 }

@@ -11,6 +11,16 @@
 //! * [`kv`]: the key/value cache of incremental decoding ([`Model::infer`]).
 //! * [`tape`]: the forward as autograd segments joined by tp collectives, and the
 //!   backward (whole, or split into input-gradient `I` and weight-gradient `W`).
+//! * [`sequence`]: the sequence-parallel collectives (all-gather, reduce-scatter, split).
+//!
+//! Sequence parallelism ([`Model::with_sequence_parallel`], `parallel.sequence_parallel`,
+//! Megatron's `--sequence-parallel`, tp > 1): the embedding's output is scattered along the
+//! sequence, so the hidden state between layers, and between pipeline chunks, is this tp
+//! rank's `[b, s/p, d]` block; norms, residuals and biases added after a reduction run on
+//! it; each column-parallel layer's input is all-gathered and each row-parallel output
+//! reduce-scattered; the head gathers before the vocabulary-parallel loss. The replicated
+//! parameters of the split regions get per-rank partial gradients
+//! ([`Param::sequence_parallel`]) that the trainer sums over tp before the optimizer.
 //!
 //! Full activation recomputation ([`Model::with_recompute`], `parallel.recompute: full`,
 //! Megatron's `--recompute-granularity full` with the uniform method over every block):
@@ -37,6 +47,7 @@ pub mod head;
 pub mod kv;
 pub mod layers;
 pub mod params;
+pub mod sequence;
 pub mod sharding;
 pub mod tape;
 
@@ -181,6 +192,8 @@ pub struct Model {
     rotary: Option<Rotary>,
     /// Recompute every block in the backward (see the module docs).
     recompute: bool,
+    /// Sequence parallelism in training and evaluation forwards (see the module docs).
+    sequence_parallel: bool,
 }
 
 impl Model {
@@ -188,6 +201,23 @@ impl Model {
     pub fn with_recompute(mut self, on: bool) -> Model {
         self.recompute = on;
         self
+    }
+
+    /// The model with sequence parallelism on or off (off when built; a no-op at tp = 1).
+    /// Incremental decoding ([`Model::infer`]) never splits the sequence.
+    pub fn with_sequence_parallel(mut self, on: bool) -> Model {
+        self.sequence_parallel = on && self.tp.size > 1;
+        self
+    }
+
+    /// True when this chunk's hidden inputs and outputs are `[b, s/p, d]` sequence blocks.
+    pub fn sequence_parallel(&self) -> bool {
+        self.sequence_parallel
+    }
+
+    /// A tape for a forward of this chunk (sequence-parallel when the model is).
+    fn tape(&self, mode: Mode, split: bool, input: &Tensor) -> Tape {
+        Tape::new(mode, split, input).with_sequence_parallel(self.sequence_parallel)
     }
 
     /// Builds `layers` of the model as tp rank `tp` holds them, initialised from `seed`.
@@ -253,6 +283,7 @@ impl Model {
             params: b.params,
             rotary,
             recompute: false,
+            sequence_parallel: false,
         })
     }
 
@@ -308,7 +339,7 @@ impl Model {
                 fwd.parts.push(Part::Recompute { layer: i, input });
                 continue;
             }
-            let (tape, x) = open.get_or_insert_with(|| (Tape::new(mode, split, &fwd.output), 0));
+            let (tape, x) = open.get_or_insert_with(|| (self.tape(mode, split, &fwd.output), 0));
             match layer {
                 Layer::Embedding(e) => *x = e.forward(tape, input, tp, None)?,
                 Layer::Block(b) => *x = b.forward(tape, *x, tp, self.rotary.as_ref(), None)?,
@@ -316,7 +347,11 @@ impl Model {
                     let targets =
                         targets.ok_or_else(|| Error::Internal("the head needs targets".into()))?;
                     if pass == Pass::EvalLogits {
-                        fwd.logits = Some(h.logits(tape.value(*x))?);
+                        let hidden = match self.sequence_parallel {
+                            true => sequence::all_gather(tape.value(*x), tp)?,
+                            false => tape.value(*x).shallow_clone(),
+                        };
+                        fwd.logits = Some(h.logits(&hidden)?);
                     }
                     let (loss, seed) = h.forward(tape, *x, targets, tp)?;
                     *x = loss;
@@ -339,7 +374,7 @@ impl Model {
         x: &Tensor,
         tp: &mut dyn Communicator,
     ) -> Result<Tensor> {
-        let mut tape = Tape::new(Mode::Eval, false, x);
+        let mut tape = self.tape(Mode::Eval, false, x);
         let out = b.forward(&mut tape, 0, tp, self.rotary.as_ref(), None)?;
         Ok(tape.value(out).shallow_clone())
     }
@@ -497,7 +532,7 @@ impl Model {
         let Some(Layer::Block(b)) = self.layers.get(layer) else {
             return Err(Error::Internal(format!("layer {layer} is not a block")));
         };
-        let mut tape = Tape::new(mode, split, input);
+        let mut tape = self.tape(mode, split, input);
         let out = b.forward(&mut tape, 0, tp, self.rotary.as_ref(), None)?;
         tape.backward(vec![(out, grad)], tp, &self.params, &[])
     }

@@ -39,6 +39,11 @@ pub struct Param {
     /// True for the last stage's copy of a tied word embedding: its gradient is summed with
     /// the embedding's every step.
     pub tied_copy: bool,
+    /// A replicated parameter used inside the sequence-split regions (norms, the bias
+    /// added after a row-parallel reduction): under sequence parallelism each tp rank's
+    /// gradient covers its tokens only, and the trainer sums it over the tp group before
+    /// the optimizer (Megatron's all-reduce of sequence-parallel gradients).
+    pub sequence_parallel: bool,
 }
 
 impl Param {
@@ -51,6 +56,7 @@ impl Param {
             spec: self.spec.clone(),
             owner: self.owner,
             tied_copy: self.tied_copy,
+            sequence_parallel: self.sequence_parallel,
         }
     }
 
@@ -140,8 +146,17 @@ impl ParamBuilder {
             spec,
             owner: !replicated || self.tp.rank == 0,
             tied_copy: false,
+            sequence_parallel: false,
         });
         Ok(local)
+    }
+
+    /// Marks the parameter created last as used in the sequence-split regions (see
+    /// [`Param::sequence_parallel`]).
+    pub fn mark_sequence_parallel(&mut self) {
+        if let Some(p) = self.params.last_mut() {
+            p.sequence_parallel = true;
+        }
     }
 }
 

@@ -7,11 +7,13 @@
 //! * [`split`]: a replicated `[b, s, d]` → rank `r`'s block (no communication).
 //!
 //! The communicator moves contiguous blocks, so the sequence blocks are put first
-//! (`[p, b, s/p, d]`) around each collective.
+//! (`[p, b, s/p, d]`) around each collective: the collective reads the input tensor's
+//! memory and writes the output tensor's (no host buffers), and the one permuting copy
+//! is libtorch's.
 //!
-//! Invariant: `all_gather(split(x)) == x`, and `reduce_scatter` sums exactly as the
-//! all-reduce of `reduce_from_tp_region` does (the communicator's reduce-scatter), so
-//! sequence parallelism changes no number.
+//! Invariant: `all_gather(split(x)) == x`, and `reduce_scatter` sums as the tensor-parallel
+//! all-reduce does (at tp = 2 one addition per element, so sequence parallelism changes
+//! no activation bit).
 
 use super::Ctx;
 use crate::comm::Communicator;
@@ -27,17 +29,37 @@ fn dims(t: &Tensor, what: &str) -> Result<(i64, i64, i64)> {
     }
 }
 
-fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+/// `t` as a contiguous f32 CPU tensor (a no-op for activations, which already are).
+fn contiguous_f32(t: &Tensor, what: &str) -> Result<Tensor> {
     let t = t
         .f_to_kind(Kind::Float)
         .and_then(|t| t.f_contiguous())
-        .ctx("sequence-parallel buffer")?;
-    let n = t.numel();
-    let mut v = vec![0f32; n];
-    t.f_view([-1])
-        .and_then(|x| x.f_copy_data(&mut v, n))
-        .ctx("sequence-parallel buffer")?;
-    Ok(v)
+        .ctx(what)?;
+    if t.device() != tch::Device::Cpu {
+        return Err(Error::Internal(format!(
+            "sequence-parallel {what} needs a CPU tensor, got one on {:?}",
+            t.device()
+        )));
+    }
+    Ok(t)
+}
+
+/// Runs `f` on the f32 memory of `input` (read) and `out` (written).
+fn with_slices(
+    input: &Tensor,
+    out: &Tensor,
+    f: impl FnOnce(&[f32], &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let (n, m) = (input.numel(), out.numel());
+    // SAFETY: both are contiguous f32 CPU tensors alive for the call; `out` is freshly
+    // allocated, so the two do not overlap, and nothing else touches them meanwhile.
+    let (send, recv) = unsafe {
+        (
+            std::slice::from_raw_parts(input.data_ptr() as *const f32, n),
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, m),
+        )
+    };
+    f(send, recv)
 }
 
 /// Gathers every rank's `[b, s/p, d]` block into `[b, s, d]`.
@@ -46,16 +68,17 @@ pub fn all_gather(t: &Tensor, tp: &mut dyn Communicator) -> Result<Tensor> {
     if p == 1 {
         return Ok(t.shallow_clone());
     }
+    let c = "sequence-parallel all-gather";
     let (b, sl, d) = dims(t, "all-gather")?;
-    let local = to_vec(t)?;
-    let mut out = vec![0f32; local.len() * p as usize];
-    tp.all_gather_f32(&local, &mut out)?;
-    Tensor::f_from_slice(&out)
-        .and_then(|x| x.f_view([p, b, sl, d]))
-        .and_then(|x| x.f_permute([1, 0, 2, 3]))
+    let local = contiguous_f32(t, c)?;
+    let blocks = Tensor::f_empty([p, b, sl, d], (Kind::Float, local.device())).ctx(c)?;
+    with_slices(&local, &blocks, |send, recv| tp.all_gather_into(send, recv))?;
+    blocks
+        .f_permute([1, 0, 2, 3])
         .and_then(|x| x.f_contiguous())
         .and_then(|x| x.f_view([b, p * sl, d]))
-        .ctx("sequence-parallel all-gather")
+        .and_then(|x| x.f_to_kind(t.kind()))
+        .ctx(c)
 }
 
 /// Sums `[b, s, d]` over the group and returns this rank's `[b, s/p, d]` block.
@@ -64,22 +87,23 @@ pub fn reduce_scatter(t: &Tensor, tp: &mut dyn Communicator) -> Result<Tensor> {
     if p == 1 {
         return Ok(t.shallow_clone());
     }
+    let c = "sequence-parallel reduce-scatter";
     let (b, s, d) = dims(t, "reduce-scatter")?;
     if s % p != 0 {
         return Err(Error::Internal(format!(
-            "sequence of {s} tokens does not split over {p} ranks"
+            "a sequence of {s} tokens does not split over {p} ranks"
         )));
     }
     let blocks = t
         .f_view([b, p, s / p, d])
         .and_then(|x| x.f_permute([1, 0, 2, 3]))
-        .ctx("sequence-parallel reduce-scatter")?;
-    let full = to_vec(&blocks)?;
-    let mut out = vec![0f32; full.len() / p as usize];
-    tp.reduce_scatter_f32(&full, &mut out)?;
-    Tensor::f_from_slice(&out)
-        .and_then(|x| x.f_view([b, s / p, d]))
-        .ctx("sequence-parallel reduce-scatter")
+        .ctx(c)?;
+    let blocks = contiguous_f32(&blocks, c)?;
+    let out = Tensor::f_empty([b, s / p, d], (Kind::Float, blocks.device())).ctx(c)?;
+    with_slices(&blocks, &out, |send, recv| {
+        tp.reduce_scatter_into(send, recv)
+    })?;
+    out.f_to_kind(t.kind()).ctx(c)
 }
 
 /// Rank `rank`'s `[b, s/p, d]` block of a replicated `[b, s, d]`.
@@ -88,6 +112,11 @@ pub fn split(t: &Tensor, rank: usize, size: usize) -> Result<Tensor> {
         return Ok(t.shallow_clone());
     }
     let (_, s, _) = dims(t, "split")?;
+    if s % size as i64 != 0 {
+        return Err(Error::Internal(format!(
+            "a sequence of {s} tokens does not split over {size} ranks"
+        )));
+    }
     let n = s / size as i64;
     t.f_narrow(1, rank as i64 * n, n)
         .and_then(|x| x.f_contiguous())
@@ -113,9 +142,11 @@ mod tests {
                     assert_eq!(mine.size(), vec![2, 2, 3]);
                     let back = all_gather(&mine, &mut c).unwrap();
                     assert!(back.equal(&x));
-                    // Every rank contributes x: the sum is 3x, and each keeps its block.
-                    let rs = reduce_scatter(&x, &mut c).unwrap();
-                    assert!(rs.equal(&split(&x, r, 3).unwrap().f_mul_scalar(3.0).unwrap()));
+                    // Every rank contributes (r + 1)·x: the sum is 6x, and each keeps its
+                    // block.
+                    let mine_x = x.f_mul_scalar((r + 1) as f64).unwrap();
+                    let rs = reduce_scatter(&mine_x, &mut c).unwrap();
+                    assert!(rs.equal(&split(&x, r, 3).unwrap().f_mul_scalar(6.0).unwrap()));
                 })
             })
             .collect();

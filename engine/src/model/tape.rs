@@ -6,7 +6,16 @@
 //!   autograd graph from fresh leaves (detached views of its inputs, no copies) to its
 //!   outputs, and the collectives are [`Node`]s between segments:
 //!   - `copy_to_tp_region`: identity forward, all-reduce of the gradient backward;
-//!   - `reduce_from_tp_region`: all-reduce forward, identity backward.
+//!   - `reduce_from_tp_region`: all-reduce forward, identity backward;
+//!   - with sequence parallelism ([`Tape::with_sequence_parallel`], Megatron's
+//!     `--sequence-parallel`), the regions outside the tp layers hold `[b, s/p, d]`:
+//!     `gather_from_sequence_parallel_region` (all-gather along the sequence forward,
+//!     reduce-scatter backward) replaces `copy_to_tp_region` before a column-parallel
+//!     layer, `reduce_scatter_to_sequence_parallel_region` (reduce-scatter forward,
+//!     all-gather backward) replaces `reduce_from_tp_region` after a row-parallel one, and
+//!     `scatter_to_sequence_parallel_region` (split forward, all-gather backward) enters
+//!     the split regions from a replicated value. [`Tape::enter_tp_region`] and
+//!     [`Tape::leave_tp_region`] pick the pair.
 //!
 //!   Backward walks the nodes in reverse: a segment is differentiated from the surrogate
 //!   `Σ sum(out ⊙ grad)`, whose gradient w.r.t. each output is exactly its received grad.
@@ -25,6 +34,7 @@
 //! Invariant: value 0 is the chunk input; every value a node reads was produced earlier.
 
 use super::params::Param;
+use super::sequence;
 use super::Ctx;
 use crate::comm::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
@@ -146,12 +156,32 @@ enum Node {
         from: V,
         to: V,
     },
+    /// `gather_from_sequence_parallel_region`: `to` is the all-gather of `from` along the
+    /// sequence; backward reduce-scatters the gradient.
+    GatherFromSp {
+        from: V,
+        to: V,
+    },
+    /// `reduce_scatter_to_sequence_parallel_region`: `to` is this rank's sequence block of
+    /// `Σ_ranks from`; backward all-gathers the gradient.
+    ReduceScatterToSp {
+        from: V,
+        to: V,
+    },
+    /// `scatter_to_sequence_parallel_region`: `to` is this rank's sequence block of the
+    /// replicated `from`; backward all-gathers the gradient.
+    ScatterToSp {
+        from: V,
+        to: V,
+    },
 }
 
 /// A chunk's forward; see the module docs.
 pub struct Tape {
     mode: Mode,
     split: bool,
+    /// Regions outside the tp layers hold sequence blocks (see the module docs).
+    sequence_parallel: bool,
     values: Vec<Tensor>,
     nodes: Vec<Node>,
     /// Fused mode: the chunk input's leaf (hidden inputs only) and every record.
@@ -198,6 +228,7 @@ impl Tape {
         let mut tape = Tape {
             mode,
             split: split && mode != Mode::Eval,
+            sequence_parallel: false,
             values: Vec::new(),
             nodes: Vec::new(),
             input_leaf: None,
@@ -215,8 +246,20 @@ impl Tape {
         tape
     }
 
+    /// The tape with sequence parallelism on or off (off when built): the caller's
+    /// hidden values outside the tp layers are then `[b, s/p, d]` sequence blocks.
+    pub fn with_sequence_parallel(mut self, on: bool) -> Tape {
+        self.sequence_parallel = on;
+        self
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// True when the regions outside the tp layers hold sequence blocks.
+    pub fn sequence_parallel(&self) -> bool {
+        self.sequence_parallel
     }
 
     /// The tensor of value `v`.
@@ -316,6 +359,51 @@ impl Tape {
             ));
         }
         Ok(to)
+    }
+
+    /// Enters a tensor-parallel region before a column-parallel layer:
+    /// `gather_from_sequence_parallel_region` with sequence parallelism, else
+    /// `copy_to_tp_region`.
+    pub fn enter_tp_region(&mut self, v: V, tp: &mut dyn Communicator) -> Result<V> {
+        if !self.sequence_parallel || tp.size() == 1 {
+            return Ok(self.copy_to_tp_region(v));
+        }
+        let full = sequence::all_gather(&self.values[v], tp)?;
+        Ok(self.collective(full, |to| Node::GatherFromSp { from: v, to }))
+    }
+
+    /// Leaves a tensor-parallel region after a row-parallel layer's partial product:
+    /// `reduce_scatter_to_sequence_parallel_region` with sequence parallelism, else
+    /// `reduce_from_tp_region`.
+    pub fn leave_tp_region(&mut self, v: V, tp: &mut dyn Communicator) -> Result<V> {
+        if !self.sequence_parallel || tp.size() == 1 {
+            return self.reduce_from_tp_region(v, tp);
+        }
+        let block = sequence::reduce_scatter(&self.values[v], tp)?;
+        Ok(self.collective(block, |to| Node::ReduceScatterToSp { from: v, to }))
+    }
+
+    /// `scatter_to_sequence_parallel_region` with sequence parallelism (this rank's block
+    /// of a replicated `[b, s, d]`), else the identity.
+    pub fn scatter_to_sequence_parallel_region(
+        &mut self,
+        v: V,
+        tp: &mut dyn Communicator,
+    ) -> Result<V> {
+        if !self.sequence_parallel || tp.size() == 1 {
+            return Ok(v);
+        }
+        let block = sequence::split(&self.values[v], tp.rank().0, tp.size())?;
+        Ok(self.collective(block, |to| Node::ScatterToSp { from: v, to }))
+    }
+
+    /// Pushes a collective's result and, on a cut tape, its node.
+    fn collective(&mut self, value: Tensor, node: impl FnOnce(V) -> Node) -> V {
+        let to = self.push(value);
+        if self.mode == Mode::Cut {
+            self.nodes.push(node(to));
+        }
+        to
     }
 
     /// Backpropagates `seeds` (value, gradient of that value), accumulating parameter
@@ -418,6 +506,16 @@ fn backward_cut(
             Node::CopyToTp { from, to } => {
                 if let Some(g) = grads[to].take() {
                     accumulate(&mut grads[from], all_reduce(&g, tp, ReduceOp::Sum)?)?;
+                }
+            }
+            Node::GatherFromSp { from, to } => {
+                if let Some(g) = grads[to].take() {
+                    accumulate(&mut grads[from], sequence::reduce_scatter(&g, tp)?)?;
+                }
+            }
+            Node::ReduceScatterToSp { from, to } | Node::ScatterToSp { from, to } => {
+                if let Some(g) = grads[to].take() {
+                    accumulate(&mut grads[from], sequence::all_gather(&g, tp)?)?;
                 }
             }
             Node::Seg(seg) => {

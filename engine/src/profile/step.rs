@@ -30,6 +30,7 @@ pub fn synthetic_param(name: &str, numel: usize) -> Result<Param> {
         spec: ShardSpec::full(&[numel]),
         owner: true,
         tied_copy: false,
+        sequence_parallel: false,
     };
     init_grads(std::slice::from_ref(&p))?;
     tch::no_grad(|| p.tensor.grad().f_fill_(1.0).map(drop))

@@ -24,12 +24,64 @@ pub struct CapturedGrad {
     pub spec: ShardSpec,
 }
 
-/// Sums tied-embedding gradients over the pipeline and averages all over replicas.
+/// Sums tied-embedding gradients over the pipeline, averages all over replicas, and
+/// under sequence parallelism sums the sequence-split regions' replicated parameters
+/// over the tp group (after the replicas, as Megatron's `finalize_model_grads`).
 pub fn reduce(rank: &RankState, comms: &mut ParallelComms) -> Result<()> {
     if let Some(numel) = rank.tied_numel {
         sum_tied_embedding_grads(&rank.params, numel, comms.pp.as_mut())?;
     }
-    all_reduce_mean_grads(&rank.flat, comms.dp.as_mut())
+    all_reduce_mean_grads(&rank.flat, comms.dp.as_mut())?;
+    if rank
+        .chunks
+        .iter()
+        .any(crate::model::Model::sequence_parallel)
+    {
+        sum_sequence_parallel_grads(&rank.params, comms.tp.as_mut())?;
+    }
+    Ok(())
+}
+
+/// Sums the gradients of the [`Param::sequence_parallel`] parameters over the tp group,
+/// in one all-reduce of their concatenation: each tp rank's gradient covers only its
+/// sequence block, and the sum is the whole sequence's (identical on every rank, so the
+/// replicated parameters stay equal).
+pub fn sum_sequence_parallel_grads(
+    params: &[Param],
+    tp: &mut dyn crate::comm::Communicator,
+) -> Result<()> {
+    let grads: Vec<tch::Tensor> = params
+        .iter()
+        .filter(|p| p.sequence_parallel)
+        .map(|p| p.tensor.grad())
+        .collect();
+    if grads.is_empty() || tp.size() == 1 {
+        return Ok(());
+    }
+    let c = "sequence-parallel gradients";
+    let flat = tch::Tensor::f_cat(
+        &grads
+            .iter()
+            .map(|g| g.f_reshape([-1]))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::torch(c))?,
+        0,
+    )
+    .map_err(Error::torch(c))?;
+    let summed = crate::model::tape::all_reduce(&flat, tp, crate::comm::ReduceOp::Sum)?;
+    let mut at = 0;
+    tch::no_grad(|| {
+        for mut g in grads {
+            let n = g.numel() as i64;
+            let part = summed
+                .f_narrow(0, at, n)
+                .and_then(|s| s.f_view(g.size().as_slice()))
+                .map_err(Error::torch(c))?;
+            g.f_copy_(&part).map_err(Error::torch(c))?;
+            at += n;
+        }
+        Ok(())
+    })
 }
 
 /// With `clip`, the global gradient norm (every parameter counted once over the whole

@@ -47,6 +47,9 @@ pub struct RankState {
     /// Pruning masks from `train.resume` (empty unless it names a pruned checkpoint).
     pub masks: crate::compress::mask::Masks,
     hidden_shape: Vec<i64>,
+    /// The blocks each sequence is split into between chunks: tp under sequence
+    /// parallelism, else 1.
+    seq_blocks: i64,
 }
 
 fn plan_error(cfg: &Config) -> impl Fn(partitioner::Error) -> Error + '_ {
@@ -105,7 +108,10 @@ impl RankState {
                     cfg.train.seed,
                     tp,
                 )
-                .map(|m| m.with_recompute(cfg.parallel.recompute == Recompute::Full))
+                .map(|m| {
+                    m.with_recompute(cfg.parallel.recompute == Recompute::Full)
+                        .with_sequence_parallel(cfg.parallel.sequence_parallel)
+                })
             })
             .collect::<Result<_>>()?;
         let params: Vec<Param> = chunks
@@ -173,10 +179,22 @@ impl RankState {
                 shape.seq_len as i64,
                 shape.d_model as i64,
             ],
+            seq_blocks: match chunks.first().is_some_and(Model::sequence_parallel) {
+                true => tp.size as i64,
+                false => 1,
+            },
             chunks,
             params,
             plan,
         })
+    }
+
+    /// The shape of the hidden state between chunks: `[b, s, d]`, or this tp rank's
+    /// sequence block `[b, s/tp, d]` under sequence parallelism.
+    fn wire_shape(&self) -> Vec<i64> {
+        let mut shape = self.hidden_shape.clone();
+        shape[1] /= self.seq_blocks;
+        shape
     }
 
     /// This rank's inputs and targets for `step` of `split`. Replica d trains on global
@@ -204,7 +222,7 @@ impl RankState {
         Ok(StepData {
             tokens,
             targets,
-            hidden_shape: self.hidden_shape.clone(),
+            hidden_shape: self.wire_shape(),
             hidden_kind: self.chunks[0].spec().kind,
             microbatches,
             keep_logits: false,

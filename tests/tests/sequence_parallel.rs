@@ -1,0 +1,228 @@
+//! Sequence parallelism (`parallel.sequence_parallel: true`, Megatron style) changes no
+//! number that matters: on (1,2,1), (2,2,1) and (1,2,2), GPT and LLaMA, tied and untied,
+//! the losses and `grad_norm` of every step and every step-1 gradient (the norm weights'
+//! included: they are summed over tp before the optimizer) equal the same layout without
+//! it within the equivalence suite's tolerance (1e-5 relative). The only differences are
+//! summation orders: a norm weight's gradient is summed per sequence block, then over tp.
+//! Also: full recomputation on top of it, one run under mpiexec, and the config errors.
+
+use engine::{Config, RunOptions, RunSummary};
+use std::path::Path;
+use std::time::Duration;
+use strata_tests::{
+    arch_config, assert_clean_error, full_grads, read_losses, rel_diff, run_local_with, run_strata,
+    scratch, write,
+};
+
+const TOL: f64 = 1e-5;
+const STEPS: usize = 3;
+
+fn config(
+    arch: &str,
+    tie: bool,
+    (pp, tp, dp): (usize, usize, usize),
+    schedule: &str,
+    extra: &str,
+    out: &Path,
+) -> String {
+    arch_config(arch, tie, pp, tp, dp, schedule, STEPS, out)
+        .replace("virtual_stages:", &format!("{extra}virtual_stages:"))
+}
+
+fn run(
+    arch: &str,
+    tie: bool,
+    layout: (usize, usize, usize),
+    schedule: &str,
+    extra: &str,
+) -> Vec<RunSummary> {
+    let (pp, tp, dp) = layout;
+    let tag = extra.replace([':', ',', ' '], "");
+    let out = scratch(&format!("sp-{arch}-{tie}-{pp}{tp}{dp}-{schedule}-{tag}"));
+    let text = config(arch, tie, layout, schedule, extra, &out);
+    let cfg = Config::parse(&text, Path::new("sp.yaml")).unwrap();
+    let opts = RunOptions {
+        capture_grads_at: Some(1),
+        ..RunOptions::default()
+    };
+    run_local_with(&cfg, &opts)
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// Sequence parallelism on (plus `extra` keys) against off, on one layout.
+fn same_numbers(arch: &str, tie: bool, layout: (usize, usize, usize), schedule: &str, extra: &str) {
+    let what = format!("{arch} tied={tie} {schedule} (pp, tp, dp) = {layout:?} {extra}");
+    let off = run(arch, tie, layout, schedule, "");
+    let on = run(
+        arch,
+        tie,
+        layout,
+        schedule,
+        &format!("sequence_parallel: true, {extra}"),
+    );
+    assert_eq!(off[0].losses.len(), STEPS, "{what}");
+    assert_eq!(on[0].losses.len(), STEPS, "{what}");
+    assert_eq!(on[0].grad_norms.len(), STEPS, "{what}");
+    for (i, (a, b)) in on[0].losses.iter().zip(&off[0].losses).enumerate() {
+        assert!(rel(*a, *b) <= TOL, "{what}: step {} loss {a} vs {b}", i + 1);
+    }
+    for (i, (a, b)) in on[0].grad_norms.iter().zip(&off[0].grad_norms).enumerate() {
+        assert!(
+            rel(*a, *b) <= TOL,
+            "{what}: step {} grad_norm {a} vs {b}",
+            i + 1
+        );
+    }
+    let (a, b) = (full_grads(&on), full_grads(&off));
+    assert!(a.len() > 20, "{what}: {} parameters", a.len());
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    let mut worst = 0.0f64;
+    for (name, g) in &a {
+        let d = rel_diff(g, &b[name]);
+        worst = worst.max(d);
+        assert!(
+            d <= TOL,
+            "{what}: the step-1 gradient of {name} differs by {d:e}"
+        );
+    }
+    // Every tp rank holds the same (summed) gradient of a replicated norm weight.
+    let norm = |s: &RunSummary| {
+        s.grads
+            .iter()
+            .find(|g| g.name.ends_with("ln2.weight"))
+            .map(|g| g.values.clone())
+    };
+    let per_rank: Vec<_> = on.iter().filter_map(norm).collect();
+    assert!(per_rank.len() >= 2, "{what}");
+    let first_stage: Vec<_> = on
+        .iter()
+        .filter(|s| s.coord.unwrap().pp == 0 && s.coord.unwrap().dp == 0)
+        .filter_map(norm)
+        .collect();
+    assert!(
+        first_stage.windows(2).all(|w| w[0] == w[1]),
+        "{what}: tp ranks disagree"
+    );
+    eprintln!("{what}: worst gradient difference {worst:.2e}");
+}
+
+#[test]
+fn gpt_on_every_tp_layout() {
+    same_numbers("gpt", false, (1, 2, 1), "1f1b", "");
+    same_numbers("gpt", true, (2, 2, 1), "zb-h1", "");
+    same_numbers("gpt", true, (1, 2, 2), "gpipe", "");
+}
+
+#[test]
+fn llama_on_every_tp_layout() {
+    same_numbers("llama", true, (1, 2, 1), "gpipe", "");
+    same_numbers("llama", false, (2, 2, 1), "interleaved-1f1b", "");
+    same_numbers("llama", true, (1, 2, 2), "1f1b", "");
+}
+
+#[test]
+fn with_full_recomputation() {
+    same_numbers("llama", false, (2, 2, 1), "1f1b", "recompute: full, ");
+}
+
+#[test]
+fn a_sequence_that_does_not_split_is_refused() {
+    let out = scratch("sp-indivisible");
+    let text = config(
+        "gpt",
+        false,
+        (1, 2, 1),
+        "1f1b",
+        "sequence_parallel: true, ",
+        &out,
+    )
+    .replace("seq_len: 16", "seq_len: 15");
+    let err = Config::parse(&text, Path::new("sp.yaml")).unwrap_err();
+    assert!(err.is_user_error(), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.seq_len") && msg.contains("parallel.sequence_parallel"),
+        "{msg}"
+    );
+    let text = config(
+        "gpt",
+        false,
+        (1, 1, 1),
+        "1f1b",
+        "sequence_parallel: true, ",
+        &out,
+    );
+    let err = Config::parse(&text, Path::new("sp.yaml")).unwrap_err();
+    assert!(
+        err.is_user_error() && err.to_string().contains("parallel.tp"),
+        "{err}"
+    );
+    // The CLI maps it to exit 2 before any rank starts.
+    let dir = scratch("sp-indivisible-cli");
+    let bad = config(
+        "gpt",
+        false,
+        (1, 2, 1),
+        "1f1b",
+        "sequence_parallel: true, ",
+        &dir.join("run"),
+    )
+    .replace("seq_len: 16", "seq_len: 15");
+    let cfg = write(&dir, "cfg.yaml", &bad);
+    let run = run_strata(
+        &["launch", cfg.to_str().unwrap()],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_clean_error(&run, &["model.seq_len", "parallel.sequence_parallel"]);
+}
+
+/// Under mpiexec (MPI's all-gather and reduce-scatter): tp = 2 with and without sequence
+/// parallelism give the same losses and grad_norm.
+#[test]
+fn under_mpiexec() {
+    let launch = |sp: bool| {
+        let dir = scratch(&format!("sp-mpi-{sp}"));
+        let out = dir.join("run");
+        let extra = if sp { "sequence_parallel: true, " } else { "" };
+        let text = config("llama", true, (1, 2, 1), "1f1b", extra, &out);
+        let cfg = write(&dir, "cfg.yaml", &text);
+        let run = run_strata(
+            &["launch", cfg.to_str().unwrap()],
+            &[],
+            Duration::from_secs(120),
+        );
+        assert_eq!(
+            run.code,
+            Some(0),
+            "sp={sp}:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let norms: Vec<f64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        (read_losses(&out), norms)
+    };
+    let (off, on) = (launch(false), launch(true));
+    assert_eq!(on.0.len(), STEPS);
+    for (a, b) in on.0.iter().zip(&off.0).chain(on.1.iter().zip(&off.1)) {
+        assert!(
+            rel(*a, *b) <= TOL,
+            "mpiexec: {a} vs {b} (losses then grad_norms)"
+        );
+    }
+}
