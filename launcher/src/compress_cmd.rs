@@ -1,11 +1,13 @@
 //! `strata quantize` and `strata prune`: offline transforms of a checkpoint into a new,
-//! smaller one (see `engine::compress`).
+//! smaller one; `strata compress-report`: the dense model and its variants side by side
+//! (see `engine::compress`).
 
 use crate::launch::LaunchError;
 use clap::Args;
 use engine::checkpoint::human_bytes;
 use engine::compress::prune::{prune_checkpoint, Method, PruneOptions, Scope};
 use engine::compress::quantize::quantize_checkpoint;
+use engine::compress::report::{compress_report, ReportOptions};
 use engine::quant::Scheme;
 use std::path::PathBuf;
 
@@ -84,5 +86,70 @@ pub fn prune(args: &PruneArgs) -> Result<(), LaunchError> {
         human_bytes(p.bytes_after),
         p.dir.display()
     );
+    Ok(())
+}
+
+/// Flags of `strata compress-report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The dense checkpoint (the first row; deltas are against it).
+    pub dense: PathBuf,
+    /// Compressed variants of it: quantised, pruned or fine-tuned-after-pruning
+    /// checkpoints (step-NNNNNN directories or checkpoint roots).
+    pub variants: Vec<PathBuf>,
+    /// Evaluate this text file instead of each checkpoint's validation split.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The generation prompt (default: the first --prompt-len characters of the
+    /// evaluated text).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Length of the default prompt, in characters.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_len: usize,
+    /// New tokens per timed generation (prompt + new tokens must fit model.seq_len).
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: usize,
+    /// Timed generations per checkpoint, after one warm-up; the table shows the median.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Intra-op threads of the generations.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Losses and bytes only (no generation).
+    #[arg(long)]
+    pub no_speed: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn report(args: &ReportArgs) -> Result<(), LaunchError> {
+    for (flag, n) in [("--runs", args.runs), ("--threads", args.threads)] {
+        if n == 0 {
+            return Err(engine::Error::usage(
+                flag,
+                "must be at least 1",
+                format!("pass e.g. {flag} 3"),
+            )
+            .into());
+        }
+    }
+    let opts = ReportOptions {
+        data: args.data.clone(),
+        prompt: args.prompt.clone(),
+        prompt_len: args.prompt_len,
+        max_new_tokens: args.max_new_tokens,
+        runs: args.runs,
+        threads: args.threads,
+        no_speed: args.no_speed,
+    };
+    let r = compress_report(&args.dense, &args.variants, &opts)?;
+    if args.json {
+        let text = serde_json::to_string(&r).map_err(|e| engine::Error::Internal(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", r.table());
+    }
     Ok(())
 }

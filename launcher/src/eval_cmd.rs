@@ -9,7 +9,7 @@
 use crate::launch::{mpiexec_command, run_job, LaunchError};
 use clap::Args;
 use engine::comm::groups::ParallelComms;
-use engine::eval::{evaluate, EvalJob, EvalOptions, EvalResult, LayoutArg};
+use engine::eval::{EvalJob, EvalResult, LayoutArg};
 use engine::flight::{FlightRecorder, DEFAULT_CAPACITY};
 use engine::watchdog::Watch;
 use mpi::topology::Communicator as _;
@@ -116,15 +116,13 @@ fn run_rank(
         serde_json::from_str(&text).map_err(|e| engine::Error::Internal(e.to_string()))?;
     let cfg = job.config()?;
     cfg.check_world(universe.world().size() as usize)?;
-    let windows = job.windows(&cfg)?;
     let mesh = cfg.mesh()?;
     let rank = Rank(universe.world().rank() as usize);
     let flight = FlightRecorder::new(rank, mesh.coords(rank).ok(), DEFAULT_CAPACITY);
     // Every wait is under the config's deadlines, so a lost rank cannot hang the eval.
     let watch = Watch::new(flight, Some(mesh), cfg.watchdog(), None);
     let mut comms = ParallelComms::from_mpi(universe.world(), mesh, &watch)?;
-    let load = |params: &[engine::model::Param]| job.load_weights(&cfg, params);
-    let r = evaluate(&cfg, &mut comms, &load, &windows, EvalOptions::default())?;
+    let r = job.run(&mut comms)?;
     Ok((r, job))
 }
 

@@ -139,13 +139,7 @@ pub fn generate(args: &GenerateArgs) -> Result<(), LaunchError> {
     };
     let job = GenerateJob::prepare(&req)?;
     if job.world_size() == 1 {
-        let mesh = Mesh::new(1, 1, 1).map_err(|e| engine::Error::Internal(e.to_string()))?;
-        let mut comms = ParallelComms::local(mesh)?
-            .pop()
-            .ok_or_else(|| engine::Error::Internal("no local communicators".into()))?;
-        let report = job
-            .run(&mut comms)?
-            .ok_or_else(|| engine::Error::Internal("no report".into()))?;
+        let report = job.run_single()?;
         print_report(&job, &report, args.json);
         return Ok(());
     }

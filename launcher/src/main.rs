@@ -131,6 +131,9 @@ enum Command {
     /// Prune a checkpoint's block linear weights (magnitude, 2:4 or sensitivity), storing
     /// the masks; training from it (train.resume) keeps pruned weights at zero.
     Prune(compress_cmd::PruneArgs),
+    /// One table of a dense checkpoint and its compressed variants: val loss, delta,
+    /// weight bytes on disk, decode and prefill tokens/s at batch 1.
+    CompressReport(compress_cmd::ReportArgs),
     /// One rank of `strata generate`; started by mpiexec.
     #[command(hide = true)]
     GenerateWorker {
@@ -189,6 +192,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate_cmd::generate(&args),
         Command::Quantize(args) => compress_cmd::quantize(&args),
         Command::Prune(args) => compress_cmd::prune(&args),
+        Command::CompressReport(args) => compress_cmd::report(&args),
         Command::EvalWorker { .. } | Command::GenerateWorker { .. } | Command::Worker { .. } => {
             unreachable!("handled above")
         }

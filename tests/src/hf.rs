@@ -78,8 +78,9 @@ pub fn run_local_eval(cfg: &Config, windows: &Windows, opts: EvalOptions) -> Vec
         .map(|mut comms| {
             let (cfg, windows) = (cfg.clone(), windows.clone());
             std::thread::spawn(move || {
-                let load =
-                    |params: &[engine::model::Param]| engine::hf::load_init_from(&cfg, params);
+                let load = |chunk: &mut engine::model::Model| {
+                    engine::hf::load_init_from(&cfg, chunk.params())
+                };
                 let result = evaluate(&cfg, &mut comms, &load, &windows, opts);
                 if result.is_err() {
                     comms.world.abort_peers();

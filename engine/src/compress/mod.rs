@@ -8,6 +8,7 @@
 //! * [`prune`]: magnitude, 2:4 and sensitivity pruning with stored masks;
 //! * [`mask`]: the masks a training run keeps pruned weights at zero with;
 //! * [`eval`]: validation loss of a whole checkpoint model on one rank;
+//! * [`report`]: `strata compress-report`, the dense model and its variants side by side;
 //!
 //! Invariants: the output keeps the source's config, vocabulary and step, and only model
 //! tensors (no optimizer state: a compressed checkpoint starts a new run when trained
@@ -17,6 +18,7 @@ pub mod eval;
 pub mod mask;
 pub mod prune;
 pub mod quantize;
+pub mod report;
 
 use crate::checkpoint::{self, Checkpoint, Layout, SaveMeta, SaveOptions, SavedTensor};
 use crate::comm::local::LocalComm;

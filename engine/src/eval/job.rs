@@ -17,13 +17,16 @@
 //! cut into [`Windows`] with the model's vocabulary, unknown characters refused.
 
 use super::windows::{encode, Windows};
+use super::{evaluate, EvalOptions, EvalResult};
 use crate::checkpoint::{self, Checkpoint};
+use crate::comm::groups::ParallelComms;
 use crate::config::Config;
 use crate::data::CharVocab;
 use crate::error::{Error, Result};
+use crate::generate::load::{install_quantized, CheckpointWeights, Weights as _};
 use crate::hf::from_checkpoint::checkpoint_config;
 use crate::hf::{HfConfig, HfVocab};
-use crate::model::Param;
+use crate::model::Model;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use std::path::{Path, PathBuf};
@@ -319,17 +322,41 @@ output: {{dir: {:?}}}
         Ok(w)
     }
 
-    /// Overwrites this rank's parameters with the job's weights.
-    pub fn load_weights(&self, cfg: &Config, params: &[Param]) -> Result<()> {
+    /// Fills one freshly built chunk of this rank with the job's weights; a quantised
+    /// checkpoint's linear layers become int8 ones (as `strata generate` loads them).
+    pub fn load_weights(&self, cfg: &Config, chunk: &mut Model) -> Result<()> {
         match &self.weights {
-            Weights::Config => crate::hf::load_init_from(cfg, params),
+            Weights::Config => crate::hf::load_init_from(cfg, chunk.params()),
             Weights::Checkpoint(dir) => {
-                let mut ckpt = Checkpoint::open(dir)?;
-                for p in params {
-                    tch::no_grad(|| ckpt.read_into(&p.name, &p.tensor, &p.spec))?;
+                let mut w = CheckpointWeights::new(Checkpoint::open(dir)?)?;
+                install_quantized(chunk, &mut w)?;
+                for p in chunk.params() {
+                    w.load(&p.name, &p.spec, &p.tensor)?;
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Runs this rank's part of the evaluation on `comms` (a mesh of the job's layout).
+    pub fn run(&self, comms: &mut ParallelComms) -> Result<EvalResult> {
+        let cfg = self.config()?;
+        cfg.check_world(comms.world.size())?;
+        let windows = self.windows(&cfg)?;
+        let load = |chunk: &mut Model| self.load_weights(&cfg, chunk);
+        evaluate(&cfg, comms, &load, &windows, EvalOptions::default())
+    }
+
+    /// Runs the job in this process when its layout is one rank.
+    pub fn run_single(&self) -> Result<EvalResult> {
+        let mesh = self.config()?.mesh()?;
+        let mut comms = ParallelComms::local(mesh)?;
+        match comms.as_mut_slice() {
+            [one] => self.run(one),
+            all => Err(Error::Internal(format!(
+                "an in-process evaluation needs one rank, the layout has {}",
+                all.len()
+            ))),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::executor::{run_actions, PipelineLayout, StepData};
 use crate::model::sharding::TpRank;
-use crate::model::{tokens_tensor, Model, Param};
+use crate::model::{tokens_tensor, Model};
 use partitioner::mesh::MeshCoord;
 use partitioner::{Schedule, ScheduleKind};
 use std::collections::HashMap;
@@ -49,9 +49,10 @@ pub struct EvalResult {
     pub logits: Vec<(usize, Tensor)>,
 }
 
-/// Where the weights come from: `load` overwrites this rank's freshly built parameters
-/// (e.g. [`crate::hf::load_init_from`] or a checkpoint read).
-pub type LoadWeights<'a> = &'a dyn Fn(&[Param]) -> Result<()>;
+/// Where the weights come from: `load` fills one freshly built chunk of this rank (e.g.
+/// [`crate::hf::load_init_from`] on its parameters, or a checkpoint read, which may first
+/// replace linear layers by the checkpoint's int8 ones).
+pub type LoadWeights<'a> = &'a dyn Fn(&mut Model) -> Result<()>;
 
 /// One forward-only pass: `microbatches` microbatches of `rows` windows from `first`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -103,18 +104,14 @@ fn build_chunks(cfg: &Config, coord: MeshCoord, load: LoadWeights<'_>) -> Result
         rank: coord.tp,
         size: *cfg.parallel.tp,
     };
-    let chunks: Vec<Model> = (0..v)
+    (0..v)
         .map(|slot| {
             let layers = &plan.stages[slot * pp + coord.pp].layers;
-            Model::new(&spec, layers, cfg.train.seed, tp)
+            let mut chunk = Model::new(&spec, layers, cfg.train.seed, tp)?;
+            load(&mut chunk)?;
+            Ok(chunk)
         })
-        .collect::<Result<_>>()?;
-    let params: Vec<Param> = chunks
-        .iter()
-        .flat_map(|c| c.params().iter().map(Param::alias))
-        .collect();
-    load(&params)?;
-    Ok(chunks)
+        .collect()
 }
 
 /// Evaluates the model of `cfg` (weights from `load`) on `windows`, on this rank of the

@@ -199,6 +199,23 @@ impl GenerateJob {
         }
     }
 
+    /// Runs a one-rank job (pp = tp = 1) in this process and returns its report.
+    pub fn run_single(&self) -> Result<Report> {
+        if self.world_size() != 1 {
+            return Err(Error::Internal(format!(
+                "an in-process generation needs one rank, the layout has {}",
+                self.world_size()
+            )));
+        }
+        let mesh =
+            partitioner::mesh::Mesh::new(1, 1, 1).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut comms = ParallelComms::local(mesh)?
+            .pop()
+            .ok_or_else(|| Error::Internal("no local communicators".into()))?;
+        self.run(&mut comms)?
+            .ok_or_else(|| Error::Internal("rank 0 made no report".into()))
+    }
+
     /// Microbatches of the job (for callers that print per-microbatch details).
     pub fn microbatch_list(&self) -> Vec<Microbatch> {
         batch::split(&self.prompts, self.microbatches)

@@ -78,19 +78,21 @@ pub fn install_quantized(model: &mut Model, weights: &mut dyn Weights) -> Result
         .filter(|n| info.covers(n))
         .collect();
     for name in names {
-        let wspec = model
+        let (wspec, local) = model
             .params()
             .iter()
             .find(|p| p.name == name)
-            .map(|p| p.spec.clone())
+            .map(|p| (p.spec.clone(), p.tensor.size()))
             .ok_or_else(|| Error::Internal(format!("{name} has no parameter")))?;
         let (cspec, sspec) = (quant::codes_spec(&wspec), quant::scale_spec(&wspec));
-        let alloc = |shape: Vec<i64>, kind: Kind| {
-            Tensor::f_zeros(shape.as_slice(), (kind, Device::Cpu))
+        let alloc = |shape: &[i64], kind: Kind| {
+            Tensor::f_zeros(shape, (kind, Device::Cpu))
                 .map_err(Error::torch("allocating int8 weights"))
         };
-        let codes = alloc(quant::local_shape(&cspec), Kind::Int8)?;
-        let scales = alloc(quant::local_shape(&sspec), Kind::Float)?;
+        // The local weight's own shape (`[in_l, out_l]`), so vocabulary padding columns
+        // of a tp-sharded head stay in place: their codes and scales remain zero.
+        let codes = alloc(&[local[1], local[0]], Kind::Int8)?;
+        let scales = alloc(&[local[1]], Kind::Float)?;
         weights.load(&quant::codes_name(&name), &cspec, &codes)?;
         weights.load(&quant::scale_name(&name), &sspec, &scales)?;
         let int8 = Int8Weight::new(codes, &scales, spec.kind, spec.device)?;
