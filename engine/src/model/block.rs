@@ -148,6 +148,51 @@ impl Block {
         out
     }
 
+    /// The sequence-parallel block (Megatron): norms and residuals on this rank's
+    /// `[b, s/p, d]` block; each column-parallel layer gathers its input without keeping
+    /// it and each row-parallel product is reduce-scattered without keeping it
+    /// ([`Tape::gather_linears`], [`Tape::linear_reduce_scatter`]).
+    fn forward_sequence_parallel(
+        &self,
+        tape: &mut Tape,
+        x: V,
+        tp: &mut dyn Communicator,
+        rotary: Option<&Rotary>,
+    ) -> Result<V> {
+        let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
+        let qkv = tape.gather_linears(h1, vec![self.qkv.0.tensors()], tp)?[0];
+        let heads = self.heads;
+        let y = tape.seg1(&[qkv], |t, _| causal_attention(&t[0], heads, rotary, None))?;
+        let attn = tape.linear_reduce_scatter(y, self.proj.linear().tensors(), tp)?;
+        let out = tape.seg(&[x, attn], |t, _| {
+            let x2 = residual(&t[0], &t[1], self.proj.bias_after_reduce())?;
+            let h2 = self.norm2.forward(&x2)?;
+            Ok(vec![x2, h2])
+        })?;
+        let (x2, h2) = (out[0], out[1]);
+        let mlp = match &self.mlp {
+            Mlp::Gelu {
+                fc1,
+                fc2,
+                approximate,
+            } => {
+                let a = tape.gather_linears(h2, vec![fc1.0.tensors()], tp)?[0];
+                let g = tape.seg1(&[a], |t, _| t[0].f_gelu(approximate).ctx("gelu"))?;
+                tape.linear_reduce_scatter(g, fc2.linear().tensors(), tp)?
+            }
+            Mlp::SwiGlu { gate, up, down } => {
+                let gu = tape.gather_linears(h2, vec![gate.0.tensors(), up.0.tensors()], tp)?;
+                let a = tape.seg1(&[gu[0], gu[1]], |t, _| {
+                    t[0].f_silu().and_then(|g| g.f_mul(&t[1])).ctx("swiglu")
+                })?;
+                tape.linear_reduce_scatter(a, down.linear().tensors(), tp)?
+            }
+        };
+        tape.seg1(&[x2, mlp], |t, _| {
+            residual(&t[0], &t[1], self.mlp.out().bias_after_reduce())
+        })
+    }
+
     /// Runs the block on the hidden state `x` (the step's new tokens, with a cache).
     pub fn forward(
         &self,
@@ -157,6 +202,9 @@ impl Block {
         rotary: Option<&Rotary>,
         cached: Option<Cached<'_>>,
     ) -> Result<V> {
+        if tape.sequence_parallel() && tp.size() > 1 && cached.is_none() {
+            return self.forward_sequence_parallel(tape, x, tp, rotary);
+        }
         let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
         let h1 = tape.enter_tp_region(h1, tp)?;
         let heads = self.heads;

@@ -111,7 +111,10 @@ impl Head {
         tp: &mut dyn Communicator,
     ) -> Result<(V, Seed)> {
         let h = tape.seg1(&[x], |t, _| self.norm.forward(&t[0]))?;
-        let h = tape.enter_tp_region(h, tp)?;
+        let h = match tape.sequence_parallel() {
+            true => h,
+            false => tape.copy_to_tp_region(h),
+        };
         if self.tp_size == 1 {
             let v = self.vocab as i64;
             let loss = tape.seg1(&[h], |t, rec| {
@@ -130,10 +133,15 @@ impl Head {
             })?;
             return Ok((loss, Seed::Loss(loss)));
         }
-        let logits = tape.seg1(&[h], |t, rec| {
-            let z = self.lm_head.forward(&t[0], rec)?;
-            self.mask_padding(z)
-        })?;
+        let logits = if tape.sequence_parallel() {
+            let z = tape.gather_linears(h, vec![self.lm_head.tensors()], tp)?[0];
+            tape.seg1(&[z], |t, _| self.mask_padding(t[0].shallow_clone()))?
+        } else {
+            tape.seg1(&[h], |t, rec| {
+                let z = self.lm_head.forward(&t[0], rec)?;
+                self.mask_padding(z)
+            })?
+        };
         let (loss, dlogits) =
             vocab_parallel_cross_entropy(tape.value(logits), targets, self.lo, self.n_local, tp)?;
         let loss = tape.push(loss);

@@ -59,6 +59,15 @@ impl Linear {
         }
     }
 
+    /// The layer's tensors for the tape's sequence-parallel linear nodes.
+    pub fn tensors(&self) -> super::tape::Dense {
+        super::tape::Dense {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            transposed: self.transposed,
+        }
+    }
+
     /// `Y = XA (+ b)`; under a split backward the weights are detached and the call recorded.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         self.forward_bias(x, self.bias.as_ref(), rec)
@@ -213,6 +222,11 @@ impl RowParallelLinear {
             None
         };
         self.linear.forward_bias(x, fused_bias, rec)
+    }
+
+    /// The layer's local product.
+    pub fn linear(&self) -> &Linear {
+        &self.linear
     }
 
     /// The layer's local product (for int8 installation and masks).

@@ -174,6 +174,67 @@ enum Node {
         from: V,
         to: V,
     },
+    /// Sequence-parallel column-parallel linears on one input: `outs[i] = X Aᵢ + bᵢ` of
+    /// the all-gathered `X = gather(from)`, which is not kept: the backward gathers it
+    /// again for the weight gradients and reduce-scatters `Σ dYᵢ Aᵢᵀ` into `from`.
+    GatherLinears {
+        from: V,
+        outs: Vec<(V, Dense)>,
+    },
+    /// A sequence-parallel row-parallel linear: `to` is this rank's sequence block of
+    /// `Σ_ranks from·A` (the partial product is not kept); backward all-gathers the
+    /// gradient `dP`, then `d from = dP Aᵀ` and `dA += fromᵀ dP`.
+    LinearReduceScatter {
+        from: V,
+        to: V,
+        dense: Dense,
+    },
+}
+
+/// A dense linear layer's tensors, as the tape's linear nodes use them.
+pub struct Dense {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// The weight is stored `[out, in]`.
+    pub transposed: bool,
+}
+
+impl Dense {
+    /// The weight as `[out, in]` (what `linear` takes), without autograd.
+    fn out_in(&self) -> Result<Tensor> {
+        let w = self.weight.detach();
+        if self.transposed {
+            Ok(w)
+        } else {
+            w.f_transpose(0, 1).ctx("linear")
+        }
+    }
+
+    /// `Y = XA (+ b)` without autograd (the same libtorch call as a layer's forward).
+    fn forward(&self, x: &Tensor, bias: bool) -> Result<Tensor> {
+        let b = self.bias.as_ref().filter(|_| bias).map(Tensor::detach);
+        tch::no_grad(|| x.f_linear(&self.out_in()?, b.as_ref()).ctx("linear"))
+    }
+
+    /// `dX = dY Aᵀ` (without autograd).
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| dy.f_matmul(&self.out_in()?).ctx("linear input gradient"))
+    }
+
+    /// The weight-gradient work of `X`, `dY` (with the bias when `bias`).
+    fn weight_grad(&self, x: Tensor, dy: Tensor, bias: bool) -> WeightGrad {
+        WeightGrad {
+            x,
+            dy,
+            weight: self.weight.shallow_clone(),
+            bias: self
+                .bias
+                .as_ref()
+                .filter(|_| bias)
+                .map(Tensor::shallow_clone),
+            transposed: self.transposed,
+        }
+    }
 }
 
 /// A chunk's forward; see the module docs.
@@ -397,6 +458,42 @@ impl Tape {
         Ok(self.collective(block, |to| Node::ScatterToSp { from: v, to }))
     }
 
+    /// Sequence-parallel column-parallel linears (see [`Node::GatherLinears`]): all-gathers
+    /// `v` along the sequence and returns `X Aᵢ + bᵢ` for each layer; the gathered input
+    /// is dropped at once (Megatron gathers it again in the backward).
+    pub fn gather_linears(
+        &mut self,
+        v: V,
+        layers: Vec<Dense>,
+        tp: &mut dyn Communicator,
+    ) -> Result<Vec<V>> {
+        let full = sequence::all_gather(&self.values[v], tp)?;
+        let mut outs = Vec::with_capacity(layers.len());
+        for dense in layers {
+            let y = dense.forward(&full, true)?;
+            outs.push((self.push(y), dense));
+        }
+        let ids = outs.iter().map(|(id, _)| *id).collect();
+        if self.mode == Mode::Cut {
+            self.nodes.push(Node::GatherLinears { from: v, outs });
+        }
+        Ok(ids)
+    }
+
+    /// A sequence-parallel row-parallel linear (see [`Node::LinearReduceScatter`]): this
+    /// rank's sequence block of `Σ_ranks v·A` (no bias: it is added after, replicated).
+    pub fn linear_reduce_scatter(
+        &mut self,
+        v: V,
+        dense: Dense,
+        tp: &mut dyn Communicator,
+    ) -> Result<V> {
+        let partial = dense.forward(&self.values[v], false)?;
+        let block = sequence::reduce_scatter(&partial, tp)?;
+        drop(partial);
+        Ok(self.collective(block, |to| Node::LinearReduceScatter { from: v, to, dense }))
+    }
+
     /// Pushes a collective's result and, on a cut tape, its node.
     fn collective(&mut self, value: Tensor, node: impl FnOnce(V) -> Node) -> V {
         let to = self.push(value);
@@ -445,13 +542,12 @@ impl Tape {
                 (grads.into_iter().next().flatten(), work)
             }
             Mode::Cut => {
-                let n = self.values.len();
                 let how = How {
                     split,
                     params,
                     hold,
                 };
-                backward_cut(n, self.nodes, seeds, tp, how, &mut held)?
+                backward_cut(&self.values, self.nodes, seeds, tp, how, &mut held)?
             }
         };
         Ok(Backward {
@@ -484,14 +580,14 @@ struct Out<'a> {
 }
 
 fn backward_cut(
-    n_values: usize,
+    values: &[Tensor],
     nodes: Vec<Node>,
     seeds: Vec<(V, Tensor)>,
     tp: &mut dyn Communicator,
     how: How<'_>,
     held: &mut Vec<(usize, Tensor)>,
 ) -> Result<(Option<Tensor>, WeightWork)> {
-    let mut grads: Vec<Option<Tensor>> = (0..n_values).map(|_| None).collect();
+    let mut grads: Vec<Option<Tensor>> = (0..values.len()).map(|_| None).collect();
     for (v, g) in seeds {
         accumulate(&mut grads[v], g)?;
     }
@@ -516,6 +612,36 @@ fn backward_cut(
             Node::ReduceScatterToSp { from, to } | Node::ScatterToSp { from, to } => {
                 if let Some(g) = grads[to].take() {
                     accumulate(&mut grads[from], sequence::all_gather(&g, tp)?)?;
+                }
+            }
+            Node::GatherLinears { from, outs } => {
+                let mut dx: Option<Tensor> = None;
+                let mut weight_work = Vec::new();
+                let mut x: Option<Tensor> = None;
+                for (to, dense) in outs {
+                    let Some(dy) = grads[to].take() else { continue };
+                    accumulate(&mut dx, dense.input_grad(&dy)?)?;
+                    let input = match &x {
+                        Some(x) => x.shallow_clone(),
+                        None => {
+                            let gathered = sequence::all_gather(&values[from], tp)?;
+                            x = Some(gathered.shallow_clone());
+                            gathered
+                        }
+                    };
+                    weight_work.push(dense.weight_grad(input, dy, true));
+                }
+                if let Some(dx) = dx {
+                    accumulate(&mut grads[from], sequence::reduce_scatter(&dx, tp)?)?;
+                }
+                weight_grads(weight_work, how.split, &mut work)?;
+            }
+            Node::LinearReduceScatter { from, to, dense } => {
+                if let Some(g) = grads[to].take() {
+                    let dp = sequence::all_gather(&g, tp)?;
+                    accumulate(&mut grads[from], dense.input_grad(&dp)?)?;
+                    let x = values[from].shallow_clone();
+                    weight_grads(vec![dense.weight_grad(x, dp, false)], how.split, &mut work)?;
                 }
             }
             Node::Seg(seg) => {
@@ -543,6 +669,16 @@ fn backward_cut(
         }
     }
     Ok((grads.swap_remove(0), work))
+}
+
+/// Runs the weight-gradient work of a tape linear node now, or leaves it for `W` (split).
+fn weight_grads(grads: Vec<WeightGrad>, split: bool, work: &mut WeightWork) -> Result<()> {
+    if split {
+        work.0.extend(grads);
+        Ok(())
+    } else {
+        WeightWork(grads).run()
+    }
 }
 
 /// Differentiates one segment from `seeds`; returns the gradient of each input leaf (None
