@@ -29,7 +29,34 @@ fn build_mpi_shim() {
     build.compile("strata_mpi_shim");
 }
 
+/// Compiles the C++ shim that installs libtorch post-accumulate-grad hooks (which tch
+/// does not bind), against the libtorch headers tch links (`LIBTORCH`).
+fn build_grad_hook() {
+    println!("cargo:rerun-if-changed=src/dp/grad_hook.cpp");
+    let root = std::env::var("LIBTORCH").map(PathBuf::from).ok().or_else(|| {
+        torch_lib_dir().and_then(|lib| lib.parent().map(std::path::Path::to_path_buf))
+    });
+    let Some(root) = root else {
+        panic!("libtorch location unknown (no LIBTORCH); run scripts/setup.sh");
+    };
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/dp/grad_hook.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag_if_supported("-std=c++17")
+        .flag_if_supported("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .compile("strata_grad_hook");
+    println!("cargo:rustc-link-search=native={}", root.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+}
+
 fn main() {
     emit_torch_link_args();
     build_mpi_shim();
+    build_grad_hook();
 }

@@ -175,6 +175,15 @@ pub struct ParallelConfig {
     /// sequence.
     #[serde(default, skip_serializing_if = "is_default")]
     pub sequence_parallel: bool,
+    /// Largest data-parallel gradient bucket in MiB (PyTorch DDP's `bucket_cap_mb`): each
+    /// bucket's all-reduce starts as soon as its gradients are final, overlapping the rest
+    /// of the backward; smaller buckets start sooner and cost more collectives.
+    #[serde(default = "default_dp_bucket_mb")]
+    pub dp_bucket_mb: f64,
+}
+
+fn default_dp_bucket_mb() -> f64 {
+    25.0
 }
 
 fn default_timeout_s() -> f64 {
@@ -526,9 +535,17 @@ impl Config {
         })
     }
 
-    /// Checks `parallel.timeout_s` and `parallel.heartbeat_s`.
+    /// Checks `parallel.timeout_s`, `parallel.heartbeat_s` and `parallel.dp_bucket_mb`.
     fn check_watchdog(&self) -> Result<()> {
         let p = &self.parallel;
+        let mb = p.dp_bucket_mb;
+        if !(mb.is_finite() && (1e-3..=2048.0).contains(&mb)) {
+            return Err(self.field_error(
+                "parallel.dp_bucket_mb",
+                format!("must be a size in MiB in [0.001, 2048], got {mb}"),
+                "set e.g. parallel.dp_bucket_mb: 25 (the default)".into(),
+            ));
+        }
         for (field, v, example) in [
             ("parallel.timeout_s", p.timeout_s, "300"),
             ("parallel.heartbeat_s", p.heartbeat_s, "10"),
@@ -543,6 +560,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The data-parallel gradient bucket cap in bytes (validated by [`Config::load`]).
+    pub fn dp_bucket_bytes(&self) -> usize {
+        ((self.parallel.dp_bucket_mb * (1 << 20) as f64) as usize).max(4)
     }
 
     /// The watchdog's deadlines (validated by [`Config::load`]).

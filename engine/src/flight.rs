@@ -9,7 +9,8 @@
 //! * recording never allocates on the hot path: an event is a fixed-size [`Entry`]; labels
 //!   are formatted only when dumped or reported;
 //! * an event that never finished keeps `end = None` (state `started`), so the dump shows
-//!   the wait that hung; sends stay `started` until MPI reports them complete;
+//!   the wait that hung; sends and started (non-blocking) all-reduces stay `started` until
+//!   the transport reports them complete, and neither is ever what a rank is "doing";
 //! * the recorder is shared (cheaply cloned) by one rank's communicators and trainer; it
 //!   is never global.
 
@@ -35,6 +36,11 @@ pub enum CommOp {
     Flush,
     AllGather,
     ReduceScatter,
+    /// A non-blocking all-reduce (a data-parallel gradient bucket): begins when started,
+    /// ends when complete; never the "doing" of a rank, which may compute meanwhile.
+    StartAllReduce,
+    /// A wait for every started non-blocking all-reduce of a group.
+    Wait,
 }
 
 impl CommOp {
@@ -47,6 +53,8 @@ impl CommOp {
             CommOp::Flush => "flush",
             CommOp::AllGather => "all_gather",
             CommOp::ReduceScatter => "reduce_scatter",
+            CommOp::StartAllReduce => "start_all_reduce",
+            CommOp::Wait => "wait_all_reduces",
         }
     }
 
@@ -63,6 +71,8 @@ impl CommOp {
             CommOp::Flush,
             CommOp::AllGather,
             CommOp::ReduceScatter,
+            CommOp::StartAllReduce,
+            CommOp::Wait,
         ]
         .get(c as usize)
         .copied()
@@ -194,7 +204,7 @@ impl What {
         !matches!(
             self,
             What::Comm {
-                op: CommOp::Send,
+                op: CommOp::Send | CommOp::StartAllReduce,
                 ..
             }
         )

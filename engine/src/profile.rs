@@ -12,6 +12,7 @@ pub mod calibrate;
 pub mod comm;
 pub mod matmul;
 pub mod memory;
+pub mod p2p;
 pub mod step;
 mod timing;
 

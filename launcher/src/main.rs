@@ -59,6 +59,17 @@ enum Command {
     /// ranks under mpiexec the p2p and all-reduce curves, the sgemm peak, the optimizer
     /// and an idle rank's memory; writes the profile JSON.
     Profile(profile_cmd::ProfileArgs),
+    /// Point-to-point microbenchmark (osu_latency / osu_bw style) of the pipeline's tensor
+    /// transport against raw MPI send/recv and memcpy, 8 B to 64 MiB; prints latency,
+    /// bandwidth and the memcpy share per size. Run it as `mpiexec -n 2 strata p2p`.
+    P2p {
+        /// Timed rounds per size (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Largest message, in MiB.
+        #[arg(long, default_value_t = 64)]
+        max_mib: usize,
+    },
     /// One rank of `strata profile`'s measuring job; started by `strata profile`.
     #[command(hide = true)]
     ProfileWorker {
@@ -156,6 +167,7 @@ fn main() -> ExitCode {
         Command::Worker { config, sets } => return worker::run(config, sets),
         Command::EvalWorker { job, json } => return eval_cmd::worker(job, *json),
         Command::GenerateWorker { job } => return generate_cmd::worker(job),
+        Command::P2p { rounds, max_mib } => return profile_cmd::p2p(*rounds, *max_mib),
         _ => {}
     }
     logging::init(None);
@@ -193,7 +205,10 @@ fn main() -> ExitCode {
         Command::Quantize(args) => compress_cmd::quantize(&args),
         Command::Prune(args) => compress_cmd::prune(&args),
         Command::CompressReport(args) => compress_cmd::report(&args),
-        Command::EvalWorker { .. } | Command::GenerateWorker { .. } | Command::Worker { .. } => {
+        Command::EvalWorker { .. }
+        | Command::GenerateWorker { .. }
+        | Command::Worker { .. }
+        | Command::P2p { .. } => {
             unreachable!("handled above")
         }
     };

@@ -253,3 +253,38 @@ fn print_summary(prof: &Profile, shape: &ModelShape, mbs: usize) {
         );
     }
 }
+
+/// `strata p2p` (under `mpiexec -n 2`): Strata's tensor transport against raw MPI and
+/// memcpy, 8 B to `max_mib` MiB; rank 0 prints the table and the load average.
+pub fn p2p(rounds: usize, max_mib: usize) -> ExitCode {
+    use engine::profile::p2p;
+    let Some(universe) = mpi::initialize() else {
+        eprintln!("strata p2p: error: MPI was already initialised");
+        return ExitCode::from(1);
+    };
+    let world = universe.world();
+    let rank = world.rank();
+    let before = p2p::load_average();
+    let mut opts = p2p::Options {
+        rounds: rounds.max(1),
+        ..p2p::Options::default()
+    };
+    opts.sizes.retain(|&n| n <= max_mib.max(1) << 20);
+    match p2p::run(world.duplicate(), &opts) {
+        Ok(rows) if rank == 0 => {
+            println!(
+                "strata p2p: 2 ranks, median of {} rounds per size, interleaved (raw MPI, Strata, memcpy each round)",
+                opts.rounds
+            );
+            println!("load average before: {before}");
+            print!("{}", p2p::table(&rows));
+            println!("load average after:  {}", p2p::load_average());
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata p2p rank {rank}: error: {e}");
+            world.abort(if e.is_user_error() { 2 } else { 1 })
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! [`Error::PeerFailed`] within one polling interval instead of hanging, and every wait
 //! has the watchdog's deadline (a hang in a test fails it, naming the rank).
 
-use super::{Communicator, Tag};
+use super::{Communicator, ReduceOp, Tag};
 use crate::error::{Error, Result};
 use crate::flight::{CommOp, FlightRecorder, Group};
 use crate::watchdog::{Deadline, Deadlines, Watch};
@@ -23,6 +23,22 @@ struct Msg {
 
 const NOBODY: usize = usize::MAX;
 
+/// Tags of the started (non-blocking) all-reduces: shares to rank 0, results back.
+const SHARE: Tag = Tag(8);
+const RESULT: Tag = Tag(9);
+
+/// A started all-reduce: the caller's memory and its flight event.
+struct Started {
+    ptr: *mut f32,
+    len: usize,
+    op: ReduceOp,
+    event: u64,
+}
+
+// SAFETY: the pointer is used only by the thread that owns the communicator (the caller
+// of `start_all_reduce_f32` keeps the memory alive and untouched until the wait).
+unsafe impl Send for Started {}
+
 /// One rank's end of an in-process group.
 pub struct LocalComm {
     rank: Rank,
@@ -37,6 +53,8 @@ pub struct LocalComm {
     /// Messages that arrived before they were asked for, in arrival order.
     early: Vec<Msg>,
     failed: Arc<AtomicUsize>,
+    /// Started all-reduces, in start order.
+    started: Vec<Started>,
 }
 
 impl LocalComm {
@@ -80,6 +98,7 @@ impl LocalComm {
                 inbox,
                 early: Vec::new(),
                 failed: failed.clone(),
+                started: Vec::new(),
             })
             .collect()
     }
@@ -167,6 +186,72 @@ impl Communicator for LocalComm {
         Ok(())
     }
 
+    /// Rank 0 keeps its share; every other rank sends a copy of its share to rank 0 at
+    /// once. [`LocalComm::wait_started`] completes them in start order.
+    unsafe fn start_all_reduce_f32(&mut self, ptr: *mut f32, len: usize, op: ReduceOp) -> Result<()> {
+        if self.size() == 1 || len == 0 {
+            return Ok(());
+        }
+        let event =
+            self.watch
+                .flight()
+                .comm(CommOp::StartAllReduce, self.group, None, 0, 4 * len);
+        if self.rank.0 != 0 {
+            let share = std::slice::from_raw_parts(ptr, len);
+            self.send(Rank(0), SHARE, share.iter().flat_map(|x| x.to_le_bytes()).collect())?;
+        }
+        self.started.push(Started {
+            ptr,
+            len,
+            op,
+            event,
+        });
+        Ok(())
+    }
+
+    fn test_started(&mut self) -> Result<usize> {
+        Ok(self.started.len())
+    }
+
+    /// Rank 0 reduces each started buffer with the other ranks' shares in rank order (as
+    /// the blocking all-reduce does) and sends the result back; the others receive it.
+    fn wait_started(&mut self) -> Result<()> {
+        if self.started.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.started.iter().map(|s| 4 * s.len).sum();
+        let wait = self
+            .watch
+            .flight()
+            .comm(CommOp::Wait, self.group, None, 0, bytes);
+        for s in std::mem::take(&mut self.started) {
+            // SAFETY: the caller of start_all_reduce_f32 keeps the memory alive and
+            // untouched until this returns.
+            let values = unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) };
+            if self.rank.0 == 0 {
+                for r in 1..self.size() {
+                    let share = self.wait_for(Rank(r), SHARE)?;
+                    let share = f32s(&share, Rank(r), s.len)?;
+                    for (a, b) in values.iter_mut().zip(share) {
+                        *a = s.op.apply(*a, b);
+                    }
+                }
+                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                for r in 1..self.size() {
+                    self.send(Rank(r), RESULT, bytes.clone())?;
+                }
+            } else {
+                let result = self.wait_for(Rank(0), RESULT)?;
+                for (a, b) in values.iter_mut().zip(f32s(&result, Rank(0), s.len)?) {
+                    *a = b;
+                }
+            }
+            self.watch.flight().end(s.event);
+        }
+        self.watch.flight().end(wait);
+        Ok(())
+    }
+
     fn flight(&self) -> Option<&FlightRecorder> {
         Some(self.watch.flight())
     }
@@ -174,6 +259,20 @@ impl Communicator for LocalComm {
     fn abort_peers(&self) {
         self.poison();
     }
+}
+
+/// The `len` little-endian f32 values of a message from `from`.
+fn f32s(bytes: &[u8], from: Rank, len: usize) -> Result<impl Iterator<Item = f32> + '_> {
+    if bytes.len() != 4 * len {
+        return Err(Error::Wire {
+            from,
+            expected: format!("{len} f32 values"),
+            got: format!("{} bytes", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
 }
 
 #[cfg(test)]
@@ -199,6 +298,36 @@ mod tests {
                     let mut v = [r as f64, 1.0];
                     c.all_reduce_sum(&mut v).unwrap();
                     assert_eq!(v, [3.0, 3.0]);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    /// Started all-reduces leave what the blocking one leaves, bit for bit, in place.
+    #[test]
+    fn started_all_reduces_match_the_blocking_one() {
+        let comms = LocalComm::group(3);
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    let r = c.rank().0 as f32;
+                    let mut a: Vec<f32> = (0..5).map(|i| 0.1 * i as f32 + r / 3.0).collect();
+                    let mut b: Vec<f32> = vec![r * 1e-3, 7.0 - r];
+                    let (mut a2, mut b2) = (a.clone(), b.clone());
+                    unsafe {
+                        c.start_all_reduce_f32(a.as_mut_ptr(), a.len(), ReduceOp::Sum).unwrap();
+                        c.start_all_reduce_f32(b.as_mut_ptr(), b.len(), ReduceOp::Max).unwrap();
+                    }
+                    c.wait_started().unwrap();
+                    c.all_reduce_f32(&mut a2, ReduceOp::Sum).unwrap();
+                    c.all_reduce_f32(&mut b2, ReduceOp::Max).unwrap();
+                    assert_eq!(a, a2);
+                    assert_eq!(b, b2);
+                    assert_eq!(b, vec![2e-3, 7.0]);
                 })
             })
             .collect();

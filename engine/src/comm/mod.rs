@@ -281,6 +281,33 @@ pub trait Communicator: Send {
                 }
             }
         }
+    /// Starts a non-blocking, in-place element-wise reduction (`op`) of the `len` f32 values
+    /// at `ptr` over all ranks (a data-parallel gradient bucket; see [`crate::dp`]) and
+    /// returns at once. The result is the one [`Communicator::all_reduce_f32`] leaves,
+    /// bit for bit; it is in place once [`Communicator::wait_started`] returns. Every rank
+    /// of the group must start the same collectives in the same order. The default runs
+    /// the blocking reduction at once (correct, never overlapped); MPI starts an
+    /// `MPI_Iallreduce` with `MPI_IN_PLACE`, the in-process transport sends this rank's
+    /// share at once.
+    ///
+    /// # Safety
+    /// `ptr` points to `len` valid f32 values that stay alive, and that nothing else reads
+    /// or writes, until `wait_started` returns `Ok` (past an error the transport may still
+    /// own them: the job must end).
+    unsafe fn start_all_reduce_f32(&mut self, ptr: *mut f32, len: usize, op: ReduceOp) -> Result<()> {
+        self.all_reduce_f32(std::slice::from_raw_parts_mut(ptr, len), op)
+    }
+
+    /// Lets started reductions advance without blocking (MPI: `MPI_Test` on each);
+    /// returns how many are still unfinished. Called between the executor's actions so
+    /// that a reduction progresses while libtorch computes.
+    fn test_started(&mut self) -> Result<usize> {
+        Ok(0)
+    }
+
+    /// Waits for every started reduction, under the watchdog deadline
+    /// (`parallel.timeout_s`; past it, [`crate::error::Error::Stalled`] names the wait).
+    fn wait_started(&mut self) -> Result<()> {
         Ok(())
     }
 

@@ -3,7 +3,11 @@
 //! Collectives are MPI's own (`MPI_Iallreduce`, in place on the caller's memory with
 //! `MPI_IN_PLACE`, or from one buffer straight into another; `MPI_Iallgather` and
 //! `MPI_Ireduce_scatter_block` from the caller's buffer into the caller's buffer), never a
-//! star through rank 0.
+//! star through rank 0. Data-parallel gradient buckets use the non-blocking form: started
+//! in place on the gradient buffer ([`Communicator::start_all_reduce_f32`]), advanced by
+//! `MPI_Test` between the executor's actions (and by any other MPI call of the rank:
+//! MPICH's progress engine serves every communicator), and waited for before the optimizer
+//! ([`Communicator::wait_started`]).
 //! Waits loop over `MPI_Test` under a [`WaitPolicy`] (see [`super::wait`]).
 //!
 //! Tensor messages (the executor's activations and gradients) are zero-copy: a header
@@ -81,10 +85,23 @@ struct PostedTensor {
 // SAFETY: as for PendingSend.
 unsafe impl Send for PostedTensor {}
 
+/// A non-blocking in-place all-reduce in flight (its memory is the caller's).
+struct StartedReduce {
+    req: ffi::MPI_Request,
+    /// Its flight-recorder event.
+    event: u64,
+    bytes: usize,
+}
+
+// SAFETY: as for PendingSend.
+unsafe impl Send for StartedReduce {}
+
 /// An MPI communicator (the world, or a group cut from it).
 pub struct MpiComm {
     comm: SimpleCommunicator,
     pending: Vec<PendingSend>,
+    /// Started non-blocking all-reduces, in start order.
+    started: Vec<StartedReduce>,
     posted: HashMap<(Rank, Tag), VecDeque<PostedRecv>>,
     posted_tensors: HashMap<(Rank, Tag), VecDeque<PostedTensor>>,
     /// Receive buffers of completed tensor receives, by (peer, tag), for the next step.
@@ -146,6 +163,7 @@ impl MpiComm {
         Ok(MpiComm {
             comm,
             pending: Vec::new(),
+            started: Vec::new(),
             posted: HashMap::new(),
             posted_tensors: HashMap::new(),
             pool: HashMap::new(),
@@ -186,6 +204,17 @@ impl MpiComm {
         };
         self.watch
             .timeout(what, peer, &self.world_ranks, d.waited())
+    }
+}
+
+/// The MPI reduction of `op`.
+fn mpi_op(op: ReduceOp) -> ffi::MPI_Op {
+    // SAFETY: constants the MPI library defines.
+    unsafe {
+        match op {
+            ReduceOp::Sum => ffi::RSMPI_SUM,
+            ReduceOp::Max => ffi::RSMPI_MAX,
+        }
     }
 }
 
@@ -425,6 +454,85 @@ impl Communicator for MpiComm {
         unsafe { self.iallreduce(None, recv, n, 8, dtype, ReduceOp::Sum) }
     }
 
+    unsafe fn start_all_reduce_f32(&mut self, ptr: *mut f32, len: usize, op: ReduceOp) -> Result<()> {
+        if self.size() == 1 || len == 0 {
+            return Ok(());
+        }
+        let n = i32::try_from(len)
+            .map_err(|_| Error::Comm(format!("all-reduce of {len} values exceeds 2^31")))?;
+        let bytes = 4 * len;
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::StartAllReduce, self.group, None, 0, bytes);
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        let rc = ffi::MPI_Iallreduce(
+            in_place(),
+            ptr.cast(),
+            n,
+            f32::equivalent_datatype().as_raw(),
+            mpi_op(op),
+            self.comm.as_raw(),
+            req.as_mut_ptr(),
+        );
+        if rc != 0 {
+            return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+        }
+        self.started.push(StartedReduce {
+            req: req.assume_init(),
+            event,
+            bytes,
+        });
+        Ok(())
+    }
+
+    fn test_started(&mut self) -> Result<usize> {
+        let mut i = 0;
+        while i < self.started.len() {
+            let mut flag = 0;
+            // SAFETY: a live request of ours.
+            let rc = unsafe {
+                let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+                ffi::MPI_Test(&mut self.started[i].req, &mut flag, status.as_mut_ptr())
+            };
+            if rc != 0 {
+                return Err(Error::Comm(format!("MPI_Iallreduce failed with code {rc}")));
+            }
+            if flag != 0 {
+                self.watch.flight().end(self.started.remove(i).event);
+            } else {
+                i += 1;
+            }
+        }
+        progress(&mut self.pending, &self.watch)?;
+        Ok(self.started.len())
+    }
+
+    fn wait_started(&mut self) -> Result<()> {
+        if self.test_started()? == 0 {
+            return Ok(());
+        }
+        let bytes = self.started.iter().map(|s| s.bytes).sum();
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::Wait, self.group, None, 0, bytes);
+        let deadline = Deadline::start(self.watch.deadlines().timeout);
+        let mut waiter = Waiter::new(self.wait);
+        loop {
+            let left = self.test_started()?;
+            if left == 0 {
+                self.watch.flight().end(event);
+                return Ok(());
+            }
+            if deadline.passed() {
+                let left_bytes = self.started.iter().map(|s| s.bytes).sum();
+                return Err(self.stalled(CommOp::Wait, None, Tag(0), left_bytes, &deadline));
+            }
+            waiter.pause();
+        }
+    }
+
     fn flush(&mut self) -> Result<()> {
         progress(&mut self.pending, &self.watch)?;
         if self.pending.is_empty() {
@@ -504,10 +612,7 @@ impl MpiComm {
             recv,
             n,
             dtype,
-            match op {
-                ReduceOp::Sum => ffi::RSMPI_SUM,
-                ReduceOp::Max => ffi::RSMPI_MAX,
-            },
+            mpi_op(op),
             self.comm.as_raw(),
             req.as_mut_ptr(),
         );
@@ -817,6 +922,9 @@ impl Drop for MpiComm {
     /// has flushed every communicator before this.
     fn drop(&mut self) {
         let _ = progress(&mut self.pending, &self.watch);
+        // Started collectives cannot be freed or cancelled (MPI forbids it); a finished
+        // job has waited for all of them, a failing one is being torn down.
+        self.started.clear();
         for mut p in self.pending.drain(..) {
             unsafe {
                 ffi::MPI_Request_free(&mut p.req);

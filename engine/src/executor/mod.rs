@@ -114,6 +114,14 @@ pub(crate) fn bug(what: &str, a: &Action) -> Error {
     Error::Internal(format!("{a}: no {what} (schedule bug)"))
 }
 
+/// Told before and after each action of a row (by its index in the row), on the thread
+/// running it: the data-parallel overlap ([`crate::dp::GradSync`]) starts gradient
+/// buckets from here and lets started collectives progress between actions.
+pub trait ActionObserver {
+    fn before(&self, index: usize) -> Result<()>;
+    fn after(&self, index: usize) -> Result<()>;
+}
+
 /// Runs `actions` (this rank's lowered row) with `chunks[slot]` the model of each local
 /// chunk; `tp` is the tensor-parallel group (of one rank without tensor parallelism). With
 /// `training` false the schedule must be forward-only and nothing is stashed or
@@ -126,6 +134,21 @@ pub fn run_actions(
     layout: PipelineLayout,
     data: &StepData,
     training: bool,
+) -> Result<StepStats> {
+    run_observed(actions, chunks, comm, tp, layout, data, training, None)
+}
+
+/// [`run_actions`], telling `observer` about every action.
+#[allow(clippy::too_many_arguments)]
+pub fn run_observed(
+    actions: &[Action],
+    chunks: &[Model],
+    comm: &mut dyn Communicator,
+    tp: &mut dyn Communicator,
+    layout: PipelineLayout,
+    data: &StepData,
+    training: bool,
+    observer: Option<&dyn ActionObserver>,
 ) -> Result<StepStats> {
     let t0 = Instant::now();
     let mut stats = StepStats {
@@ -145,10 +168,13 @@ pub fn run_actions(
         state: compute::State::default(),
     };
     transfer::post_receives(&mut step, actions)?;
-    for a in actions {
+    for (i, a) in actions.iter().enumerate() {
         let start = t0.elapsed().as_secs_f64();
         // The flight recorder's event for this action (left open if the action fails).
         let flight = step.comm.flight().map(|f| f.action(*a, !training));
+        if let Some(o) = observer {
+            o.before(i)?;
+        }
         match a.kind {
             ActionKind::RecvAct | ActionKind::RecvGrad => transfer::recv(&mut step, a)?,
             ActionKind::SendAct | ActionKind::SendGrad => transfer::send(&mut step, a)?,
@@ -158,6 +184,9 @@ pub fn run_actions(
         }
         if let Some(f) = flight {
             f.end();
+        }
+        if let Some(o) = observer {
+            o.after(i)?;
         }
         stats.peak_stash = stats.peak_stash.max(step.state.stashed());
         let end = t0.elapsed().as_secs_f64();

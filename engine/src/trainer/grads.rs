@@ -26,12 +26,17 @@ pub struct CapturedGrad {
 
 /// Sums tied-embedding gradients over the pipeline, averages all over replicas, and
 /// under sequence parallelism sums the sequence-split regions' replicated parameters
-/// over the tp group (after the replicas, as Megatron's `finalize_model_grads`).
+/// over the tp group (after the replicas, as Megatron's `finalize_model_grads`). The
+/// replicas' average is the buckets started during the backward, then the rest (see
+/// [`crate::dp::overlap`]).
 pub fn reduce(rank: &RankState, comms: &mut ParallelComms) -> Result<()> {
     if let Some(numel) = rank.tied_numel {
         sum_tied_embedding_grads(&rank.params, numel, comms.pp.as_mut())?;
     }
-    all_reduce_mean_grads(&rank.flat, comms.dp.as_mut())?;
+    match &rank.grad_sync {
+        Some(sync) => sync.finish(&rank.flat, &mut comms.dp)?,
+        None => all_reduce_mean_grads(&rank.flat, comms.dp.as_mut())?,
+    }
     if rank
         .chunks
         .iter()

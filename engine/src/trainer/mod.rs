@@ -25,7 +25,7 @@ use crate::comm::groups::ParallelComms;
 use crate::config::Config;
 use crate::data::Split;
 use crate::error::{Error, Result};
-use crate::executor::{run_actions, StepStats};
+use crate::executor::{run_actions, run_observed, ActionObserver, StepStats};
 use crate::progress::{Progress, ProgressMode};
 use crate::trace::Trace;
 use metrics::{Measured, MetricsFile, StepInfo, StepRecord};
@@ -261,10 +261,12 @@ fn banner(cfg: &Config, rank: &RankState, world: usize) -> String {
     )
 }
 
-/// Runs this rank's row of the training schedule for `step`.
+/// Runs this rank's row of the training schedule for `step`; with data parallelism,
+/// gradient buckets start their all-reduce during it (see [`crate::dp::overlap`]).
 fn train_step(rank: &RankState, comms: &mut ParallelComms, step: usize) -> Result<StepStats> {
     let data = rank.step_data(Split::Train, step as u64)?;
-    run_actions(
+    let armed = rank.grad_sync.as_ref().map(|s| s.arm(&mut comms.dp));
+    run_observed(
         &rank.schedule.ranks[rank.coord.pp],
         &rank.chunks,
         comms.pp.as_mut(),
@@ -272,6 +274,7 @@ fn train_step(rank: &RankState, comms: &mut ParallelComms, step: usize) -> Resul
         rank.layout,
         &data,
         true,
+        armed.as_ref().map(|a| a as &dyn ActionObserver),
     )
 }
 

@@ -44,6 +44,8 @@ pub struct RankState {
     pub param_bytes: usize,
     pub microbatches: usize,
     pub eval_microbatches: usize,
+    /// The overlapped data-parallel gradient reduction (dp > 1 only).
+    pub grad_sync: Option<crate::dp::GradSync>,
     /// Pruning masks from `train.resume` (empty unless it names a pruned checkpoint).
     pub masks: crate::compress::mask::Masks,
     hidden_shape: Vec<i64>,
@@ -142,6 +144,19 @@ impl RankState {
                 weight_decay: t.weight_decay,
             },
         )?;
+        let grad_sync = match *cfg.parallel.dp > 1 {
+            true => Some(crate::dp::GradSync::new(crate::dp::overlap::Setup {
+                flat: &flat,
+                params: &params,
+                per_slot: &chunks.iter().map(|c| c.params().len()).collect::<Vec<_>>(),
+                row: &schedule.ranks[coord.pp],
+                layout,
+                hooks: tp.size == 1,
+                deferred: if tied_numel.is_some() { &["embed.wte"] } else { &[] },
+                bucket_bytes: cfg.dp_bucket_bytes(),
+            })?),
+            false => None,
+        };
         let last_stage = layout.rank_of(layout.n_chunks - 1).0;
         let mesh_rank = |dp: usize| {
             comms
@@ -174,6 +189,7 @@ impl RankState {
             microbatches: m,
             eval_microbatches: eval_m,
             masks: Default::default(),
+            grad_sync,
             hidden_shape: vec![
                 *cfg.parallel.micro_batch_size as i64,
                 shape.seq_len as i64,

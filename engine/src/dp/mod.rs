@@ -4,8 +4,19 @@
 //! across the group in one collective directly in the buffer's memory (no packing), then
 //! divided by the group size.
 //!
-//! Invariant: after [`all_reduce_mean_grads`], every replica holds bit-identical
-//! gradients (the collective's result is the same on every rank).
+//! Training overlaps that reduction with the backward ([`overlap::GradSync`]: buckets
+//! started as soon as their gradients are final, through post-accumulate-grad hooks
+//! ([`hook`]) and the executor's action boundaries); [`all_reduce_mean_grads`] is the
+//! synchronous form (profiling, and the reference the overlap is bit-identical to).
+//!
+//! Invariant: after [`all_reduce_mean_grads`] or [`overlap::GradSync::finish`], every
+//! replica holds bit-identical gradients (the collective's result is the same on every
+//! rank).
+
+pub mod hook;
+pub mod overlap;
+
+pub use overlap::GradSync;
 
 use crate::comm::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
