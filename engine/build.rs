@@ -33,9 +33,10 @@ fn build_mpi_shim() {
 /// does not bind), against the libtorch headers tch links (`LIBTORCH`).
 fn build_grad_hook() {
     println!("cargo:rerun-if-changed=src/dp/grad_hook.cpp");
-    let root = std::env::var("LIBTORCH").map(PathBuf::from).ok().or_else(|| {
-        torch_lib_dir().and_then(|lib| lib.parent().map(std::path::Path::to_path_buf))
-    });
+    let root = std::env::var("LIBTORCH")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| torch_lib_dir().and_then(|lib| lib.parent().map(std::path::Path::to_path_buf)));
     let Some(root) = root else {
         panic!("libtorch location unknown (no LIBTORCH); run scripts/setup.sh");
     };
@@ -50,7 +51,10 @@ fn build_grad_hook() {
         .flag_if_supported("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .compile("strata_grad_hook");
-    println!("cargo:rustc-link-search=native={}", root.join("lib").display());
+    println!(
+        "cargo:rustc-link-search=native={}",
+        root.join("lib").display()
+    );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -37,7 +37,11 @@ fn run_recorded(cfg: &Config) -> Vec<(RunSummary, FlightRecorder)> {
     handles
         .into_iter()
         .enumerate()
-        .map(|(r, h)| h.join().unwrap().unwrap_or_else(|e| panic!("rank {r}: {e}")))
+        .map(|(r, h)| {
+            h.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("rank {r}: {e}"))
+        })
         .collect()
 }
 
@@ -90,7 +94,12 @@ fn buckets_start_inside_the_last_backward() {
         let coord = summary.coord.unwrap();
         let entries = flight.entries();
         let (starts, b) = step2(&entries);
-        assert!(starts.len() >= 4, "dp {}: {} bucket starts", coord.dp, starts.len());
+        assert!(
+            starts.len() >= 4,
+            "dp {}: {} bucket starts",
+            coord.dp,
+            starts.len()
+        );
         let end = b.end.expect("the backward ended");
         let inside = starts
             .iter()
@@ -102,7 +111,10 @@ fn buckets_start_inside_the_last_backward() {
             coord.dp,
             starts.len()
         );
-        assert!(starts.iter().all(|s| s.end.is_some()), "every bucket completed");
+        assert!(
+            starts.iter().all(|s| s.end.is_some()),
+            "every bucket completed"
+        );
     }
 }
 
@@ -128,7 +140,10 @@ fn interleaved_chunks_start_before_the_last_backward_ends() {
 fn run_grads(pp: usize, dp: usize, schedule: &str, tie: bool, bucket_mb: f64) -> Vec<RunSummary> {
     let out = scratch(&format!("overlap-eq-{pp}{dp}-{schedule}-{tie}-{bucket_mb}"));
     let text = arch_config("gpt", tie, pp, 1, dp, schedule, 2, &out)
-        .replace("parallel: {", &format!("parallel: {{dp_bucket_mb: {bucket_mb}, "))
+        .replace(
+            "parallel: {",
+            &format!("parallel: {{dp_bucket_mb: {bucket_mb}, "),
+        )
         .replace("output: {", "checkpoint: {enabled: false}\noutput: {");
     let cfg = Config::parse(&text, Path::new("overlap.yaml")).unwrap();
     let opts = RunOptions {
@@ -149,20 +164,29 @@ fn overlapped_replicas_match_one_process() {
             let what = format!("{schedule} tied={tie} (pp 2, dp 2)");
             let small = run_grads(2, 2, schedule, tie, 0.004);
             let large = run_grads(2, 2, schedule, tie, 25.0);
-            assert_eq!(small[0].losses, large[0].losses, "{what}: bucket size changed the losses");
+            assert_eq!(
+                small[0].losses, large[0].losses,
+                "{what}: bucket size changed the losses"
+            );
             assert_eq!(small[0].grad_norms, large[0].grad_norms, "{what}");
             for (a, b) in small[0].losses.iter().zip(&reference[0].losses) {
                 assert!((a - b).abs() <= 1e-5 * b.abs(), "{what}: loss {a} vs {b}");
             }
             for (a, b) in small[0].grad_norms.iter().zip(&reference[0].grad_norms) {
-                assert!((a - b).abs() <= 1e-5 * b.abs(), "{what}: grad_norm {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "{what}: grad_norm {a} vs {b}"
+                );
             }
             let grads = full_grads(&small);
             let large_grads = full_grads(&large);
             for (name, g) in &grads {
                 let d = rel_diff(g, &ref_grads[name]);
                 assert!(d <= 1e-5, "{what}: gradient of {name} differs by {d:e}");
-                assert!(g.equal(&large_grads[name]), "{what}: {name} depends on the bucket size");
+                assert!(
+                    g.equal(&large_grads[name]),
+                    "{what}: {name} depends on the bucket size"
+                );
             }
         }
     }

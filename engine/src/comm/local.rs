@@ -188,17 +188,26 @@ impl Communicator for LocalComm {
 
     /// Rank 0 keeps its share; every other rank sends a copy of its share to rank 0 at
     /// once. [`LocalComm::wait_started`] completes them in start order.
-    unsafe fn start_all_reduce_f32(&mut self, ptr: *mut f32, len: usize, op: ReduceOp) -> Result<()> {
+    unsafe fn start_all_reduce_f32(
+        &mut self,
+        ptr: *mut f32,
+        len: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
         if self.size() == 1 || len == 0 {
             return Ok(());
         }
-        let event =
-            self.watch
-                .flight()
-                .comm(CommOp::StartAllReduce, self.group, None, 0, 4 * len);
+        let event = self
+            .watch
+            .flight()
+            .comm(CommOp::StartAllReduce, self.group, None, 0, 4 * len);
         if self.rank.0 != 0 {
             let share = std::slice::from_raw_parts(ptr, len);
-            self.send(Rank(0), SHARE, share.iter().flat_map(|x| x.to_le_bytes()).collect())?;
+            self.send(
+                Rank(0),
+                SHARE,
+                share.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )?;
         }
         self.started.push(Started {
             ptr,
@@ -319,8 +328,10 @@ mod tests {
                     let mut b: Vec<f32> = vec![r * 1e-3, 7.0 - r];
                     let (mut a2, mut b2) = (a.clone(), b.clone());
                     unsafe {
-                        c.start_all_reduce_f32(a.as_mut_ptr(), a.len(), ReduceOp::Sum).unwrap();
-                        c.start_all_reduce_f32(b.as_mut_ptr(), b.len(), ReduceOp::Max).unwrap();
+                        c.start_all_reduce_f32(a.as_mut_ptr(), a.len(), ReduceOp::Sum)
+                            .unwrap();
+                        c.start_all_reduce_f32(b.as_mut_ptr(), b.len(), ReduceOp::Max)
+                            .unwrap();
                     }
                     c.wait_started().unwrap();
                     c.all_reduce_f32(&mut a2, ReduceOp::Sum).unwrap();

@@ -294,7 +294,12 @@ pub trait Communicator: Send {
     /// `ptr` points to `len` valid f32 values that stay alive, and that nothing else reads
     /// or writes, until `wait_started` returns `Ok` (past an error the transport may still
     /// own them: the job must end).
-    unsafe fn start_all_reduce_f32(&mut self, ptr: *mut f32, len: usize, op: ReduceOp) -> Result<()> {
+    unsafe fn start_all_reduce_f32(
+        &mut self,
+        ptr: *mut f32,
+        len: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.all_reduce_f32(std::slice::from_raw_parts_mut(ptr, len), op)
     }
 

@@ -454,7 +454,12 @@ impl Communicator for MpiComm {
         unsafe { self.iallreduce(None, recv, n, 8, dtype, ReduceOp::Sum) }
     }
 
-    unsafe fn start_all_reduce_f32(&mut self, ptr: *mut f32, len: usize, op: ReduceOp) -> Result<()> {
+    unsafe fn start_all_reduce_f32(
+        &mut self,
+        ptr: *mut f32,
+        len: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
         if self.size() == 1 || len == 0 {
             return Ok(());
         }

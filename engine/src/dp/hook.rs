@@ -103,7 +103,11 @@ mod tests {
         assert_eq!(log.0.lock().unwrap().len(), 3);
         assert_eq!(Arc::strong_count(&log), 2, "b's hook still holds the sink");
         drop((y, z, b));
-        assert_eq!(Arc::strong_count(&log), 1, "freeing the tensor released its hook");
+        assert_eq!(
+            Arc::strong_count(&log),
+            1,
+            "freeing the tensor released its hook"
+        );
         let c = Tensor::from_slice(&[1f32]);
         assert!(install(&c, log.clone(), 2).is_err());
         assert_eq!(Arc::strong_count(&log), 1);

@@ -55,10 +55,12 @@ pub struct Bucket {
     view: Tensor,
 }
 
-/// Cuts every gradient buffer into buckets of whole parameters of at most `cap_bytes`
-/// (a larger parameter is a bucket of its own), last parameters first; buckets of all
-/// groups are ordered by their last parameter, descending (the backward's order).
-pub fn buckets(flat: &FlatBuffers, cap_bytes: usize) -> Result<Vec<Bucket>> {
+/// Cuts every gradient buffer into buckets of whole parameters of one chunk (`slot_of`:
+/// parameter → chunk slot; as Megatron keeps one set of buckets per model chunk) of at
+/// most `cap_bytes` (a larger parameter is a bucket of its own), last parameters first;
+/// buckets of all groups are ordered by their last parameter, descending (the backward's
+/// order).
+pub fn buckets(flat: &FlatBuffers, slot_of: &[usize], cap_bytes: usize) -> Result<Vec<Bucket>> {
     let mut out = Vec::new();
     for (gi, g) in flat.groups.iter().enumerate() {
         if g.kind != Kind::Float || !g.grads.is_contiguous() || g.grads.device() != tch::Device::Cpu
@@ -86,7 +88,10 @@ pub fn buckets(flat: &FlatBuffers, cap_bytes: usize) -> Result<Vec<Bucket>> {
         };
         for m in g.members.iter().rev() {
             open = match open {
-                Some((s, e, mut ps)) if e - s + m.numel <= cap || ps.is_empty() => {
+                Some((s, e, mut ps))
+                    if (e - s + m.numel <= cap || ps.is_empty())
+                        && ps.iter().all(|&p| slot_of.get(p) == slot_of.get(m.param)) =>
+                {
                     ps.push(m.param);
                     Some((m.offset, e, ps))
                 }
@@ -158,7 +163,11 @@ impl State {
         // bucket is a contiguous f32 CPU view of the flat gradients, which live as long
         // as the rank and which nothing touches until `finish` has waited.
         unsafe {
-            (**comm).start_all_reduce_f32(bucket.view.data_ptr() as *mut f32, bucket.len, ReduceOp::Sum)
+            (**comm).start_all_reduce_f32(
+                bucket.view.data_ptr() as *mut f32,
+                bucket.len,
+                ReduceOp::Sum,
+            )
         }
     }
 
@@ -218,15 +227,7 @@ pub struct Setup<'a> {
 impl GradSync {
     /// The reduction of one rank's gradients, with hooks installed if `setup.hooks`.
     pub fn new(setup: Setup<'_>) -> Result<GradSync> {
-        let buckets = buckets(setup.flat, setup.bucket_bytes)?;
         let n = setup.params.len();
-        let mut bucket_of = vec![usize::MAX; n];
-        for (b, bucket) in buckets.iter().enumerate() {
-            bucket.params.iter().for_each(|&p| bucket_of[p] = b);
-        }
-        if bucket_of.contains(&usize::MAX) {
-            return Err(Error::Internal("a parameter is in no gradient bucket".into()));
-        }
         let slot_of: Vec<usize> = setup
             .per_slot
             .iter()
@@ -234,7 +235,19 @@ impl GradSync {
             .flat_map(|(slot, &k)| std::iter::repeat_n(slot, k))
             .collect();
         if slot_of.len() != n {
-            return Err(Error::Internal("chunk parameter counts do not add up".into()));
+            return Err(Error::Internal(
+                "chunk parameter counts do not add up".into(),
+            ));
+        }
+        let buckets = buckets(setup.flat, &slot_of, setup.bucket_bytes)?;
+        let mut bucket_of = vec![usize::MAX; n];
+        for (b, bucket) in buckets.iter().enumerate() {
+            bucket.params.iter().for_each(|&p| bucket_of[p] = b);
+        }
+        if bucket_of.contains(&usize::MAX) {
+            return Err(Error::Internal(
+                "a parameter is in no gradient bucket".into(),
+            ));
         }
         let slots = setup.per_slot.len();
         let (mut last_action, mut hooked_action) = (vec![None; slots], vec![None; slots]);
@@ -245,8 +258,7 @@ impl GradSync {
             ) {
                 let slot = setup.layout.slot_of(a.stage.0);
                 last_action[slot] = Some(i);
-                hooked_action[slot] =
-                    (setup.hooks && a.kind == ActionKind::Backward).then_some(i);
+                hooked_action[slot] = (setup.hooks && a.kind == ActionKind::Backward).then_some(i);
             }
         }
         let deferred = buckets
@@ -384,7 +396,9 @@ impl ActionObserver for Armed<'_> {
                 }
             }
         }
-        let comm = s.comm.ok_or_else(|| Error::Internal("gradient sync not armed".into()))?;
+        let comm = s
+            .comm
+            .ok_or_else(|| Error::Internal("gradient sync not armed".into()))?;
         drop(s);
         // SAFETY: armed: the communicator is ours for the guard's life (see `State`).
         unsafe { (**comm).test_started() }?;

@@ -7,6 +7,9 @@
 //! * Receives for the whole step are posted up front ([`Communicator::post_recv_tensor`]), in
 //!   schedule order, so transfers can land while the rank computes ([`transfer`]).
 //! * Activations in flight are stashed by (chunk, microbatch) ([`compute`]).
+//! * An [`ActionObserver`] hears of every action's start and end: the data-parallel
+//!   overlap ([`crate::dp::overlap`]) starts gradient buckets at a chunk's last backward
+//!   action and lets started all-reduces progress (`MPI_Test`) between actions.
 //! * `B` runs a chunk's whole backward. `I` runs the input-gradient pass only and stashes
 //!   the chunk's [`WeightWork`]; the later `W` runs it. B and I + W leave the same
 //!   gradients, on every layout (the same model code runs at tp = 1 and tp > 1).

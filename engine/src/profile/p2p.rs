@@ -108,8 +108,24 @@ fn raw_start(
     // SAFETY: `buf` holds `n` bytes, alive until the request is waited for by the caller.
     let rc = unsafe {
         match send {
-            true => ffi::MPI_Isend(buf.cast(), n as i32, dt, peer, 0, comm.as_raw(), req.as_mut_ptr()),
-            false => ffi::MPI_Irecv(buf.cast(), n as i32, dt, peer, 0, comm.as_raw(), req.as_mut_ptr()),
+            true => ffi::MPI_Isend(
+                buf.cast(),
+                n as i32,
+                dt,
+                peer,
+                0,
+                comm.as_raw(),
+                req.as_mut_ptr(),
+            ),
+            false => ffi::MPI_Irecv(
+                buf.cast(),
+                n as i32,
+                dt,
+                peer,
+                0,
+                comm.as_raw(),
+                req.as_mut_ptr(),
+            ),
         }
     };
     mpi_check(rc, "raw MPI transfer")?;
@@ -120,7 +136,11 @@ fn raw_start(
 fn raw_wait(reqs: &mut [ffi::MPI_Request]) -> Result<()> {
     // SAFETY: live requests of ours; statuses ignored.
     let rc = unsafe {
-        ffi::MPI_Waitall(reqs.len() as i32, reqs.as_mut_ptr(), ffi::RSMPI_STATUSES_IGNORE)
+        ffi::MPI_Waitall(
+            reqs.len() as i32,
+            reqs.as_mut_ptr(),
+            ffi::RSMPI_STATUSES_IGNORE,
+        )
     };
     mpi_check(rc, "MPI_Waitall")
 }
@@ -182,9 +202,9 @@ fn strata_latency(comm: &mut MpiComm, n: usize, iters: usize) -> Result<f64> {
         comm.post_recv_tensor(peer, tag, &expect)?;
         if me == 0 {
             comm.send_tensor(peer, tag, header.clone(), &t)?;
-            comm.recv_tensor(peer, tag, &expect)?;
+            drop(comm.recv_tensor(peer, tag, &expect)?);
         } else {
-            comm.recv_tensor(peer, tag, &expect)?;
+            drop(comm.recv_tensor(peer, tag, &expect)?);
             comm.send_tensor(peer, tag, header.clone(), &t)?;
         }
     }
@@ -212,11 +232,11 @@ fn strata_bandwidth(comm: &mut MpiComm, n: usize, window: usize) -> Result<f64> 
         for _ in 0..window {
             comm.send_tensor(peer, tag, header.clone(), &t)?;
         }
-        comm.recv_tensor(peer, ack, &ack_expect)?;
+        drop(comm.recv_tensor(peer, ack, &ack_expect)?);
         comm.flush()?;
     } else {
         for _ in 0..window {
-            comm.recv_tensor(peer, tag, &expect)?;
+            drop(comm.recv_tensor(peer, tag, &expect)?);
         }
         comm.send_tensor(peer, ack, ack_header, &a)?;
         comm.flush()?;
@@ -280,8 +300,7 @@ pub fn run(world: SimpleCommunicator, opts: &Options) -> Result<Vec<Row>> {
                 cols.iter_mut().zip(r).for_each(|(c, x)| c.push(x));
             }
         }
-        let [a, b, c, d, e] = cols.map(median);
-        let mut v = [a, b, c, d, e];
+        let mut v = cols.map(median);
         strata.barrier()?;
         // Rank 0's figures on every rank (they time the same exchanges).
         let mut mine = if me == 0 { v.to_vec() } else { vec![0.0; 5] };

@@ -152,7 +152,11 @@ impl RankState {
                 row: &schedule.ranks[coord.pp],
                 layout,
                 hooks: tp.size == 1,
-                deferred: if tied_numel.is_some() { &["embed.wte"] } else { &[] },
+                deferred: if tied_numel.is_some() {
+                    &["embed.wte"]
+                } else {
+                    &[]
+                },
                 bucket_bytes: cfg.dp_bucket_bytes(),
             })?),
             false => None,
