@@ -281,6 +281,9 @@ pub trait Communicator: Send {
                 }
             }
         }
+        Ok(())
+    }
+
     /// Starts a non-blocking, in-place element-wise reduction (`op`) of the `len` f32 values
     /// at `ptr` over all ranks (a data-parallel gradient bucket; see [`crate::dp`]) and
     /// returns at once. The result is the one [`Communicator::all_reduce_f32`] leaves,
