@@ -156,9 +156,9 @@ say "prompt: \`$(printf %q "$PROMPT")\`"
 say ""
 say "| round | load avg | model | Strata fp32 | Strata int8 | PyTorch fp32 | PyTorch int8 |"
 say "|---|---|---|---|---|---|---|"
-strata_tps() { "$STRATA" generate "$1" --prompt "$PROMPT" --max-new-tokens "$NEW" --json | json 'd["report"]["decode_tokens_per_s"]'; }
+strata_tps() { "$STRATA" generate "$1" --prompt "$PROMPT" --max-new-tokens "$NEW" --json | json '"%.1f" % d["report"]["decode_tokens_per_s"]'; }
 torch_tps() { "$PY" bench/torch_decode.py --checkpoint "$1" --batch 1 --precision "$2" --threads 1 \
-  --prompt-len "$PLEN" --new-tokens "$NEW" --runs 1 | json 'd["decode_tok_s"]'; }
+  --prompt-len "$PLEN" --new-tokens "$NEW" --runs 1 | json '"%.1f" % d["decode_tok_s"]'; }
 : >"$OUT/decode.tsv"
 for rep in $(seq "$REPS"); do
   for model in demo big; do

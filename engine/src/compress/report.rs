@@ -18,7 +18,7 @@
 //! is refused (exit 2) naming it.
 
 use crate::checkpoint::{Checkpoint, Manifest};
-use crate::compress::prune::{PruneInfo, Scope, MANIFEST_KEY as PRUNE_KEY};
+use crate::compress::prune::{Method, PruneInfo, Scope, MANIFEST_KEY as PRUNE_KEY};
 use crate::error::{Error, Result};
 use crate::eval::{EvalJob, LayoutArg};
 use crate::generate::{GenerateJob, Request, Sampling};
@@ -208,9 +208,9 @@ fn describe(path: &Path, val_loss: f64) -> Result<Row> {
 pub fn variant_name(m: &Manifest) -> Result<String> {
     let mut parts = Vec::new();
     if let Some(p) = PruneInfo::from_extra(&m.extra)? {
-        let scope = match p.scope {
-            Scope::Global => " (global)",
-            Scope::Layer => "",
+        let scope = match (p.method, p.scope) {
+            (Method::Magnitude, Scope::Global) => " (global)",
+            _ => "",
         };
         parts.push(format!(
             "{} {:.1}%{scope}",
