@@ -173,24 +173,11 @@ pub trait Communicator: Send {
         }
         let root = Rank(0);
         let encode = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let decode = |bytes: &[u8], from: Rank, out: &mut [f32]| -> Result<()> {
-            if bytes.len() != 4 * out.len() {
-                return Err(crate::error::Error::Wire {
-                    from,
-                    expected: format!("{} f32 values", out.len()),
-                    got: format!("{} bytes", bytes.len()),
-                });
-            }
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes(c.try_into().unwrap());
-            }
-            Ok(())
-        };
         if self.rank() == root {
             let mut theirs = vec![0f32; values.len()];
             for r in 1..n {
                 let bytes = self.recv(Rank(r), Tag::plain(Tag::REDUCE))?;
-                decode(&bytes, Rank(r), &mut theirs)?;
+                decode_f32s(&bytes, Rank(r), &mut theirs)?;
                 for (a, b) in values.iter_mut().zip(&theirs) {
                     *a = op.apply(*a, *b);
                 }
@@ -202,7 +189,7 @@ pub trait Communicator: Send {
         } else {
             self.send(root, Tag::plain(Tag::REDUCE), encode(values))?;
             let bytes = self.recv(root, Tag::plain(Tag::BROADCAST))?;
-            decode(&bytes, root, values)?;
+            decode_f32s(&bytes, root, values)?;
         }
         Ok(())
     }
