@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::{Activation, ModelSpec};
 use partitioner::mesh::Mesh;
 use partitioner::{
-    ActivationPolicy, Arch, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec,
+    ActivationPolicy, Arch, FfWidth, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec,
     Profile, Recompute, Schedule, ScheduleKind,
 };
 use serde::de::{self, Deserializer};
@@ -47,6 +47,53 @@ impl<'de> Deserialize<'de> for Count {
 impl std::ops::Deref for Count {
     type Target = usize;
     fn deref(&self) -> &usize {
+        &self.0
+    }
+}
+
+/// `model.d_ff`: one positive width for every block (`512`), or a list of one positive
+/// width per block (`[512, 256, 384, 512]`, as `strata prune --method neurons` writes).
+/// Its length against `model.n_layers` and its divisibility by `parallel.tp` are checked
+/// with the plan ([`ModelShape::validate`], [`partitioner::tp::check_divisibility`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct FfConfig(pub FfWidth);
+
+impl<'de> Deserialize<'de> for FfConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<FfConfig, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            L(Vec<i64>),
+        }
+        let bad = |v: i64| {
+            de::Error::custom(format!(
+                "must be a positive integer or a list of positive integers (one per block), \
+                 got {v}; fix: write e.g. `d_ff: 512` or `d_ff: [512, 384, 256, 512]`"
+            ))
+        };
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom(
+                "must be a positive integer or a list of positive integers (one per block); \
+                 fix: write e.g. `d_ff: 512` or `d_ff: [512, 384, 256, 512]`",
+            )
+        })? {
+            Raw::N(n) if n >= 1 => Ok(FfConfig(FfWidth::Uniform(n as usize))),
+            Raw::N(n) => Err(bad(n)),
+            Raw::L(v) => match v.iter().find(|&&x| x < 1) {
+                Some(&x) => Err(bad(x)),
+                None => Ok(FfConfig(FfWidth::PerLayer(
+                    v.into_iter().map(|x| x as usize).collect(),
+                ))),
+            },
+        }
+    }
+}
+
+impl std::ops::Deref for FfConfig {
+    type Target = FfWidth;
+    fn deref(&self) -> &FfWidth {
         &self.0
     }
 }
@@ -96,7 +143,8 @@ pub struct ModelConfig {
     pub d_model: Count,
     pub n_heads: Count,
     pub n_layers: Count,
-    pub d_ff: Count,
+    /// MLP width: one integer, or one per block ([`FfConfig`]).
+    pub d_ff: FfConfig,
     /// `gpt` (GPT-2 style) or `llama` (RMSNorm, SwiGLU, rotary, grouped-query attention).
     #[serde(default)]
     pub arch: Arch,
@@ -122,6 +170,22 @@ pub struct ModelConfig {
     /// config's directory. See [`init_from`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+}
+
+impl ModelConfig {
+    /// The shape with vocabulary `vocab` (resolved by the caller).
+    pub fn shape(&self, vocab: usize) -> ModelShape {
+        ModelShape {
+            arch: self.arch,
+            vocab,
+            seq_len: *self.seq_len,
+            d_model: *self.d_model,
+            n_heads: *self.n_heads,
+            n_kv_heads: self.n_kv_heads.map_or(*self.n_heads, |c| *c),
+            n_layers: *self.n_layers,
+            d_ff: self.d_ff.0.clone(),
+        }
+    }
 }
 
 fn norm_eps() -> f64 {
@@ -681,16 +745,7 @@ impl Config {
             (Vocab::Auto, DataSource::Chars { vocab, .. }) => vocab.chars.len(),
             (Vocab::Auto, DataSource::Random { vocab }) => *vocab,
         };
-        Ok(ModelShape {
-            arch: self.model.arch,
-            vocab,
-            seq_len: *self.model.seq_len,
-            d_model: *self.model.d_model,
-            n_heads: *self.model.n_heads,
-            n_kv_heads: self.model.n_kv_heads.map_or(*self.model.n_heads, |c| *c),
-            n_layers: *self.model.n_layers,
-            d_ff: *self.model.d_ff,
-        })
+        Ok(self.model.shape(vocab))
     }
 
     /// The model shape, with `vocab: auto` resolved from the data.
@@ -776,7 +831,7 @@ impl Config {
             }
         };
         Ok(PlanSpec {
-            shape: *shape,
+            shape: shape.clone(),
             pp: *p.pp,
             tp: *p.tp,
             dp: *p.dp,

@@ -61,7 +61,7 @@ fn time_layer(
     micro_batch_size: usize,
     opts: &ProfileOptions,
 ) -> Result<(f64, f64)> {
-    let model = Model::new(&ModelSpec::new(*shape), &[layer], 0, TpRank::SINGLE)?;
+    let model = Model::new(&ModelSpec::new(shape.clone()), &[layer], 0, TpRank::SINGLE)?;
     let mut tp = LocalComm::group(1)
         .pop()
         .ok_or_else(|| Error::Internal("no local group".into()))?;
@@ -135,7 +135,7 @@ pub fn profile_layers(
     Ok(Profile {
         device: "cpu".into(),
         threads: opts.threads.max(1),
-        model: *shape,
+        model: shape.clone(),
         micro_batch_size,
         dtype_bytes: 4,
         layers,

@@ -3,10 +3,17 @@
 
 use engine::model::sharding::TpRank;
 use engine::model::{Model, ModelSpec};
-use partitioner::{LayerGraph, ModelShape, PartitionMethod, Plan, PlanSpec};
+use partitioner::{FfWidth, LayerGraph, ModelShape, PartitionMethod, Plan, PlanSpec};
 
 fn shapes() -> Vec<ModelShape> {
+    // Per-layer MLP widths (what `strata prune --method neurons` writes).
+    let per_layer = |mut s: ModelShape, widths: &[usize]| {
+        s.d_ff = FfWidth::PerLayer(widths.to_vec());
+        s
+    };
     vec![
+        per_layer(ModelShape::gpt(65, 16, 32, 4, 4, 64), &[64, 24, 40, 8]),
+        per_layer(ModelShape::llama(65, 16, 32, 4, 2, 3, 48), &[16, 48, 32]),
         ModelShape::gpt(65, 16, 32, 4, 4, 64),
         ModelShape::gpt(97, 24, 48, 6, 3, 80),
         ModelShape::gpt(64, 8, 16, 2, 2, 16),
@@ -16,7 +23,7 @@ fn shapes() -> Vec<ModelShape> {
 }
 
 fn build(shape: &ModelShape, layers: &[partitioner::LayerKind], seed: u64) -> Model {
-    Model::new(&ModelSpec::new(*shape), layers, seed, TpRank::SINGLE).unwrap()
+    Model::new(&ModelSpec::new(shape.clone()), layers, seed, TpRank::SINGLE).unwrap()
 }
 
 #[test]
@@ -47,7 +54,7 @@ fn every_planned_stage_allocates_its_planned_params() {
     for shape in shapes() {
         for pp in 1..=shape.n_layers {
             for method in [PartitionMethod::Uniform, PartitionMethod::Optimal] {
-                let mut spec = PlanSpec::new(shape, pp, 4, 2);
+                let mut spec = PlanSpec::new(shape.clone(), pp, 4, 2);
                 spec.method = method;
                 let plan = Plan::build(&spec).unwrap();
                 let mut total = 0;
@@ -80,7 +87,7 @@ fn every_tp_shard_holds_what_the_cost_model_counts() {
                 let mut covered = 0u64;
                 for r in 0..tp {
                     let m = Model::new(
-                        &ModelSpec::new(shape),
+                        &ModelSpec::new(shape.clone()),
                         &[node.kind],
                         1,
                         TpRank { rank: r, size: tp },

@@ -5,6 +5,7 @@
 use crate::launch::LaunchError;
 use clap::Args;
 use engine::checkpoint::human_bytes;
+use engine::compress::prune::neurons::{prune_neurons, DEFAULT_MULTIPLE_OF};
 use engine::compress::prune::{prune_checkpoint, Method, PruneOptions, Scope};
 use engine::compress::quantize::quantize_checkpoint;
 use engine::compress::report::{compress_report, ReportOptions};
@@ -48,11 +49,13 @@ pub struct PruneArgs {
     /// Where to write the pruned checkpoint (a checkpoint root: DIR/step-N and DIR/latest).
     #[arg(long)]
     pub out: PathBuf,
-    /// Share of the blocks' linear weights to remove, in (0, 1) (2:4: always 0.5).
+    /// Share of the blocks' linear weights to remove, in (0, 1) (2:4: always 0.5;
+    /// neurons: the share of each block's MLP hidden units).
     #[arg(long)]
     pub sparsity: Option<f64>,
-    /// magnitude (smallest |w|), 2:4 (2 of every 4 consecutive inputs of an output) or
-    /// sensitivity (per-layer sparsity from a validation-loss scan).
+    /// magnitude (smallest |w|), 2:4 (2 of every 4 consecutive inputs of an output),
+    /// sensitivity (per-layer sparsity from a validation-loss scan) or neurons (remove
+    /// whole MLP hidden units: a smaller model with a per-layer d_ff).
     #[arg(long)]
     pub method: String,
     /// Magnitude only: layer (each weight to the sparsity, the default) or global (one
@@ -62,11 +65,27 @@ pub struct PruneArgs {
     /// Sensitivity only: validation batches (of the run's micro-batch size) per loss.
     #[arg(long, default_value_t = 8)]
     pub eval_batches: usize,
+    /// Neurons only: every block's kept width is a multiple of this (default 8), so each
+    /// tp size that divides it can split the pruned model.
+    #[arg(long)]
+    pub multiple_of: Option<usize>,
 }
 
 pub fn prune(args: &PruneArgs) -> Result<(), LaunchError> {
+    let method = Method::parse(&args.method)?;
+    if method == Method::Neurons {
+        return prune_units(args);
+    }
+    if args.multiple_of.is_some() {
+        return Err(engine::Error::usage(
+            "--multiple-of",
+            format!("--multiple-of applies to --method neurons, not {}", method.name()),
+            "leave --multiple-of out",
+        )
+        .into());
+    }
     let opts = PruneOptions {
-        method: Method::parse(&args.method)?,
+        method,
         sparsity: args.sparsity,
         scope: args.scope.as_deref().map(Scope::parse).transpose()?,
         eval_batches: args.eval_batches,
@@ -151,5 +170,33 @@ pub fn report(args: &ReportArgs) -> Result<(), LaunchError> {
     } else {
         print!("{}", r.table());
     }
+/// `strata prune --method neurons`: the per-layer table, then one summary line.
+fn prune_units(args: &PruneArgs) -> Result<(), LaunchError> {
+    if args.scope.is_some() {
+        return Err(engine::Error::usage(
+            "--scope",
+            "--scope applies to magnitude pruning, not neurons",
+            "leave --scope out",
+        )
+        .into());
+    }
+    let multiple_of = args.multiple_of.unwrap_or(DEFAULT_MULTIPLE_OF);
+    let p = prune_neurons(&args.checkpoint, &args.out, args.sparsity, multiple_of)?;
+    print!("{}", p.table());
+    println!(
+        "removed {:.1}% of the MLP hidden units (target {:.1}%, widths multiples of {}): {} -> {} parameters, {} -> {} on disk, AdamW moments {}; written to {}",
+        100.0
+            * (1.0
+                - p.info.layers.iter().map(|c| c.d_ff_after).sum::<usize>() as f64
+                    / p.info.layers.iter().map(|c| c.d_ff_before).sum::<usize>().max(1) as f64),
+        100.0 * p.info.target,
+        p.info.multiple_of,
+        p.params_before,
+        p.params_after,
+        human_bytes(p.bytes_before),
+        human_bytes(p.bytes_after),
+        if p.moments { "sliced the same way" } else { "absent in the source" },
+        p.dir.display()
+    );
     Ok(())
 }

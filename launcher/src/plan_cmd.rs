@@ -204,7 +204,7 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
     let global_batch = args
         .global_batch
         .unwrap_or(*p.dp * *p.microbatches * *p.micro_batch_size);
-    let mut spec = AutoSpec::new(shape, world, global_batch);
+    let mut spec = AutoSpec::new(shape.clone(), world, global_batch);
     spec.dtype_bytes = args.dtype_bytes;
     spec.hardware = p.hardware;
     spec.profile = match cfg.profile_path() {

@@ -26,7 +26,7 @@ fn main() -> partitioner::Result<()> {
         for pp in [4, 6, 8] {
             print!("| {pp} |");
             for method in methods {
-                let mut spec = PlanSpec::new(shape, pp, 16, 1);
+                let mut spec = PlanSpec::new(shape.clone(), pp, 16, 1);
                 spec.method = method;
                 let plan = Plan::build(&spec)?;
                 let peak = plan.rank_memory_bytes().into_iter().max().unwrap_or(0);

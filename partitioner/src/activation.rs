@@ -84,13 +84,21 @@ pub struct ActivationPolicy {
 }
 
 /// Activation shape parameters of one device.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ActivationShape {
     pub shape: ModelShape,
     pub micro_batch_size: usize,
     pub dtype_bytes: usize,
     pub tp: usize,
     pub padded_vocab: usize,
+}
+
+/// The MLP width of `layer` (0 outside the blocks).
+fn ff_width(sh: &ModelShape, layer: LayerKind) -> f64 {
+    match layer {
+        LayerKind::Block(i) => sh.d_ff_of(i) as f64,
+        _ => 0.0,
+    }
 }
 
 /// Bytes `layer` stashes per microbatch on one device under `policy`; see the module docs.
@@ -104,7 +112,7 @@ pub fn layer_activation_bytes(
     let tokens = (a.micro_batch_size * sh.seq_len) as f64;
     let (d, f, h, dkv) = (
         sh.d_model as f64,
-        sh.d_ff as f64,
+        ff_width(sh, layer),
         sh.n_heads as f64,
         sh.d_kv() as f64,
     );
@@ -144,7 +152,7 @@ pub fn layer_weight_grad_bytes(
     let (e, t) = (a.dtype_bytes as f64, a.tp.max(1) as f64);
     let sh = &a.shape;
     let tokens = (a.micro_batch_size * sh.seq_len) as f64;
-    let (d, f, dkv) = (sh.d_model as f64, sh.d_ff as f64, sh.d_kv() as f64);
+    let (d, f, dkv) = (sh.d_model as f64, ff_width(sh, layer), sh.d_kv() as f64);
     let r = if policy.sequence_parallel && a.tp > 1 {
         1.0 / t
     } else {
@@ -214,7 +222,7 @@ mod tests {
                     let no_sp = layer_activation_bytes(&a, layer, ActivationPolicy { recompute: Recompute::None, sequence_parallel: false });
                     prop_assert!(at(Recompute::None) <= no_sp);
                 }
-                let one = layer_activation_bytes(&ActivationShape { micro_batch_size: 1, ..a }, layer, ActivationPolicy::default()) as f64;
+                let one = layer_activation_bytes(&ActivationShape { micro_batch_size: 1, ..a.clone() }, layer, ActivationPolicy::default()) as f64;
                 let many = layer_activation_bytes(&a, layer, ActivationPolicy::default()) as f64;
                 prop_assert!((many - one * b as f64).abs() <= b as f64);
             }

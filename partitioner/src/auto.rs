@@ -137,7 +137,7 @@ fn spec_of(
     m: usize,
     mbs: usize,
 ) -> PlanSpec {
-    let mut spec = PlanSpec::new(a.shape, pp, m, mbs);
+    let mut spec = PlanSpec::new(a.shape.clone(), pp, m, mbs);
     spec.tp = tp;
     spec.dp = dp;
     spec.virtual_stages = v;

@@ -86,8 +86,71 @@ impl std::str::FromStr for Arch {
     }
 }
 
+/// The MLP hidden width `d_ff`: one for every block (`512`), or one per block (`[512, 256,
+/// 384, 512]`, what structured pruning writes). Serialised as a number or a list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FfWidth {
+    /// Every block has this width.
+    Uniform(usize),
+    /// Block `i` has width `[i]` (length `n_layers`, checked by [`ModelShape::validate`]).
+    PerLayer(Vec<usize>),
+}
+
+impl FfWidth {
+    /// The width of block `layer` (the last entry past the end of a too-short list, which
+    /// [`ModelShape::validate`] refuses).
+    pub fn of(&self, layer: usize) -> usize {
+        match self {
+            FfWidth::Uniform(f) => *f,
+            FfWidth::PerLayer(v) => v.get(layer).or(v.last()).copied().unwrap_or(0),
+        }
+    }
+
+    /// The one width of every block, if all are equal.
+    pub fn uniform(&self) -> Option<usize> {
+        match self {
+            FfWidth::Uniform(f) => Some(*f),
+            FfWidth::PerLayer(v) => v.first().copied().filter(|f| v.iter().all(|x| x == f)),
+        }
+    }
+
+    /// The widest block's width.
+    pub fn max(&self) -> usize {
+        match self {
+            FfWidth::Uniform(f) => *f,
+            FfWidth::PerLayer(v) => v.iter().copied().max().unwrap_or(0),
+        }
+    }
+
+    /// Every block's width, `n_layers` of them.
+    pub fn widths(&self, n_layers: usize) -> Vec<usize> {
+        (0..n_layers).map(|i| self.of(i)).collect()
+    }
+
+    /// True when the widths are a list (even of equal entries).
+    pub fn is_per_layer(&self) -> bool {
+        matches!(self, FfWidth::PerLayer(_))
+    }
+}
+
+impl From<usize> for FfWidth {
+    fn from(f: usize) -> FfWidth {
+        FfWidth::Uniform(f)
+    }
+}
+
+impl fmt::Display for FfWidth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FfWidth::Uniform(w) => write!(f, "{w}"),
+            FfWidth::PerLayer(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
 /// The concrete shape of a model (vocab already resolved).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelShape {
     #[serde(default)]
@@ -99,7 +162,8 @@ pub struct ModelShape {
     /// Key/value heads (grouped-query attention); equals `n_heads` for `gpt`.
     pub n_kv_heads: usize,
     pub n_layers: usize,
-    pub d_ff: usize,
+    /// The MLP width, one or per block ([`FfWidth`]); [`ModelShape::d_ff_of`] reads it.
+    pub d_ff: FfWidth,
 }
 
 impl ModelShape {
@@ -120,7 +184,7 @@ impl ModelShape {
             n_heads,
             n_kv_heads: n_heads,
             n_layers,
-            d_ff,
+            d_ff: FfWidth::Uniform(d_ff),
         }
     }
 
@@ -143,7 +207,7 @@ impl ModelShape {
             n_heads,
             n_kv_heads,
             n_layers,
-            d_ff,
+            d_ff: FfWidth::Uniform(d_ff),
         }
     }
 
@@ -156,7 +220,6 @@ impl ModelShape {
             ("n_heads", self.n_heads),
             ("n_kv_heads", self.n_kv_heads),
             ("n_layers", self.n_layers),
-            ("d_ff", self.d_ff),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -168,6 +231,7 @@ impl ModelShape {
                 });
             }
         }
+        self.validate_d_ff()?;
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::BadModel {
                 field: "d_model",
@@ -203,6 +267,51 @@ impl ModelShape {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// `d_ff`: positive, and a list has one entry per block.
+    fn validate_d_ff(&self) -> Result<()> {
+        let widths = match &self.d_ff {
+            FfWidth::Uniform(0) => {
+                return Err(Error::BadModel {
+                    field: "d_ff",
+                    value: 0,
+                    reason: "must be at least 1".into(),
+                    fix: "set model.d_ff to a positive integer".into(),
+                })
+            }
+            FfWidth::Uniform(_) => return Ok(()),
+            FfWidth::PerLayer(v) => v,
+        };
+        if widths.len() != self.n_layers {
+            return Err(Error::BadValue {
+                field: "model.d_ff",
+                value: format!("{widths:?}"),
+                reason: format!(
+                    "a per-layer list needs one entry per block (model.n_layers = {}), it has {}",
+                    self.n_layers,
+                    widths.len()
+                ),
+                fix: format!(
+                    "write {} widths, or one integer for every block",
+                    self.n_layers
+                ),
+            });
+        }
+        if let Some(i) = widths.iter().position(|&f| f == 0) {
+            return Err(Error::BadValue {
+                field: "model.d_ff",
+                value: format!("{widths:?}"),
+                reason: format!("entry {i} (block {i}) is 0; every block needs a hidden unit"),
+                fix: "make every entry a positive integer".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The MLP width of block `layer`.
+    pub fn d_ff_of(&self, layer: usize) -> usize {
+        self.d_ff.of(layer)
     }
 
     /// Width of one attention head.
@@ -415,20 +524,20 @@ impl LayerGraph {
         let padded_vocab = crate::tp::padded_vocab(shape.vocab, tp);
         let t = tp as u64;
         let e = dtype_bytes as u64;
-        let (b, s, d, f, v) = (
+        let (b, s, d, v) = (
             micro_batch_size as u64,
             shape.seq_len as u64,
             shape.d_model as u64,
-            shape.d_ff as u64,
             padded_vocab as u64,
         );
+        let f_of = |i: usize| shape.d_ff_of(i) as u64;
         let v_full = shape.vocab as u64;
         let dkv = shape.d_kv() as u64;
         let hidden = e * b * s * d;
         let optim_per_param = 8 + if dtype_bytes < 4 { 4 } else { 0 };
         let tp_on = tp > 1;
         let act_shape = ActivationShape {
-            shape: *shape,
+            shape: shape.clone(),
             micro_batch_size,
             dtype_bytes,
             tp,
@@ -477,8 +586,9 @@ impl LayerGraph {
                     hidden,
                     1,
                 ));
-                let sharded = 4 * d * d + 2 * d * f + 3 * d + f;
                 for i in 0..shape.n_layers {
+                    let f = f_of(i);
+                    let sharded = 4 * d * d + 2 * d * f + 3 * d + f;
                     let linear = 2 * b * s * (4 * d * d + 2 * d * f);
                     nodes.push(node(
                         LayerKind::Block(i),
@@ -510,8 +620,8 @@ impl LayerGraph {
                     hidden,
                     1,
                 ));
-                let sharded = 2 * d * d + 2 * d * dkv + 3 * d * f;
                 for i in 0..shape.n_layers {
+                    let sharded = 2 * d * d + 2 * d * dkv + 3 * d * f_of(i);
                     nodes.push(node(
                         LayerKind::Block(i),
                         (
@@ -537,7 +647,7 @@ impl LayerGraph {
             }
         }
         Ok(LayerGraph {
-            shape: *shape,
+            shape: shape.clone(),
             micro_batch_size,
             dtype_bytes,
             tp,

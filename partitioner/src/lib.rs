@@ -30,7 +30,7 @@ pub mod tp;
 pub use activation::{ActivationPolicy, Recompute};
 pub use cost::{Hardware, PipeSchedule};
 pub use error::{Error, Result};
-pub use graph::{Arch, LayerCost, LayerGraph, LayerKind, LayerNode, ModelShape};
+pub use graph::{Arch, FfWidth, LayerCost, LayerGraph, LayerKind, LayerNode, ModelShape};
 pub use ids::{MicrobatchId, Rank, StageId};
 pub use mesh::{Mesh, MeshCoord};
 pub use plan::{Plan, PlanSpec, StagePlan};

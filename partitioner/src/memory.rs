@@ -118,7 +118,7 @@ pub fn stash_peaks(schedule: &Schedule, fwd: &[u64], wgrad: &[u64], message: u64
 pub fn rank_memory(stages: &[StagePlan], m: &MemoryInputs<'_>) -> Vec<RankMemory> {
     let g = m.graph;
     let shape = ActivationShape {
-        shape: g.shape,
+        shape: g.shape.clone(),
         micro_batch_size: g.micro_batch_size,
         dtype_bytes: g.dtype_bytes,
         tp: g.tp,

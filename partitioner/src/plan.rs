@@ -289,7 +289,7 @@ impl Plan {
         micro_batch_size: usize,
         dtype_bytes: usize,
     ) -> Result<Plan> {
-        let mut spec = PlanSpec::new(*shape, pp, microbatches, micro_batch_size);
+        let mut spec = PlanSpec::new(shape.clone(), pp, microbatches, micro_batch_size);
         spec.dtype_bytes = dtype_bytes;
         spec.schedule = PipeSchedule::Gpipe;
         Plan::build(&spec)
@@ -455,7 +455,7 @@ impl Plan {
         );
         Plan {
             method: spec.method.name().to_string(),
-            model: graph.shape,
+            model: graph.shape.clone(),
             pp: spec.pp,
             virtual_stages: spec.virtual_stages,
             tp: spec.tp,
@@ -483,7 +483,7 @@ impl Plan {
         microbatches: usize,
     ) -> Result<Plan> {
         let mut spec = PlanSpec::new(
-            graph.shape,
+            graph.shape.clone(),
             bounds.len() - 1,
             microbatches,
             graph.micro_batch_size,
@@ -825,7 +825,7 @@ mod tests {
                 PartitionMethod::Flops,
                 PartitionMethod::Optimal,
             ] {
-                let mut spec = PlanSpec::new(shape, pp, 8, 1);
+                let mut spec = PlanSpec::new(shape.clone(), pp, 8, 1);
                 spec.method = method;
                 let plan = Plan::build(&spec).unwrap();
                 assert_eq!(plan.method, method.name());

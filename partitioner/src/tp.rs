@@ -19,7 +19,7 @@
 //! ([`ParamShard::ranges`]) are disjoint and cover the split dimension exactly.
 
 use crate::error::{Error, Result};
-use crate::graph::{Arch, LayerKind, ModelShape};
+use crate::graph::{Arch, FfWidth, LayerKind, ModelShape};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -60,10 +60,10 @@ pub fn check_divisibility(shape: &ModelShape, tp: usize) -> Result<()> {
             ),
         });
     }
-    let checks: [(&'static str, usize, &'static str); 3] = [
+    check_d_ff_divisibility(shape, tp)?;
+    let checks: [(&'static str, usize, &'static str); 2] = [
         ("n_heads", shape.n_heads, "query heads"),
         ("n_kv_heads", shape.n_kv_heads, "key/value heads"),
-        ("d_ff", shape.d_ff, "the MLP's hidden units"),
     ];
     for (field, value, what) in checks {
         if field == "n_kv_heads" && shape.arch == Arch::Gpt {
@@ -83,6 +83,45 @@ pub fn check_divisibility(shape: &ModelShape, tp: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every block's `d_ff` divisible by `tp`: a per-layer list names the first bad entry.
+fn check_d_ff_divisibility(shape: &ModelShape, tp: usize) -> Result<()> {
+    let widths = match &shape.d_ff {
+        FfWidth::Uniform(f) => {
+            if f.is_multiple_of(tp) {
+                return Ok(());
+            }
+            return Err(Error::NotDivisibleByTp {
+                field: "d_ff",
+                value: *f,
+                tp,
+                what: "the MLP's hidden units",
+                fix: format!(
+                    "set parallel.tp to a divisor of {f} ({}), or change model.d_ff",
+                    divisors(*f)
+                ),
+            });
+        }
+        FfWidth::PerLayer(v) => v,
+    };
+    match widths.iter().position(|f| !f.is_multiple_of(tp)) {
+        None => Ok(()),
+        Some(i) => Err(Error::BadValue {
+            field: "model.d_ff",
+            value: format!("{widths:?}"),
+            reason: format!(
+                "entry {i} (block {i}) = {} is not divisible by parallel.tp = {tp}: tensor \
+                 parallelism shards every block's MLP hidden units evenly over tp ranks",
+                widths[i]
+            ),
+            fix: format!(
+                "make every entry a multiple of {tp} (prune with `strata prune --method \
+                 neurons --multiple-of {tp}`), or set parallel.tp to a divisor of {}",
+                widths[i]
+            ),
+        }),
+    }
 }
 
 /// How one parameter is distributed over the tensor-parallel group.
@@ -158,8 +197,12 @@ pub struct TpPlan {
     /// The loss: always `vocab_parallel_cross_entropy` (also correct at tp = 1).
     pub loss: String,
     pub embed: LayerShard,
-    /// Applies to every `block.i`.
+    /// Applies to every `block.i`; with a per-layer `d_ff` its MLP shapes are those of the
+    /// widest block, and block `i` has `block_d_ff[i]` hidden units (split the same way).
     pub block: LayerShard,
+    /// Each block's MLP width (`model.d_ff`, one entry per block).
+    #[serde(default)]
+    pub block_d_ff: Vec<usize>,
     pub head: LayerShard,
 }
 
@@ -168,7 +211,7 @@ impl TpPlan {
     pub fn new(shape: &ModelShape, tp: usize) -> Result<TpPlan> {
         shape.validate()?;
         check_divisibility(shape, tp)?;
-        let (d, f, s, v) = (shape.d_model, shape.d_ff, shape.seq_len, shape.vocab);
+        let (d, f, s, v) = (shape.d_model, shape.d_ff.max(), shape.seq_len, shape.vocab);
         let vp = padded_vocab(v, tp);
         let dkv = shape.d_kv();
         let rep = |name: &str, shape: &[usize]| ParamShard {
@@ -254,6 +297,7 @@ impl TpPlan {
                 forward_allreduces: strs(&["embedding output [b, s, d] (partial lookups)"]),
                 backward_allreduces: Vec::new(),
             },
+            block_d_ff: shape.d_ff.widths(shape.n_layers),
             block: LayerShard {
                 params: block,
                 forward_allreduces: strs(&[
@@ -296,10 +340,17 @@ impl TpPlan {
         } else {
             format!("vocab {} divisible by tp = {}", self.vocab, self.tp)
         };
+        let widths = match self.block_d_ff.first() {
+            Some(f) if self.block_d_ff.iter().any(|x| x != f) => format!(
+                "; per-layer d_ff {:?} (each split over tp = {})",
+                self.block_d_ff, self.tp
+            ),
+            _ => String::new(),
+        };
         format!(
             "tensor parallel (Megatron): qkv column-parallel by heads, attn.proj row-parallel, \
              mlp.fc1{} column-parallel, mlp.fc2 row-parallel, embedding and lm_head \
-             vocab-parallel with vocab-parallel cross-entropy; {pad}",
+             vocab-parallel with vocab-parallel cross-entropy; {pad}{widths}",
             if self.arch == Arch::Llama {
                 "/gate"
             } else {

@@ -129,7 +129,7 @@ fn greedy_tokens_equal_transformers_generate() {
         kv_cache: true,
     };
     for (pp, tp) in [(1, 1), (2, 2)] {
-        let setup = ModelSetup::new(spec, pp, tp).unwrap();
+        let setup = ModelSetup::new(spec.clone(), pp, tp).unwrap();
         let ck = ck.clone();
         let got = generate_local(&setup, &job, move || {
             Box::new(HfWeights(ck.clone())) as Box<dyn engine::generate::Weights>
@@ -149,7 +149,7 @@ impl engine::generate::Weights for HfWeights {
         spec: &engine::shard::ShardSpec,
         dst: &engine::tch::Tensor,
     ) -> engine::Result<()> {
-        let target = self.0.config.spec;
+        let target = self.0.config.spec.clone();
         let import = self.0.import(&target)?;
         engine::tch::no_grad(|| import.load_shard(name, spec, dst))
     }

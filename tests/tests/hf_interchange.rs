@@ -55,7 +55,7 @@ fn import_then_export_loads_in_transformers_with_the_same_logits() {
     let mut jobs = Vec::new();
     for (name, _, _) in cases() {
         let ck = HfCheckpoint::open(&dir.join(name)).unwrap();
-        let spec = ck.config.spec;
+        let spec = ck.config.spec.clone();
         let params = ck.import(&spec).unwrap().load_all(Kind::Float).unwrap();
         let out = dir.join(format!("{name}-strata"));
         export(&out, &spec, None, &params, Kind::Float).unwrap();

@@ -25,7 +25,7 @@ fn config(arch: &str, out: &Path) -> String {
 /// The whole model on one rank, from a checkpoint.
 fn load_single(dir: &Path) -> (Model, engine::model::ModelSpec) {
     let t = engine::compress::Trained::open(dir).unwrap();
-    let setup = ModelSetup::new(t.spec, 1, 1).unwrap();
+    let setup = ModelSetup::new(t.spec.clone(), 1, 1).unwrap();
     let mut w = CheckpointWeights::new(Checkpoint::open(dir).unwrap()).unwrap();
     let coord = MeshCoord {
         pp: 0,
@@ -112,7 +112,7 @@ fn int8_checkpoints_run_on_int8_weights_close_to_fp32_on_every_layout() {
         let t = engine::compress::Trained::open(&q.dir).unwrap();
         let mut reference = None;
         for (pp, tp) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
-            let setup = ModelSetup::new(t.spec, pp, tp).unwrap();
+            let setup = ModelSetup::new(t.spec.clone(), pp, tp).unwrap();
             let path = q.dir.clone();
             let got = generate_local(&setup, &job, move || {
                 Box::new(CheckpointWeights::new(Checkpoint::open(&path).unwrap()).unwrap())

@@ -194,15 +194,6 @@ impl Config {
                 return Err(Error::Internal("a saved config has `vocab: auto`".into()))
             }
         };
-        Ok(ModelShape {
-            arch: self.model.arch,
-            vocab,
-            seq_len: *self.model.seq_len,
-            d_model: *self.model.d_model,
-            n_heads: *self.model.n_heads,
-            n_kv_heads: self.model.n_kv_heads.map_or(*self.model.n_heads, |c| *c),
-            n_layers: *self.model.n_layers,
-            d_ff: *self.model.d_ff,
-        })
+        Ok(self.model.shape(vocab))
     }
 }

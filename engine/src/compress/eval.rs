@@ -68,7 +68,7 @@ impl ValSet {
 
 /// The whole model of the checkpoint at `dir` on one rank (int8 linears stay int8).
 pub fn whole_model(t: &Trained) -> Result<Model> {
-    let setup = ModelSetup::new(t.spec, 1, 1)?;
+    let setup = ModelSetup::new(t.spec.clone(), 1, 1)?;
     let mut w = CheckpointWeights::new(Checkpoint::open(t.ckpt.dir())?)?;
     let coord = MeshCoord {
         pp: 0,

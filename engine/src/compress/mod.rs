@@ -5,14 +5,17 @@
 //!
 //! * [`Trained`]: an opened checkpoint with its config, model and parameter names;
 //! * [`quantize`]: weight-only int8 of every linear layer;
-//! * [`prune`]: magnitude, 2:4 and sensitivity pruning with stored masks;
+//! * [`prune`]: magnitude, 2:4 and sensitivity pruning with stored masks, and structured
+//!   neuron pruning (a smaller model with a per-layer `d_ff`);
 //! * [`mask`]: the masks a training run keeps pruned weights at zero with;
 //! * [`eval`]: validation loss of a whole checkpoint model on one rank;
 //! * [`report`]: `strata compress-report`, the dense model and its variants side by side;
 //!
-//! Invariants: the output keeps the source's config, vocabulary and step, and only model
-//! tensors (no optimizer state: a compressed checkpoint starts a new run when trained
-//! from); the manifest's `extra` says what was done, so every reader can tell.
+//! Invariants: the output keeps the source's config (neuron pruning: with the new
+//! per-layer `d_ff`), vocabulary and step; a quantised checkpoint holds only model tensors,
+//! a pruned one keeps the optimizer state (masked or cut like its weights) so
+//! `train.resume` fine-tunes from it; the manifest's `extra` says what was done, so every
+//! reader can tell.
 
 pub mod eval;
 pub mod mask;
@@ -83,13 +86,29 @@ impl Trained {
         train_state: serde_json::Value,
     ) -> Result<PathBuf> {
         let m = self.ckpt.manifest();
+        let (config, plan) = (m.config.clone(), m.plan.clone());
+        self.write_as(out, tensors, extra, train_state, config, plan)
+    }
+
+    /// [`Trained::write_with_state`] with a new config (YAML) and plan (JSON): for a
+    /// transform that changes the model's shape (neuron pruning).
+    pub fn write_as(
+        &self,
+        out: &Path,
+        tensors: &[SavedTensor],
+        extra: BTreeMap<String, serde_json::Value>,
+        train_state: serde_json::Value,
+        config: String,
+        plan: serde_json::Value,
+    ) -> Result<PathBuf> {
+        let m = self.ckpt.manifest();
         let mut all_extra = m.extra.clone();
         all_extra.extend(extra);
         let meta = SaveMeta {
             step: m.step,
-            config: m.config.clone(),
+            config,
             vocab: m.vocab.clone(),
-            plan: m.plan.clone(),
+            plan,
             layout: Layout {
                 pp: 1,
                 tp: 1,

@@ -70,7 +70,7 @@ pub fn install_quantized(model: &mut Model, weights: &mut dyn Weights) -> Result
     let Some(info) = weights.quantization().cloned() else {
         return Ok(());
     };
-    let spec = *model.spec();
+    let spec = model.spec().clone();
     let names: Vec<String> = model
         .linears_mut()
         .iter()
@@ -114,7 +114,7 @@ impl ModelSetup {
     /// Splits `spec`'s model over `pp` stages (balanced by FLOPs) and `tp` shards; a layout
     /// the model cannot take is refused naming `--layout`.
     pub fn new(spec: ModelSpec, pp: usize, tp: usize) -> Result<ModelSetup> {
-        let mut plan_spec = PlanSpec::new(spec.shape, pp, 1, 1);
+        let mut plan_spec = PlanSpec::new(spec.shape.clone(), pp, 1, 1);
         plan_spec.tp = tp;
         let plan = Plan::build(&plan_spec).map_err(layout_error)?;
         Ok(ModelSetup {
@@ -168,6 +168,6 @@ pub fn spec_from_hf(hf: &ModelSpec, kind: tch::Kind, device: tch::Device) -> Mod
     ModelSpec {
         kind,
         device,
-        ..*hf
+        ..hf.clone()
     }
 }

@@ -312,6 +312,34 @@ fn rope_theta(f: &Fields<'_>) -> Result<f64> {
     f.f64("rope_theta", 10000.0)
 }
 
+/// Refuses a model a Hugging Face `config.json` cannot describe: `GPT2LMHeadModel` and
+/// `LlamaForCausalLM` have one MLP width (`n_inner`, `intermediate_size`) for every
+/// layer, so a per-layer `d_ff` (from `strata prune --method neurons`) is refused unless
+/// all its entries are equal.
+pub fn check_exportable(spec: &ModelSpec) -> Result<()> {
+    let d_ff = &spec.shape.d_ff;
+    if d_ff.uniform().is_some() {
+        return Ok(());
+    }
+    Err(Error::usage(
+        "model.d_ff",
+        format!(
+            "the model has a per-layer MLP width {d_ff}, and a Hugging Face {} config has one \
+             width for every layer (`{}`)",
+            match spec.shape.arch {
+                Arch::Gpt => "GPT2LMHeadModel",
+                Arch::Llama => "LlamaForCausalLM",
+            },
+            match spec.shape.arch {
+                Arch::Gpt => "n_inner",
+                Arch::Llama => "intermediate_size",
+            }
+        ),
+        "use the Strata checkpoint directly (eval, generate, quantize, train.resume), or \
+         prune with --method magnitude/2:4/sensitivity, which keep d_ff",
+    ))
+}
+
 /// The `config.json` transformers loads `spec` from (`GPT2LMHeadModel` or
 /// `LlamaForCausalLM`), fp32, no dropout, no special tokens.
 pub fn to_json(spec: &ModelSpec) -> Value {
@@ -334,7 +362,7 @@ pub fn to_json(spec: &ModelSpec) -> Value {
             "n_embd": s.d_model,
             "n_layer": s.n_layers,
             "n_head": s.n_heads,
-            "n_inner": s.d_ff,
+            "n_inner": s.d_ff.uniform().unwrap_or(s.d_ff.max()),
             "activation_function": activation_hf_name(spec.activation),
             "layer_norm_epsilon": spec.norm_eps,
             "resid_pdrop": 0.0,
@@ -348,7 +376,7 @@ pub fn to_json(spec: &ModelSpec) -> Value {
         Arch::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "hidden_size": s.d_model,
-            "intermediate_size": s.d_ff,
+            "intermediate_size": s.d_ff.uniform().unwrap_or(s.d_ff.max()),
             "num_hidden_layers": s.n_layers,
             "num_attention_heads": s.n_heads,
             "num_key_value_heads": s.n_kv_heads,
@@ -386,7 +414,7 @@ mod tests {
         let s = c.spec;
         assert_eq!(
             (s.shape.d_ff, s.tie_embeddings, s.activation),
-            (256, true, Activation::GeluTanh)
+            (256.into(), true, Activation::GeluTanh)
         );
         assert_eq!(
             (s.norm_eps, s.shape.seq_len, s.shape.n_kv_heads),

@@ -40,6 +40,7 @@ pub fn export(
     source: &dyn StrataSource,
     kind: Kind,
 ) -> Result<()> {
+    super::config::check_exportable(spec)?;
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| Error::Io { path: p, source }

@@ -16,7 +16,6 @@ use crate::config::{Config, Vocab};
 use crate::data::CharVocab;
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
-use partitioner::ModelShape;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -46,16 +45,7 @@ pub fn resolved_spec(cfg: &Config) -> Result<ModelSpec> {
             cfg.source.display()
         )));
     };
-    let shape = ModelShape {
-        arch: m.arch,
-        vocab,
-        seq_len: *m.seq_len,
-        d_model: *m.d_model,
-        n_heads: *m.n_heads,
-        n_kv_heads: m.n_kv_heads.map_or(*m.n_heads, |c| *c),
-        n_layers: *m.n_layers,
-        d_ff: *m.d_ff,
-    };
+    let shape = m.shape(vocab);
     Ok(ModelSpec {
         tie_embeddings: m.tie_embeddings,
         activation: m.activation.unwrap_or_default(),
@@ -88,6 +78,7 @@ pub fn export_checkpoint(path: &Path, out: &Path) -> Result<Exported> {
     let ckpt = Checkpoint::open(path)?;
     let cfg = checkpoint_config(&ckpt)?;
     let mut spec = resolved_spec(&cfg)?;
+    super::config::check_exportable(&spec)?;
     let maps = mappings(&spec, &spec)?;
     for m in &maps {
         let entry = ckpt.entry(&m.strata)?;

@@ -24,7 +24,7 @@ use crate::model::ModelSpec;
 /// The mappings of every parameter of Strata GPT `st` from GPT-2 `hf`.
 pub(super) fn mappings(st: &ModelSpec, hf: &ModelSpec) -> Vec<Mapping> {
     let (st_spec, st, hf) = (st, &st.shape, &hf.shape);
-    let (d, f, v) = (st.d_model, st.d_ff, st.vocab);
+    let (d, v) = (st.d_model, st.vocab);
     let same = |s: String, h: String, shape: &[usize]| Mapping::same(s, h, shape, shape);
     let mut out = vec![
         same("embed.wte".into(), "transformer.wte.weight".into(), &[v, d]),
@@ -42,6 +42,7 @@ pub(super) fn mappings(st: &ModelSpec, hf: &ModelSpec) -> Vec<Mapping> {
     };
     for i in 0..st.n_layers {
         let (s, h) = (format!("block.{i}"), format!("transformer.h.{i}"));
+        let f = st.d_ff_of(i);
         pair(&mut out, format!("{s}.ln1"), format!("{h}.ln_1"), &[d], d);
         pair(
             &mut out,

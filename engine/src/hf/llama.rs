@@ -30,7 +30,7 @@ use crate::model::ModelSpec;
 /// shapes; positions have no tensor).
 pub(super) fn mappings(st: &ModelSpec, _hf: &ModelSpec) -> Vec<Mapping> {
     let (st_spec, st) = (st, &st.shape);
-    let (d, f, v, hd) = (st.d_model, st.d_ff, st.vocab, st.head_dim());
+    let (d, v, hd) = (st.d_model, st.vocab, st.head_dim());
     let vector = |s: String, h: String| Mapping::same(s, h, &[d], &[d]);
     let mut out = vec![Mapping::same(
         "embed.wte".into(),
@@ -40,6 +40,7 @@ pub(super) fn mappings(st: &ModelSpec, _hf: &ModelSpec) -> Vec<Mapping> {
     )];
     for i in 0..st.n_layers {
         let (s, h) = (format!("block.{i}"), format!("model.layers.{i}"));
+        let f = st.d_ff_of(i);
         let attn = |p: &str| format!("{h}.self_attn.{p}_proj.weight");
         out.push(vector(
             format!("{s}.ln1.weight"),

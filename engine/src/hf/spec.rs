@@ -239,7 +239,7 @@ mod tests {
     fn mismatches_are_refused_by_name() {
         let hf = llama();
         assert!(check_compat(&hf, &hf, "x").is_ok());
-        let mut st = hf;
+        let mut st = hf.clone();
         st.norm_eps = 1e-5;
         let e = check_compat(&hf, &st, "d/config.json")
             .unwrap_err()
@@ -250,28 +250,28 @@ mod tests {
                 && e.contains("fix: set model.norm_eps: 1e-6"),
             "{e}"
         );
-        let mut st = hf;
+        let mut st = hf.clone();
         st.shape.n_kv_heads = 4;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads = 2"), "{e}");
-        let mut st = hf;
+        let mut st = hf.clone();
         st.rope_theta = 500000.0;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(
             e.contains("rope_theta = 10000") && e.contains("model.rope_theta = 500000"),
             "{e}"
         );
-        let mut st = hf;
+        let mut st = hf.clone();
         st.shape.seq_len = 17;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(e.contains("max_position_embeddings = 16"), "{e}");
-        let mut st = hf;
+        let mut st = hf.clone();
         st.shape.seq_len = 8;
         assert!(
             check_compat(&hf, &st, "x").is_ok(),
             "fewer positions are fine"
         );
-        let mut st = hf;
+        let mut st = hf.clone();
         st.tie_embeddings = true;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();
         assert!(e.contains("tie_word_embeddings = false"), "{e}");
@@ -283,7 +283,7 @@ mod tests {
         hf.shape.arch = Arch::Gpt;
         hf.shape.n_kv_heads = hf.shape.n_heads;
         hf.activation = Activation::GeluTanh;
-        let mut st = hf;
+        let mut st = hf.clone();
         assert!(check_compat(&hf, &st, "x").is_ok());
         st.activation = Activation::Gelu;
         let e = check_compat(&hf, &st, "x").unwrap_err().to_string();

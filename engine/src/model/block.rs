@@ -47,7 +47,11 @@ impl Mlp {
         spec: &ModelSpec,
         resid_std: f64,
     ) -> Result<Mlp> {
-        let (d, f) = (spec.shape.d_model, spec.shape.d_ff);
+        let LayerKind::Block(i) = layer else {
+            return Err(crate::error::Error::Internal(format!("an MLP in {layer}")));
+        };
+        // Each block has its own width (`model.d_ff` may be per layer), split over tp.
+        let (d, f) = (spec.shape.d_model, spec.shape.d_ff_of(i));
         Ok(match spec.shape.arch {
             Arch::Gpt => Mlp::Gelu {
                 fc1: ColumnParallelLinear::new(b, layer, "mlp.fc1", d, f, INIT_STD, true, None)?,

@@ -81,7 +81,7 @@ pub enum Activation {
 }
 
 /// Everything that fixes the model's numbers: shape, architecture constants, dtype, device.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     pub shape: ModelShape,
     /// The LM head is the word embedding (logits = h Eᵀ).
@@ -277,7 +277,7 @@ impl Model {
             init_grads(&b.params)?;
         }
         Ok(Model {
-            spec: *spec,
+            spec: spec.clone(),
             tp,
             layers: built,
             params: b.params,

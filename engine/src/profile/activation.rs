@@ -82,7 +82,7 @@ pub fn warm_up() -> Result<()> {
 pub fn block_footprint(shape: &ModelShape, b: usize) -> Result<ActivationFootprint> {
     let blocks = 2;
     let layers = [LayerKind::Block(0), LayerKind::Block(1)];
-    let model = Model::new(&ModelSpec::new(*shape), &layers, 0, TpRank::SINGLE)?;
+    let model = Model::new(&ModelSpec::new(shape.clone()), &layers, 0, TpRank::SINGLE)?;
     let mut tp = single()?;
     for _ in 0..2 {
         let f = forward(&model, shape, b, &mut tp)?;
@@ -101,7 +101,7 @@ pub fn block_footprint(shape: &ModelShape, b: usize) -> Result<ActivationFootpri
     backward(&model, stash, &mut tp)?;
     let modeled = layer_activation_bytes(
         &ActivationShape {
-            shape: *shape,
+            shape: shape.clone(),
             micro_batch_size: b,
             dtype_bytes: 4,
             tp: 1,

@@ -167,7 +167,7 @@ output: {dir: /tmp/strata-flops-test}
         let profile = Profile {
             device: "cpu".into(),
             threads: 2,
-            model: plan.model,
+            model: plan.model.clone(),
             micro_batch_size: 2,
             dtype_bytes: 4,
             layers: Vec::new(),

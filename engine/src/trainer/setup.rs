@@ -122,7 +122,7 @@ impl RankState {
             .collect();
         crate::hf::load_init_from(cfg, &params)?;
         let flat = FlatBuffers::adopt(&params)?;
-        let shape = plan.model;
+        let shape = plan.model.clone();
         let tied_numel = (spec.tie_embeddings && layout.n_chunks > 1)
             .then(|| padded(shape.vocab, tp.size) / tp.size * shape.d_model);
         let m = *cfg.parallel.microbatches;

@@ -3,7 +3,9 @@
 //! the masks stored in the checkpoint.
 //!
 //! * [`select`]: the masks of each method (magnitude per layer or global, 2:4);
-//! * [`sensitivity`]: the validation-loss scan and the per-layer allocation.
+//! * [`sensitivity`]: the validation-loss scan and the per-layer allocation;
+//! * [`neurons`]: structured pruning of MLP hidden units (`--method neurons`), which
+//!   writes a smaller dense checkpoint with a per-layer `d_ff` instead of masks.
 //!
 //! The output keeps every tensor of the source: pruned weights are multiplied by their
 //! mask, and each pruned weight `W` gets `W.mask` (`Uint8`, `W`'s shape, 1 = kept) with
@@ -17,6 +19,7 @@
 //! Invariant: a weight pruned twice keeps both masks (the new mask is AND-ed with the
 //! old one).
 
+pub mod neurons;
 pub mod select;
 pub mod sensitivity;
 
@@ -44,6 +47,9 @@ pub enum Method {
     TwoFour,
     #[serde(rename = "sensitivity")]
     Sensitivity,
+    /// Structured: whole MLP hidden units ([`neurons`]); no masks.
+    #[serde(rename = "neurons")]
+    Neurons,
 }
 
 impl Method {
@@ -53,15 +59,11 @@ impl Method {
             "magnitude" => Ok(Method::Magnitude),
             "2:4" => Ok(Method::TwoFour),
             "sensitivity" => Ok(Method::Sensitivity),
-            "neurons" => Err(Error::usage(
-                "--method",
-                "neurons (structured pruning of MLP hidden units) is not implemented yet",
-                "use magnitude, 2:4 or sensitivity",
-            )),
+            "neurons" => Ok(Method::Neurons),
             other => Err(Error::usage(
                 "--method",
                 format!("unknown pruning method `{other}`"),
-                "use magnitude, 2:4 or sensitivity",
+                "use magnitude, 2:4, sensitivity or neurons",
             )),
         }
     }
@@ -71,6 +73,7 @@ impl Method {
             Method::Magnitude => "magnitude",
             Method::TwoFour => "2:4",
             Method::Sensitivity => "sensitivity",
+            Method::Neurons => "neurons",
         }
     }
 }
@@ -214,6 +217,11 @@ pub fn prunable(t: &Trained) -> Result<Vec<String>> {
 /// Prunes the checkpoint at `src` into a new checkpoint under `out`.
 pub fn prune_checkpoint(src: &Path, out: &Path, opts: &PruneOptions) -> Result<Pruned> {
     let target = opts.target()?;
+    if opts.method == Method::Neurons {
+        return Err(Error::Internal(
+            "neuron pruning is structural: call neurons::prune_neurons".into(),
+        ));
+    }
     let mut t = Trained::open(src)?;
     if QuantInfo::from_extra(&t.ckpt.manifest().extra)?.is_some() {
         return Err(Error::usage(
@@ -317,6 +325,7 @@ fn masks(
             let scan = sensitivity::Scan { chosen, ..scan };
             Ok((masks, Some(scan)))
         }
+        (Method::Neurons, _) => Err(Error::Internal("neuron pruning has no masks".into())),
     }
 }
 
@@ -337,7 +346,7 @@ fn info(opts: &PruneOptions, target: f64, names: &[String], masks: &[Tensor]) ->
         scope: match opts.method {
             Method::Magnitude => opts.scope.unwrap_or(Scope::Layer),
             Method::TwoFour => Scope::Layer,
-            Method::Sensitivity => Scope::Global,
+            Method::Sensitivity | Method::Neurons => Scope::Global,
         },
         target,
         sparsity: zeros / total.max(1) as f64,
