@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::model::{Activation, ModelSpec};
 use partitioner::mesh::Mesh;
 use partitioner::{
-    ActivationPolicy, Arch, FfWidth, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan, PlanSpec,
-    Profile, Recompute, Schedule, ScheduleKind,
+    ActivationPolicy, Arch, FfWidth, Hardware, ModelShape, PartitionMethod, PipeSchedule, Plan,
+    PlanSpec, Profile, Recompute, Schedule, ScheduleKind,
 };
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};

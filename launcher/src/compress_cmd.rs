@@ -79,7 +79,10 @@ pub fn prune(args: &PruneArgs) -> Result<(), LaunchError> {
     if args.multiple_of.is_some() {
         return Err(engine::Error::usage(
             "--multiple-of",
-            format!("--multiple-of applies to --method neurons, not {}", method.name()),
+            format!(
+                "--multiple-of applies to --method neurons, not {}",
+                method.name()
+            ),
             "leave --multiple-of out",
         )
         .into());

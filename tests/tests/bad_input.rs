@@ -205,6 +205,77 @@ const CASES: &[Case] = &[
         ..BASE
     },
     Case {
+        name: "per-layer d_ff of the wrong length",
+        edit: &[("d_ff: 64", "d_ff: [64, 64, 32]")],
+        needles: &["model.d_ff", "one entry per block", "n_layers = 8"],
+        ..BASE
+    },
+    Case {
+        name: "per-layer d_ff with a zero entry",
+        edit: &[("d_ff: 64", "d_ff: [64, 0, 64, 64, 64, 64, 64, 64]")],
+        needles: &["model.d_ff", "positive integer"],
+        ..BASE
+    },
+    Case {
+        name: "per-layer d_ff not divisible by tp",
+        edit: &[
+            ("d_ff: 64", "d_ff: [64, 64, 40, 64, 64, 64, 64, 63]"),
+            ("tp: 1", "tp: 2"),
+            ("pp: 2", "pp: 1"),
+        ],
+        needles: &["model.d_ff", "entry 7", "parallel.tp = 2", "multiple of 2"],
+        ..BASE
+    },
+    Case {
+        name: "neuron pruning sparsity outside (0, 1)",
+        args: &[
+            "prune",
+            "{dir}/ckpt",
+            "--out",
+            "{dir}/out",
+            "--method",
+            "neurons",
+            "--sparsity",
+            "1.5",
+        ],
+        needles: &["--sparsity", "outside (0, 1)"],
+        ..BASE
+    },
+    Case {
+        name: "neuron pruning multiple of zero",
+        args: &[
+            "prune",
+            "{dir}/ckpt",
+            "--out",
+            "{dir}/out",
+            "--method",
+            "neurons",
+            "--sparsity",
+            "0.5",
+            "--multiple-of",
+            "0",
+        ],
+        needles: &["--multiple-of", "positive integer"],
+        ..BASE
+    },
+    Case {
+        name: "multiple-of without neurons",
+        args: &[
+            "prune",
+            "{dir}/ckpt",
+            "--out",
+            "{dir}/out",
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--multiple-of",
+            "8",
+        ],
+        needles: &["--multiple-of", "--method neurons"],
+        ..BASE
+    },
+    Case {
         name: "kv heads do not divide heads",
         edit: &[("d_ff: 64", "d_ff: 64, n_kv_heads: 3")],
         needles: &["model.n_kv_heads"],

@@ -77,7 +77,8 @@ pub struct NeuronsPruned {
 impl NeuronsPruned {
     /// The per-layer table: layer, d_ff before → after, parameters removed.
     pub fn table(&self) -> String {
-        let mut s = String::from("| layer | d_ff before → after | params removed |\n|---|---|---|\n");
+        let mut s =
+            String::from("| layer | d_ff before → after | params removed |\n|---|---|---|\n");
         for c in &self.info.layers {
             s += &format!(
                 "| block.{} | {} → {} | {} |\n",
@@ -122,7 +123,9 @@ pub fn scores(tensors: &[(Tensor, i64)]) -> Result<Tensor> {
         };
         total = Some(match total {
             None => per_unit,
-            Some(acc) => acc.f_add(&per_unit).map_err(Error::torch("neuron scores"))?,
+            Some(acc) => acc
+                .f_add(&per_unit)
+                .map_err(Error::torch("neuron scores"))?,
         });
     }
     total
@@ -297,7 +300,9 @@ fn pruned_config(t: &Trained, widths: &[usize]) -> Result<(String, serde_json::V
     cfg.model.d_ff = FfConfig(FfWidth::PerLayer(widths.to_vec()));
     let mut shape = t.spec.shape.clone();
     shape.d_ff = FfWidth::PerLayer(widths.to_vec());
-    shape.validate().map_err(|e| Error::Internal(e.to_string()))?;
+    shape
+        .validate()
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let yaml = serde_yaml::to_string(&cfg)
         .map_err(|e| Error::Internal(format!("serialising config: {e}")))?;
     let mut plan = t.ckpt.manifest().plan.clone();
