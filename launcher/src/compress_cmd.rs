@@ -173,6 +173,9 @@ pub fn report(args: &ReportArgs) -> Result<(), LaunchError> {
     } else {
         print!("{}", r.table());
     }
+    Ok(())
+}
+
 /// `strata prune --method neurons`: the per-layer table, then one summary line.
 fn prune_units(args: &PruneArgs) -> Result<(), LaunchError> {
     if args.scope.is_some() {
