@@ -156,7 +156,7 @@ say "prompt: \`$(printf %q "$PROMPT")\`"
 say ""
 say "| round | load avg | model | Strata fp32 | Strata int8 | PyTorch fp32 | PyTorch int8 |"
 say "|---|---|---|---|---|---|---|"
-strata_tps() { "$STRATA" generate "$1" --prompt "$PROMPT" --max-new-tokens "$NEW" --json | json '"%.1f" % d["report"]["decode_tokens_per_s"]'; }
+strata_tps() { "$STRATA" generate "$1" --threads 1 --prompt "$PROMPT" --max-new-tokens "$NEW" --json | json '"%.1f" % d["report"]["decode_tokens_per_s"]'; }
 torch_tps() { "$PY" bench/torch_decode.py --checkpoint "$1" --batch 1 --precision "$2" --threads 1 \
   --prompt-len "$PLEN" --new-tokens "$NEW" --runs 1 | json '"%.1f" % d["decode_tok_s"]'; }
 : >"$OUT/decode.tsv"
@@ -194,7 +194,7 @@ for rep in $(seq 2); do
   for lay in "pp=1 1" "pp=1 2" "pp=2 1"; do
     set -- $lay
     l=$(load)
-    OMP_NUM_THREADS=$2 "$STRATA" generate "$DSTEP" --prompts "$OUT/prompts32.txt" --max-new-tokens "$NEW" \
+    "$STRATA" generate "$DSTEP" --threads "$2" --prompts "$OUT/prompts32.txt" --max-new-tokens "$NEW" \
       --layout "$1" --json >"$OUT/pipe.json"
     say "$(json '"| '"$1"' | '"$2"' | '"$l"' | %.1f | %.1f | %.2f | %s |" % (d["report"]["decode_tokens_per_s"], d["report"]["prefill_tokens_per_s"], d["report"]["token_ms_p50"], ", ".join("rank %d %.0f%%" % (x["rank"], 100 * (1 - x["busy_s"] / x["wall_s"])) for x in d["report"]["ranks"]))' <"$OUT/pipe.json")"
   done

@@ -42,8 +42,8 @@ def add_args(ap) -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1,
-                    help="PyTorch intra-op threads (give Strata's checkpoint config the same "
-                         "train.threads)")
+                    help="intra-op threads of both sides (`strata generate --threads`, "
+                         "torch.set_num_threads)")
     ap.add_argument("--out", help="run directory (default runs/bench/decode-<time>)")
     ap.add_argument("--python", default=common.DEFAULT_PYTHON)
     ap.add_argument("--mpiexec", help="mpiexec for strata (passed as STRATA_MPIEXEC)")
@@ -94,7 +94,8 @@ def parse_generate_line(text: str) -> dict | None:
 
 
 def _strata(args, ckpt, texts, run_dir) -> dict:
-    cmd = [args.strata, "generate", ckpt, "--max-new-tokens", str(args.new_tokens)]
+    cmd = [args.strata, "generate", ckpt, "--max-new-tokens", str(args.new_tokens),
+           "--threads", str(args.threads)]
     if len(texts) == 1:
         cmd += ["--prompt", texts[0]]
     else:

@@ -54,6 +54,10 @@ pub struct GenerateArgs {
     /// Recompute the whole sequence for every token instead of using the KV cache.
     #[arg(long)]
     pub no_kv_cache: bool,
+    /// libtorch intra-op threads per rank (default: the checkpoint's or config's
+    /// `train.threads`; for a Hugging Face directory, the cores shared out over the ranks).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Print one JSON object (texts, tokens and measurements) instead.
     #[arg(long)]
     pub json: bool,
@@ -136,6 +140,7 @@ pub fn generate(args: &GenerateArgs) -> Result<(), LaunchError> {
         tp,
         microbatches: args.microbatches,
         kv_cache: !args.no_kv_cache,
+        threads: args.threads,
     };
     let job = GenerateJob::prepare(&req)?;
     if job.world_size() == 1 {

@@ -25,7 +25,7 @@ fn trained() -> &'static Path {
         let cfg = format!(
             "model: {{vocab: auto, seq_len: 32, d_model: 32, n_heads: 4, n_layers: 4, d_ff: 64}}
 parallel: {{pp: 1, tp: 1, dp: 1, microbatches: 2, micro_batch_size: 2, schedule: gpipe}}
-train: {{steps: 3, lr: 1.0e-2, seed: 7, data: {}, eval_every: 0, log_every: 1}}
+train: {{steps: 3, lr: 1.0e-2, seed: 7, data: {}, eval_every: 0, log_every: 1, threads: 1}}
 output: {{dir: {}}}
 ",
             data.display(),
@@ -143,6 +143,25 @@ fn generate_prints_text_then_measurements_and_layouts_agree() {
     };
     assert_eq!(sample("3"), sample("3"));
     assert_ne!(sample("3"), sample("4"));
+
+    // Threads per rank: the checkpoint's train.threads unless --threads says otherwise.
+    let threads = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            ckpt.to_str().unwrap(),
+            "--json",
+            "--prompt",
+            "ROMEO:",
+            "--max-new-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let run = ok(strata(&args));
+        let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        v["report"]["ranks"][0]["threads"].as_u64().unwrap()
+    };
+    assert_eq!(threads(&[]), 1);
+    assert_eq!(threads(&["--threads", "2"]), 2);
 }
 
 #[test]
@@ -214,6 +233,7 @@ fn bad_flags_exit_2_naming_the_flag() {
     );
     assert_clean_error(&gen(&["--prompt", "a", "--top-p", "2"]), &["--top-p"]);
     assert_clean_error(&gen(&["--prompt", "a", "--top-k", "0"]), &["--top-k"]);
+    assert_clean_error(&gen(&["--prompt", "a", "--threads", "0"]), &["--threads"]);
     assert_clean_error(
         &gen(&["--prompt", "a", "--temperature=-1"]),
         &["--temperature"],

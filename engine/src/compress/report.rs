@@ -107,7 +107,7 @@ pub fn compress_report(
     };
     let gens = paths
         .iter()
-        .map(|p| generate_job(p, &prompt, opts.max_new_tokens))
+        .map(|p| generate_job(p, &prompt, opts.max_new_tokens, opts.threads))
         .collect::<Result<Vec<_>>>()?;
     let mut rows = Vec::with_capacity(paths.len());
     let mut eval_tokens = 0;
@@ -169,7 +169,12 @@ fn default_prompt(job: &EvalJob, n: usize) -> Result<String> {
         .collect())
 }
 
-fn generate_job(path: &Path, prompt: &str, max_new_tokens: usize) -> Result<GenerateJob> {
+fn generate_job(
+    path: &Path,
+    prompt: &str,
+    max_new_tokens: usize,
+    threads: usize,
+) -> Result<GenerateJob> {
     GenerateJob::prepare(&Request {
         source: path.to_path_buf(),
         prompts: vec![prompt.to_string()],
@@ -179,6 +184,7 @@ fn generate_job(path: &Path, prompt: &str, max_new_tokens: usize) -> Result<Gene
         tp: 1,
         microbatches: None,
         kv_cache: true,
+        threads: Some(threads.max(1)),
     })
 }
 

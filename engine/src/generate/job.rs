@@ -50,6 +50,8 @@ pub struct Request {
     /// Microbatches (default: as many as pipeline stages, at most one per prompt).
     pub microbatches: Option<usize>,
     pub kv_cache: bool,
+    /// libtorch intra-op threads per rank (default: [`default_threads`]).
+    pub threads: Option<usize>,
 }
 
 /// Everything every rank needs.
@@ -67,6 +69,8 @@ pub struct GenerateJob {
     pub tp: usize,
     pub microbatches: usize,
     pub kv_cache: bool,
+    /// libtorch intra-op threads per rank.
+    pub threads: usize,
 }
 
 impl GenerateJob {
@@ -124,6 +128,17 @@ impl GenerateJob {
             ));
         }
         ModelSetup::new(spec, req.pp, req.tp)?;
+        let threads = match req.threads {
+            Some(0) => {
+                return Err(Error::usage(
+                    "--threads",
+                    "0 threads cannot run anything",
+                    "pass a positive number of libtorch threads per rank, e.g. --threads 1",
+                ))
+            }
+            Some(n) => n,
+            None => default_threads(&source, req.pp * req.tp)?,
+        };
         let microbatches = req.microbatches.unwrap_or(req.pp).clamp(1, prompts.len());
         let s = req.sampling;
         Ok(GenerateJob {
@@ -139,6 +154,7 @@ impl GenerateJob {
             tp: req.tp,
             microbatches,
             kv_cache: req.kv_cache,
+            threads,
         })
     }
 
@@ -179,6 +195,7 @@ impl GenerateJob {
 
     /// Runs this rank's part; world rank 0 returns the report.
     pub fn run(&self, comms: &mut ParallelComms) -> Result<Option<Report>> {
+        tch::set_num_threads(self.threads.max(1) as i32);
         let (_, spec, _) = open_spec(&self.source)?;
         let setup = ModelSetup::new(spec, self.pp, self.tp)?;
         let job = self.pipeline_job();
@@ -236,6 +253,24 @@ fn open(path: &Path) -> Result<(ModelSource, ModelSpec, Vec<char>)> {
         )
     })?;
     Ok((source, spec, vocab))
+}
+
+/// Threads per rank when `--threads` is not given: the `train.threads` of the source's
+/// config (a checkpoint's or a config file's: decoding runs as the model was trained), else
+/// the machine's cores shared out over the `world` ranks (at least 1).
+pub fn default_threads(source: &ModelSource, world: usize) -> Result<usize> {
+    let configured = match source {
+        ModelSource::Checkpoint(p) => Some(checkpoint_config(&Checkpoint::open(p)?)?),
+        ModelSource::Config(p) => Some(Config::load(p)?),
+        ModelSource::Hf(_) => None,
+    };
+    Ok(match configured {
+        Some(cfg) => *cfg.train.threads,
+        None => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / world.max(1)).max(1)
+        }
+    })
 }
 
 /// Checkpoint, HF directory or config.

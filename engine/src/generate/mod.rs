@@ -72,6 +72,7 @@ pub fn run(
         busy_s: run.busy_s,
         peak_rss_bytes: stats::peak_rss_bytes(),
         kv_cache_bytes: run.kv_cache_bytes,
+        threads: usize::try_from(tch::get_num_threads()).unwrap_or(0),
     };
     let reporter = comms
         .mesh

@@ -10,6 +10,7 @@
 //!   row of the microbatch gets one per gap); p50 and p99 by nearest rank;
 //! * idle share: the part of a rank's wall time not spent computing (waiting for its
 //!   input, or done early);
+//! * threads: libtorch's intra-op threads on the rank (`--threads`);
 //! * peak memory: the process's peak resident set (`VmHWM`), per rank under MPI (one
 //!   process per rank); in-process runs share one process and report the same number.
 
@@ -26,6 +27,9 @@ pub struct RankStats {
     pub busy_s: f64,
     pub peak_rss_bytes: u64,
     pub kv_cache_bytes: u64,
+    /// libtorch intra-op threads the rank ran with.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 impl RankStats {
@@ -132,10 +136,12 @@ impl Report {
             .iter()
             .map(|r| {
                 format!(
-                    "rank {} (stage {}, tp {}): peak {:.0} MiB, idle {:.0}%",
+                    "rank {} (stage {}, tp {}): {} thread{}, peak {:.0} MiB, idle {:.0}%",
                     r.rank,
                     r.stage,
                     r.tp_rank,
+                    r.threads,
+                    if r.threads == 1 { "" } else { "s" },
                     r.peak_rss_bytes as f64 / (1u64 << 20) as f64,
                     100.0 * r.idle_share()
                 )
