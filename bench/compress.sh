@@ -17,6 +17,9 @@
 # DENSE_CONFIG is the config the dense checkpoint was trained with (read, never written:
 # the fine-tunes override it with --set). Everything lands in OUT (default
 # runs/bench/compress-<time>); the Markdown table goes to stdout and OUT/table.md.
+# Rerunning with the same OUT reuses the variants, fine-tunes and 113M checkpoints already
+# there (their losses do not depend on the machine's load) and measures the speeds again:
+# make the variants on a busy machine, then rerun on a quiet one.
 # Timings are only meaningful on a quiet machine: each speed row prints the load average.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,9 +52,11 @@ say "dense: $DSTEP (step $STEP), config $CONFIG; load average at start: $(load)"
 say ""
 
 # ---------------------------------------------------------------- variants
-"$STRATA" quantize "$DSTEP" --out "$OUT/int8" | tee "$OUT/quantize.log"
+[ -d "$OUT/int8" ] || "$STRATA" quantize "$DSTEP" --out "$OUT/int8" | tee "$OUT/quantize.log"
 METHODS="magnitude 2:4 sensitivity"
-if "$STRATA" prune "$DSTEP" --out "$OUT/probe-neurons" --method neurons --sparsity 0.5 >"$OUT/prune-neurons.log" 2>&1; then
+if [ -d "$OUT/prune-neurons" ]; then
+  METHODS="$METHODS neurons"
+elif "$STRATA" prune "$DSTEP" --out "$OUT/probe-neurons" --method neurons --sparsity 0.5 >"$OUT/prune-neurons.log" 2>&1; then
   mv "$OUT/probe-neurons" "$OUT/prune-neurons"
   METHODS="$METHODS neurons"
 else
@@ -62,12 +67,15 @@ VARIANTS=("$OUT/int8/step-$(printf %06d "$STEP")")
 FT=()
 for m in $METHODS; do
   name=${m/:/-}
-  if [ "$m" != neurons ]; then
+  if [ "$m" != neurons ] && [ ! -d "$OUT/prune-$name" ]; then
     "$STRATA" prune "$DSTEP" --out "$OUT/prune-$name" --method "$m" --sparsity 0.5 | tee "$OUT/prune-$name.log"
   fi
   pdir=$(stepdir "$OUT/prune-$name")
+  # A neuron-pruned checkpoint has its own per-layer d_ff: the fine-tune must say so.
+  widths=$(json 'json.dumps(d["plan"]["model"]["d_ff"]).replace(" ", "")' <"$pdir/manifest.json")
+  [ -d "$OUT/ft-$name/checkpoints" ] ||
   "$STRATA" launch "$CONFIG" --set train.resume="$pdir" --set train.steps=$((STEP + FT_STEPS)) \
-    --set output.dir="$OUT/ft-$name" --set train.eval_every=0 \
+    --set output.dir="$OUT/ft-$name" --set train.eval_every=0 --set model.d_ff="$widths" \
     >"$OUT/ft-$name.log" 2>&1 || { echo "fine-tune $m failed: see $OUT/ft-$name.log" >&2; exit 1; }
   VARIANTS+=("$pdir")
   FT+=("$(stepdir "$OUT/ft-$name/checkpoints")")
@@ -140,10 +148,11 @@ EOF
 # ---------------------------------------------------------------- the 113M model
 say ""
 say "## 113M-parameter GPT ($BIG, random weights, 1 training step), fp32 vs int8 at batch 1"
+[ -d "$OUT/big/checkpoints" ] ||
 "$STRATA" launch "$BIG" --set train.steps=1 --set output.dir="$OUT/big" --set train.eval_every=0 \
   >"$OUT/big-train.log" 2>&1
 BIGD=$(stepdir "$OUT/big/checkpoints")
-"$STRATA" quantize "$BIGD" --out "$OUT/big-int8" | tee -a "$TABLE"
+[ -d "$OUT/big-int8" ] || "$STRATA" quantize "$BIGD" --out "$OUT/big-int8" | tee -a "$TABLE"
 BIGQ=$(stepdir "$OUT/big-int8")
 
 # ---------------------------------------------------------------- Strata vs PyTorch
