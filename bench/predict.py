@@ -12,7 +12,7 @@ numbers mean nothing on a shared machine.
 
 usage: bench/predict.py [--config configs/gpt-tiny.yaml] [--steps 8] [--out DIR]
                         [--profile PATH (reuse instead of profiling)] [--auto-top 3]
-                        [--only NAME ...]
+                        [--only NAME ...] [--strata BIN]
 """
 import argparse, json, os, re, statistics, subprocess, sys, time
 
@@ -87,7 +87,10 @@ def main():
     ap.add_argument("--profile", help="reuse this profile instead of measuring one")
     ap.add_argument("--auto-top", type=int, default=3, help="auto-plan candidates to measure")
     ap.add_argument("--only", nargs="*", help="layouts to run (names of the table)")
+    ap.add_argument("--strata", help="the strata binary (default target/release/strata)")
     a = ap.parse_args()
+    global STRATA
+    STRATA = a.strata or STRATA
     if not os.path.exists(STRATA):
         sys.exit(f"{STRATA} is missing: cargo build --release --workspace")
     os.makedirs(a.out, exist_ok=True)
