@@ -231,7 +231,8 @@ pub struct ParallelConfig {
     /// stopped or dead process) by its peers, even while they compute.
     #[serde(default = "default_heartbeat_s")]
     pub heartbeat_s: f64,
-    /// Activations recomputed in the backward: `none`, `selective` (the attention core)
+    /// Activations recomputed in the backward: `none`, `selective` (every non-matmul op
+    /// of a block: norms, attention core, activation; linear outputs and residuals kept)
     /// or `full` (whole blocks from their inputs).
     #[serde(default, skip_serializing_if = "is_default")]
     pub recompute: Recompute,
@@ -855,18 +856,6 @@ impl Config {
 
     /// Refuses what the partitioner can plan but the engine cannot run yet.
     fn check_engine_support(&self) -> Result<()> {
-        let p = &self.parallel;
-        if p.recompute == Recompute::Selective {
-            return Err(self.field_error(
-                "parallel.recompute = selective",
-                "selective recomputation (of the attention core) is not implemented by the \
-                 engine; its attention already keeps O(s) per head (flash), so selective would \
-                 save only the log-sum-exp"
-                    .into(),
-                "use parallel.recompute: full (whole blocks) or none; `strata plan` models all three"
-                    .into(),
-            ));
-        }
         self.activation_policy().map(drop)
     }
 

@@ -179,17 +179,6 @@ fn recompute_and_sequence_parallel_keys() {
     );
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("rank 0 peak memory"), "{}", run.stdout);
-    // The engine runs `full` recomputation and sequence parallelism; `selective` is
-    // refused by launch, before any rank starts, naming the key and what to use instead.
-    let run = launch_text(
-        "recompute-selective",
-        &base.replace("schedule: gpipe", "schedule: gpipe, recompute: selective"),
-        &[],
-    );
-    assert_clean_error(
-        &run,
-        &["parallel.recompute = selective", "parallel.recompute: full"],
-    );
     // Sequence parallelism splits each sequence into tp blocks: an odd one is refused.
     let odd = ok.replace("seq_len: 16", "seq_len: 15");
     let run = launch_text("sp-odd", &odd, &[]);

@@ -59,6 +59,14 @@ impl Rotary {
         })
     }
 
+    /// The same tables (no copies).
+    pub fn shallow_clone(&self) -> Rotary {
+        Rotary {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+        }
+    }
+
     /// Rotates `x` (`[b, h, s, hd]`) whose first position is `start`.
     pub fn apply(&self, x: &Tensor, start: i64) -> Result<Tensor> {
         let s = x.size()[2];

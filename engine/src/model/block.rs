@@ -13,6 +13,13 @@
 //! regions are entered by an all-gather and left by a reduce-scatter instead
 //! ([`Tape::enter_tp_region`], [`Tape::leave_tp_region`]): the same bytes on the wire, the
 //! norm and element-wise activations divided by p.
+//!
+//! Selective recomputation (`parallel.recompute: selective`, [`Tape::selective`]): every
+//! non-matmul piece — the two norms, the attention core (SDPA: its output and
+//! log-sum-exp) and the activation (GELU, or SwiGLU's `silu(gate) ⊙ up`) — runs without
+//! autograd and its output is dropped once its linear layer has read it; the backward
+//! reruns it from what is kept just before that linear's weight gradient. A block keeps
+//! its input, the mid-block residual `x2` and its linear layers' outputs.
 
 use super::attention::{causal_attention, Heads, Rotary};
 use super::kv::Cached;
@@ -152,44 +159,51 @@ impl Block {
         out
     }
 
-    /// The sequence-parallel block (Megatron): norms and residuals on this rank's
-    /// `[b, s/p, d]` block; each column-parallel layer gathers its input without keeping
-    /// it and each row-parallel product is reduce-scattered without keeping it
-    /// ([`Tape::gather_linears`], [`Tape::linear_reduce_scatter`]).
-    fn forward_sequence_parallel(
+    /// The block on the tape's linear nodes ([`Tape::column_linears`],
+    /// [`Tape::row_linear`]: products without autograd whose inputs the tape need not
+    /// keep) and [`Tape::rerun`] pieces between them (the norms, the attention core, the
+    /// activation). Used for sequence parallelism (Megatron: each column-parallel input
+    /// gathered without keeping it, each row-parallel product reduce-scattered without
+    /// keeping it; norms and residuals on this rank's `[b, s/p, d]` block) and for
+    /// selective recomputation (the rerun pieces are dropped after the forward and rerun
+    /// in the backward: a block keeps its input, `x2`, and its linear outputs).
+    fn forward_linear_nodes(
         &self,
         tape: &mut Tape,
         x: V,
         tp: &mut dyn Communicator,
         rotary: Option<&Rotary>,
     ) -> Result<V> {
-        let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
-        let qkv = tape.gather_linears(h1, vec![self.qkv.0.tensors()], tp)?[0];
-        let heads = self.heads;
-        let y = tape.seg1(&[qkv], |t, _| causal_attention(&t[0], heads, rotary, None))?;
-        let attn = tape.linear_reduce_scatter(y, self.proj.linear().tensors(), tp)?;
-        let out = tape.seg(&[x, attn], |t, _| {
-            let x2 = residual(&t[0], &t[1], self.proj.bias_after_reduce())?;
-            let h2 = self.norm2.forward(&x2)?;
-            Ok(vec![x2, h2])
+        let norm1 = self.norm1.shallow_clone();
+        let h1 = tape.rerun(&[x], move |t| norm1.forward(&t[0]))?;
+        let qkv = tape.column_linears(h1, vec![self.qkv.0.tensors()], tp)?[0];
+        let (heads, rotary) = (self.heads, rotary.map(Rotary::shallow_clone));
+        let y = tape.rerun(&[qkv], move |t| {
+            causal_attention(&t[0], heads, rotary.as_ref(), None)
         })?;
-        let (x2, h2) = (out[0], out[1]);
+        let attn = tape.row_linear(y, self.proj.dense(), tp)?;
+        let x2 = tape.seg1(&[x, attn], |t, _| {
+            residual(&t[0], &t[1], self.proj.bias_after_reduce())
+        })?;
+        let norm2 = self.norm2.shallow_clone();
+        let h2 = tape.rerun(&[x2], move |t| norm2.forward(&t[0]))?;
         let mlp = match &self.mlp {
             Mlp::Gelu {
                 fc1,
                 fc2,
                 approximate,
             } => {
-                let a = tape.gather_linears(h2, vec![fc1.0.tensors()], tp)?[0];
-                let g = tape.seg1(&[a], |t, _| t[0].f_gelu(approximate).ctx("gelu"))?;
-                tape.linear_reduce_scatter(g, fc2.linear().tensors(), tp)?
+                let a = tape.column_linears(h2, vec![fc1.0.tensors()], tp)?[0];
+                let approximate = *approximate;
+                let g = tape.rerun(&[a], move |t| t[0].f_gelu(approximate).ctx("gelu"))?;
+                tape.row_linear(g, fc2.dense(), tp)?
             }
             Mlp::SwiGlu { gate, up, down } => {
-                let gu = tape.gather_linears(h2, vec![gate.0.tensors(), up.0.tensors()], tp)?;
-                let a = tape.seg1(&[gu[0], gu[1]], |t, _| {
+                let gu = tape.column_linears(h2, vec![gate.0.tensors(), up.0.tensors()], tp)?;
+                let a = tape.rerun(&[gu[0], gu[1]], |t| {
                     t[0].f_silu().and_then(|g| g.f_mul(&t[1])).ctx("swiglu")
                 })?;
-                tape.linear_reduce_scatter(a, down.linear().tensors(), tp)?
+                tape.row_linear(a, down.dense(), tp)?
             }
         };
         tape.seg1(&[x2, mlp], |t, _| {
@@ -206,8 +220,9 @@ impl Block {
         rotary: Option<&Rotary>,
         cached: Option<Cached<'_>>,
     ) -> Result<V> {
-        if tape.sequence_parallel() && tp.size() > 1 && cached.is_none() {
-            return self.forward_sequence_parallel(tape, x, tp, rotary);
+        let sequence_parallel = tape.sequence_parallel() && tp.size() > 1;
+        if (sequence_parallel || tape.selective()) && cached.is_none() {
+            return self.forward_linear_nodes(tape, x, tp, rotary);
         }
         let h1 = tape.seg1(&[x], |t, _| self.norm1.forward(&t[0]))?;
         let h1 = tape.enter_tp_region(h1, tp)?;

@@ -134,7 +134,7 @@ impl Head {
             return Ok((loss, Seed::Loss(loss)));
         }
         let logits = if tape.sequence_parallel() {
-            let z = tape.gather_linears(h, vec![self.lm_head.tensors()], tp)?[0];
+            let z = tape.column_linears(h, vec![self.lm_head.tensors()], tp)?[0];
             tape.seg1(&[z], |t, _| self.mask_padding(t[0].shallow_clone()))?
         } else {
             tape.seg1(&[h], |t, rec| {

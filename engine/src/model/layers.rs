@@ -224,6 +224,20 @@ impl RowParallelLinear {
         self.linear.forward_bias(x, fused_bias, rec)
     }
 
+    /// The layer's tensors for the tape's row-linear node: the local weight, with the
+    /// bias only where it is fused into the product (tp = 1).
+    pub fn dense(&self) -> super::tape::Dense {
+        super::tape::Dense {
+            weight: self.linear.weight.shallow_clone(),
+            bias: self
+                .bias
+                .as_ref()
+                .filter(|_| self.tp_size == 1)
+                .map(Tensor::shallow_clone),
+            transposed: false,
+        }
+    }
+
     /// The layer's local product.
     pub fn linear(&self) -> &Linear {
         &self.linear
@@ -285,6 +299,21 @@ impl Norm {
             b.mark_sequence_parallel();
             Norm::Layer { weight, bias, eps }
         })
+    }
+
+    /// The same norm on the same parameter tensors (no copies).
+    pub fn shallow_clone(&self) -> Norm {
+        match self {
+            Norm::Layer { weight, bias, eps } => Norm::Layer {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+                eps: *eps,
+            },
+            Norm::Rms { weight, eps } => Norm::Rms {
+                weight: weight.shallow_clone(),
+                eps: *eps,
+            },
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

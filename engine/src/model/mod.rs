@@ -34,6 +34,14 @@
 //! two contributions held and added with one addition, as the single autograd graph of a
 //! fused (tp = 1, whole-backward) chunk adds them.
 //!
+//! Selective recomputation (`parallel.recompute: selective`): every block runs on the
+//! tape's linear nodes with its non-matmul pieces (norms, attention core, activation)
+//! recomputed in the backward (see [`block`] and [`tape`]); a training forward then uses
+//! a cut tape even at tp = 1. A block keeps its input, the mid-block residual and its
+//! linear layers' outputs. Gradients agree with `none` within rounding (a weight
+//! gradient is formed outside autograd, and the cut graph adds a value's gradient
+//! contributions in another order).
+//!
 //! Layers (see [`partitioner::LayerKind`]): `embed` (token embedding, + learned positions
 //! for GPT), `block.i`, and `head`. Linear weights are stored `[in, out]` (`Y = XA`).
 //!
@@ -59,7 +67,7 @@ use head::{Head, Seed};
 use kv::{CacheShape, Cached, KvCache};
 use layers::VocabParallelEmbedding;
 use params::{init_grads, ParamBuilder};
-use partitioner::{Arch, LayerKind, ModelShape};
+use partitioner::{Arch, LayerKind, ModelShape, Recompute};
 use sharding::TpRank;
 use tape::{Backward, Mode, Tape, WeightWork};
 use tch::{Device, Kind, Tensor};
@@ -166,6 +174,21 @@ impl Forward {
     }
 }
 
+impl Forward {
+    /// Values of this forward that selective recomputation dropped, to be rebuilt in the
+    /// backward (four per block: both norm outputs, the attention output and the
+    /// activation's output).
+    pub fn dropped_values(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Kept { tape, .. } => tape.dropped(),
+                Part::Recompute { .. } => 0,
+            })
+            .sum()
+    }
+}
+
 /// A piece of a chunk's forward.
 enum Part {
     /// Layers whose autograd state is kept; `out` is the part's hidden output.
@@ -190,16 +213,16 @@ pub struct Model {
     layers: Vec<Layer>,
     params: Vec<Param>,
     rotary: Option<Rotary>,
-    /// Recompute every block in the backward (see the module docs).
-    recompute: bool,
+    /// What the backward recomputes (see the module docs).
+    recompute: Recompute,
     /// Sequence parallelism in training and evaluation forwards (see the module docs).
     sequence_parallel: bool,
 }
 
 impl Model {
-    /// The model with full activation recomputation on or off (off when built).
-    pub fn with_recompute(mut self, on: bool) -> Model {
-        self.recompute = on;
+    /// The model with activation recomputation `recompute` (none when built).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Model {
+        self.recompute = recompute;
         self
     }
 
@@ -217,7 +240,9 @@ impl Model {
 
     /// A tape for a forward of this chunk (sequence-parallel when the model is).
     fn tape(&self, mode: Mode, split: bool, input: &Tensor) -> Tape {
-        Tape::new(mode, split, input).with_sequence_parallel(self.sequence_parallel)
+        Tape::new(mode, split, input)
+            .with_sequence_parallel(self.sequence_parallel)
+            .with_selective(self.recompute == Recompute::Selective)
     }
 
     /// Builds `layers` of the model as tp rank `tp` holds them, initialised from `seed`.
@@ -282,7 +307,7 @@ impl Model {
             layers: built,
             params: b.params,
             rotary,
-            recompute: false,
+            recompute: Recompute::None,
             sequence_parallel: false,
         })
     }
@@ -312,11 +337,14 @@ impl Model {
     ) -> Result<Forward> {
         let mode = match pass {
             Pass::Eval | Pass::EvalLogits => Mode::Eval,
-            Pass::Train { .. } if self.tp.size == 1 => Mode::Fused,
+            // Selective recomputation cuts the graph around its rerun pieces.
+            Pass::Train { .. } if self.tp.size == 1 && self.recompute != Recompute::Selective => {
+                Mode::Fused
+            }
             Pass::Train { .. } => Mode::Cut,
         };
         let split = matches!(pass, Pass::Train { split: true });
-        let recompute = self.recompute && mode != Mode::Eval;
+        let recompute = self.recompute == Recompute::Full && mode != Mode::Eval;
         let mut fwd = Forward {
             parts: Vec::new(),
             output: input.shallow_clone(),
@@ -543,7 +571,8 @@ impl Model {
     fn shared_across_tapes(&self, mode: Mode, split: bool) -> Vec<usize> {
         let both = self.layers.iter().any(|l| matches!(l, Layer::Embedding(_)))
             && self.layers.iter().any(|l| matches!(l, Layer::Head(_)));
-        if !(self.recompute && mode == Mode::Fused && !split && self.spec.tie_embeddings && both) {
+        let full = self.recompute == Recompute::Full;
+        if !(full && mode == Mode::Fused && !split && self.spec.tie_embeddings && both) {
             return Vec::new();
         }
         self.params
@@ -632,9 +661,14 @@ mod tests {
             tokens_tensor(&ids.iter().map(|i| (i + 1) % 16).collect::<Vec<_>>(), 2, 8).unwrap();
         let mut tp = LocalComm::group(1).pop().unwrap();
         let mut grads = |recompute: bool| {
+            let how = if recompute {
+                Recompute::Full
+            } else {
+                Recompute::None
+            };
             let model = Model::new(&spec, &layers, 3, TpRank::SINGLE)
                 .unwrap()
-                .with_recompute(recompute);
+                .with_recompute(how);
             // Two microbatches, so each gradient is accumulated onto a non-zero one.
             for _ in 0..2 {
                 let pass = Pass::Train { split: false };
@@ -659,6 +693,56 @@ mod tests {
         for ((name, a), (_, b)) in plain.iter().zip(&recomputed) {
             assert!(a.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}");
             assert!(a.equal(b), "{name} differs with recomputation");
+        }
+    }
+
+    /// Selective recomputation drops four values per block (norm outputs, attention
+    /// output, activation output) after the forward and rebuilds them in the backward:
+    /// the gradients of both architectures equal the plain model's within 1e-6.
+    #[test]
+    fn selective_drops_the_non_matmul_outputs_and_keeps_the_gradients() {
+        for arch in [Arch::Gpt, Arch::Llama] {
+            let mut shape = ModelShape::gpt(16, 8, 8, 2, 3, 16);
+            shape.arch = arch;
+            let spec = ModelSpec::new(shape);
+            let layers = [
+                LayerKind::Embedding,
+                LayerKind::Block(0),
+                LayerKind::Block(1),
+                LayerKind::Block(2),
+                LayerKind::Head,
+            ];
+            let ids: Vec<i64> = (0..16).map(|i| (i * 5 + 3) % 16).collect();
+            let input = tokens_tensor(&ids, 2, 8).unwrap();
+            let targets =
+                tokens_tensor(&ids.iter().map(|i| (i + 1) % 16).collect::<Vec<_>>(), 2, 8).unwrap();
+            let mut tp = LocalComm::group(1).pop().unwrap();
+            let mut grads = |how: Recompute| {
+                let model = Model::new(&spec, &layers, 3, TpRank::SINGLE)
+                    .unwrap()
+                    .with_recompute(how);
+                let pass = Pass::Train { split: false };
+                let fwd = model
+                    .forward(&input, Some(&targets), &mut tp, pass)
+                    .unwrap();
+                let dropped = if how == Recompute::Selective { 12 } else { 0 };
+                assert_eq!(fwd.dropped_values(), dropped, "{arch:?} {how}");
+                let (_, work) = model.backward(fwd, Grad::LossScale(1.0), &mut tp).unwrap();
+                work.run().unwrap();
+                let out: Vec<(String, Tensor)> = model
+                    .params()
+                    .iter()
+                    .map(|p| (p.name.clone(), p.tensor.grad().copy()))
+                    .collect();
+                out
+            };
+            let (plain, selective) = (grads(Recompute::None), grads(Recompute::Selective));
+            for ((name, a), (_, b)) in plain.iter().zip(&selective) {
+                let diff = (a - b).norm().double_value(&[]);
+                let scale = a.norm().double_value(&[]);
+                assert!(scale > 0.0, "{name}");
+                assert!(diff <= 1e-6 * scale, "{arch:?} {name}: {diff} vs {scale}");
+            }
         }
     }
 }

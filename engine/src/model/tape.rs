@@ -31,7 +31,23 @@
 //! [`WeightWork`] — `X` and `dY` of every linear, nothing else — from which `W` forms
 //! `dA = Xᵀ dY` (or `dYᵀ X` for a transposed weight) and `db = Σ dY`.
 //!
-//! Invariant: value 0 is the chunk input; every value a node reads was produced earlier.
+//! Linear nodes ([`Tape::column_linears`], [`Tape::row_linear`]): on a cut tape, linear
+//! layers can run as nodes of their own, without autograd, entering and leaving the tp
+//! region themselves (all-reduce, or with sequence parallelism all-gather and
+//! reduce-scatter), so that neither the gathered input nor the partial product is kept;
+//! their backward forms `dX = dY Aᵀ` and the weight gradient `Xᵀ dY` (now, or as `W` work
+//! in a split backward).
+//!
+//! Selective recomputation ([`Tape::with_selective`], [`Tape::rerun`]): the non-matmul
+//! pieces between linear nodes run without autograd as [`Node::Rerun`]s, and their outputs
+//! are dropped once the linear node that reads them has run. In the backward, the linear
+//! node that needs such an input for its weight gradient first reruns the piece with
+//! autograd from its kept inputs (a linear's output, a residual), which turns the node
+//! into an ordinary segment that the walk differentiates when it reaches it; the rebuilt
+//! value is dropped again once read. No custom autograd function is involved.
+//!
+//! Invariant: value 0 is the chunk input; every value a node reads was produced earlier;
+//! a dropped value (undefined tensor) always has a `Rerun` node that rebuilds it.
 
 use super::params::Param;
 use super::sequence;
@@ -174,22 +190,40 @@ enum Node {
         from: V,
         to: V,
     },
-    /// Sequence-parallel column-parallel linears on one input: `outs[i] = X Aᵢ + bᵢ` of
-    /// the all-gathered `X = gather(from)`, which is not kept: the backward gathers it
-    /// again for the weight gradients and reduce-scatters `Σ dYᵢ Aᵢᵀ` into `from`.
-    GatherLinears {
+    /// Column-parallel linears on one input, without autograd: `outs[i] = X Aᵢ + bᵢ`.
+    /// `X` is `from` entered into the tp region: all-gathered along the sequence when
+    /// `gather` (sequence parallelism; the gathered copy is not kept), else `from` itself.
+    /// Backward: `dX = Σ dYᵢ Aᵢᵀ`, reduce-scattered (`gather`) or all-reduced (tp > 1)
+    /// into `from`, and `dAᵢ += Xᵀ dYᵢ` with `X` gathered again, or rebuilt first when
+    /// `from` was a [`Node::Rerun`] output and has been dropped.
+    ColumnLinears {
         from: V,
         outs: Vec<(V, Dense)>,
+        gather: bool,
     },
-    /// A sequence-parallel row-parallel linear: `to` is this rank's sequence block of
-    /// `Σ_ranks from·A` (the partial product is not kept); backward all-gathers the
-    /// gradient `dP`, then `d from = dP Aᵀ` and `dA += fromᵀ dP`.
-    LinearReduceScatter {
+    /// A row-parallel linear, without autograd: `to` is `from·A (+ b)` summed over tp and,
+    /// when `scatter` (sequence parallelism), this rank's sequence block of the sum; the
+    /// partial product is not kept. Backward all-gathers the gradient `dP` (`scatter`),
+    /// then `d from = dP Aᵀ` and `dA += fromᵀ dP` (`from` rebuilt first if dropped).
+    RowLinear {
         from: V,
         to: V,
         dense: Dense,
+        scatter: bool,
+    },
+    /// Selective recomputation: `outputs = f(inputs)` ran without autograd, and the
+    /// outputs are dropped once the linear layers that read them have run. The backward
+    /// reruns `f` with autograd (into a [`Node::Seg`]) when a linear needs its output
+    /// for a weight gradient, or when the walk reaches it with a gradient.
+    Rerun {
+        inputs: Vec<V>,
+        outputs: Vec<V>,
+        f: RerunFn,
     },
 }
+
+/// The function of a [`Node::Rerun`]: a pure function of its inputs (no linear layers).
+pub type RerunFn = Box<dyn Fn(&[Tensor]) -> Result<Vec<Tensor>> + Send>;
 
 /// A dense linear layer's tensors, as the tape's linear nodes use them.
 pub struct Dense {
@@ -211,8 +245,8 @@ impl Dense {
     }
 
     /// `Y = XA (+ b)` without autograd (the same libtorch call as a layer's forward).
-    fn forward(&self, x: &Tensor, bias: bool) -> Result<Tensor> {
-        let b = self.bias.as_ref().filter(|_| bias).map(Tensor::detach);
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let b = self.bias.as_ref().map(Tensor::detach);
         tch::no_grad(|| x.f_linear(&self.out_in()?, b.as_ref()).ctx("linear"))
     }
 
@@ -221,17 +255,13 @@ impl Dense {
         tch::no_grad(|| dy.f_matmul(&self.out_in()?).ctx("linear input gradient"))
     }
 
-    /// The weight-gradient work of `X`, `dY` (with the bias when `bias`).
-    fn weight_grad(&self, x: Tensor, dy: Tensor, bias: bool) -> WeightGrad {
+    /// The weight-gradient work of `X`, `dY` (and of the bias, if any).
+    fn weight_grad(&self, x: Tensor, dy: Tensor) -> WeightGrad {
         WeightGrad {
             x,
             dy,
             weight: self.weight.shallow_clone(),
-            bias: self
-                .bias
-                .as_ref()
-                .filter(|_| bias)
-                .map(Tensor::shallow_clone),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
             transposed: self.transposed,
         }
     }
@@ -243,7 +273,11 @@ pub struct Tape {
     split: bool,
     /// Regions outside the tp layers hold sequence blocks (see the module docs).
     sequence_parallel: bool,
+    /// Selective recomputation: [`Tape::rerun`] drops its outputs after use.
+    selective: bool,
     values: Vec<Tensor>,
+    /// Values produced by [`Node::Rerun`]s, dropped once read by a linear node.
+    volatile: Vec<V>,
     nodes: Vec<Node>,
     /// Fused mode: the chunk input's leaf (hidden inputs only) and every record.
     input_leaf: Option<Tensor>,
@@ -290,7 +324,9 @@ impl Tape {
             mode,
             split: split && mode != Mode::Eval,
             sequence_parallel: false,
+            selective: false,
             values: Vec::new(),
+            volatile: Vec::new(),
             nodes: Vec::new(),
             input_leaf: None,
             records: Vec::new(),
@@ -314,6 +350,18 @@ impl Tape {
         self
     }
 
+    /// The tape with selective recomputation on or off (off when built; on only for a
+    /// [`Mode::Cut`] tape): see [`Tape::rerun`].
+    pub fn with_selective(mut self, on: bool) -> Tape {
+        self.selective = on && self.mode == Mode::Cut;
+        self
+    }
+
+    /// True when [`Tape::rerun`] recomputes its work in the backward.
+    pub fn selective(&self) -> bool {
+        self.selective
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
     }
@@ -321,6 +369,11 @@ impl Tape {
     /// True when the regions outside the tp layers hold sequence blocks.
     pub fn sequence_parallel(&self) -> bool {
         self.sequence_parallel
+    }
+
+    /// How many values selective recomputation has dropped (kept for the backward: none).
+    pub fn dropped(&self) -> usize {
+        self.values.iter().filter(|t| !t.defined()).count()
     }
 
     /// The tensor of value `v`.
@@ -458,40 +511,108 @@ impl Tape {
         Ok(self.collective(block, |to| Node::ScatterToSp { from: v, to }))
     }
 
-    /// Sequence-parallel column-parallel linears (see [`Node::GatherLinears`]): all-gathers
-    /// `v` along the sequence and returns `X Aᵢ + bᵢ` for each layer; the gathered input
-    /// is dropped at once (Megatron gathers it again in the backward).
-    pub fn gather_linears(
+    /// A non-matmul piece of a block (norm, attention core, activation) with one output.
+    /// On a selective tape it runs without autograd, and its output is dropped once the
+    /// linear layers that read it ([`Tape::column_linears`], [`Tape::row_linear`]) have
+    /// run; the backward reruns it ([`Node::Rerun`]). Otherwise it is an ordinary
+    /// segment.
+    pub fn rerun(
+        &mut self,
+        inputs: &[V],
+        f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + 'static,
+    ) -> Result<V> {
+        if !self.selective {
+            return self.seg1(inputs, |t, _| f(t));
+        }
+        let xs: Vec<Tensor> = inputs
+            .iter()
+            .map(|&v| self.values[v].shallow_clone())
+            .collect();
+        let out = tch::no_grad(|| f(&xs))?;
+        let v = self.push(out);
+        self.volatile.push(v);
+        self.nodes.push(Node::Rerun {
+            inputs: inputs.to_vec(),
+            outputs: vec![v],
+            f: Box::new(move |t| Ok(vec![f(t)?])),
+        });
+        Ok(v)
+    }
+
+    /// Drops `v` if it is a [`Tape::rerun`] output (its reader has run).
+    fn release(&mut self, v: V) {
+        if self.volatile.contains(&v) {
+            self.values[v] = Tensor::new();
+        }
+    }
+
+    /// Column-parallel linears on one input `v` (see [`Node::ColumnLinears`]): `v` enters
+    /// the tp region (all-gathered along the sequence with sequence parallelism, the
+    /// gathered copy dropped at once as Megatron does) and `X Aᵢ + bᵢ` is returned for
+    /// each layer, computed without autograd. Only on cut tapes (or forward-only ones).
+    pub fn column_linears(
         &mut self,
         v: V,
         layers: Vec<Dense>,
         tp: &mut dyn Communicator,
     ) -> Result<Vec<V>> {
-        let full = sequence::all_gather(&self.values[v], tp)?;
+        self.linear_node_allowed()?;
+        let gather = self.sequence_parallel && tp.size() > 1;
+        let x = match gather {
+            true => sequence::all_gather(&self.values[v], tp)?,
+            false => self.values[v].shallow_clone(),
+        };
         let mut outs = Vec::with_capacity(layers.len());
         for dense in layers {
-            let y = dense.forward(&full, true)?;
+            let y = dense.forward(&x)?;
             outs.push((self.push(y), dense));
         }
+        drop(x);
+        self.release(v);
         let ids = outs.iter().map(|(id, _)| *id).collect();
         if self.mode == Mode::Cut {
-            self.nodes.push(Node::GatherLinears { from: v, outs });
+            self.nodes.push(Node::ColumnLinears {
+                from: v,
+                outs,
+                gather,
+            });
         }
         Ok(ids)
     }
 
-    /// A sequence-parallel row-parallel linear (see [`Node::LinearReduceScatter`]): this
-    /// rank's sequence block of `Σ_ranks v·A` (no bias: it is added after, replicated).
-    pub fn linear_reduce_scatter(
-        &mut self,
-        v: V,
-        dense: Dense,
-        tp: &mut dyn Communicator,
-    ) -> Result<V> {
-        let partial = dense.forward(&self.values[v], false)?;
-        let block = sequence::reduce_scatter(&partial, tp)?;
+    /// A row-parallel linear (see [`Node::RowLinear`]): `Σ_ranks v·A (+ b)`, or this
+    /// rank's sequence block of it with sequence parallelism; computed without autograd,
+    /// the partial product not kept. `dense` carries a bias only where it is fused into
+    /// the product (tp = 1); a replicated bias is added after, by the caller.
+    pub fn row_linear(&mut self, v: V, dense: Dense, tp: &mut dyn Communicator) -> Result<V> {
+        self.linear_node_allowed()?;
+        let scatter = self.sequence_parallel && tp.size() > 1;
+        let partial = dense.forward(&self.values[v])?;
+        let out = if scatter {
+            sequence::reduce_scatter(&partial, tp)?
+        } else if tp.size() > 1 {
+            all_reduce(&partial, tp, ReduceOp::Sum)?
+        } else {
+            partial.shallow_clone()
+        };
         drop(partial);
-        Ok(self.collective(block, |to| Node::LinearReduceScatter { from: v, to, dense }))
+        self.release(v);
+        Ok(self.collective(out, |to| Node::RowLinear {
+            from: v,
+            to,
+            dense,
+            scatter,
+        }))
+    }
+
+    /// The linear nodes compute without autograd, so a fused tape cannot use them.
+    fn linear_node_allowed(&self) -> Result<()> {
+        match self.mode {
+            Mode::Fused => Err(Error::Internal(
+                "tape linear nodes need a cut (or forward-only) tape".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Pushes a collective's result and, on a cut tape, its node.
@@ -547,7 +668,7 @@ impl Tape {
                     params,
                     hold,
                 };
-                backward_cut(&self.values, self.nodes, seeds, tp, how, &mut held)?
+                backward_cut(self.values, self.nodes, seeds, tp, how, &mut held)?
             }
         };
         Ok(Backward {
@@ -580,7 +701,7 @@ struct Out<'a> {
 }
 
 fn backward_cut(
-    values: &[Tensor],
+    mut values: Vec<Tensor>,
     nodes: Vec<Node>,
     seeds: Vec<(V, Tensor)>,
     tp: &mut dyn Communicator,
@@ -591,8 +712,21 @@ fn backward_cut(
     for (v, g) in seeds {
         accumulate(&mut grads[v], g)?;
     }
+    // The node that produced each value dropped by selective recomputation.
+    let mut producer: Vec<Option<usize>> = vec![None; values.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        if let Node::Rerun { outputs, .. } = node {
+            for &v in outputs {
+                producer[v] = Some(i);
+            }
+        }
+    }
+    let mut nodes: Vec<Option<Node>> = nodes.into_iter().map(Some).collect();
     let mut work = WeightWork::default();
-    for node in nodes.into_iter().rev() {
+    for i in (0..nodes.len()).rev() {
+        let node = nodes[i]
+            .take()
+            .ok_or_else(|| Error::Internal("a tape node was walked twice".into()))?;
         match node {
             Node::ReduceFromTp { from, to } => {
                 if let Some(g) = grads[to].take() {
@@ -601,7 +735,11 @@ fn backward_cut(
             }
             Node::CopyToTp { from, to } => {
                 if let Some(g) = grads[to].take() {
-                    accumulate(&mut grads[from], all_reduce(&g, tp, ReduceOp::Sum)?)?;
+                    let g = match tp.size() {
+                        1 => g,
+                        _ => all_reduce(&g, tp, ReduceOp::Sum)?,
+                    };
+                    accumulate(&mut grads[from], g)?;
                 }
             }
             Node::GatherFromSp { from, to } => {
@@ -614,7 +752,7 @@ fn backward_cut(
                     accumulate(&mut grads[from], sequence::all_gather(&g, tp)?)?;
                 }
             }
-            Node::GatherLinears { from, outs } => {
+            Node::ColumnLinears { from, outs, gather } => {
                 let mut dx: Option<Tensor> = None;
                 let mut weight_work = Vec::new();
                 let mut x: Option<Tensor> = None;
@@ -624,27 +762,59 @@ fn backward_cut(
                     let input = match &x {
                         Some(x) => x.shallow_clone(),
                         None => {
-                            let gathered = sequence::all_gather(&values[from], tp)?;
-                            x = Some(gathered.shallow_clone());
-                            gathered
+                            rebuild(from, &producer, &mut nodes, &mut values)?;
+                            let input = match gather {
+                                true => sequence::all_gather(&values[from], tp)?,
+                                false => values[from].shallow_clone(),
+                            };
+                            x = Some(input.shallow_clone());
+                            input
                         }
                     };
-                    weight_work.push(dense.weight_grad(input, dy, true));
+                    weight_work.push(dense.weight_grad(input, dy));
                 }
+                drop(x);
+                release(from, &producer, &mut values);
                 if let Some(dx) = dx {
-                    accumulate(&mut grads[from], sequence::reduce_scatter(&dx, tp)?)?;
+                    let dx = if gather {
+                        sequence::reduce_scatter(&dx, tp)?
+                    } else if tp.size() > 1 {
+                        all_reduce(&dx, tp, ReduceOp::Sum)?
+                    } else {
+                        dx
+                    };
+                    accumulate(&mut grads[from], dx)?;
                 }
                 weight_grads(weight_work, how.split, &mut work)?;
             }
-            Node::LinearReduceScatter { from, to, dense } => {
+            Node::RowLinear {
+                from,
+                to,
+                dense,
+                scatter,
+            } => {
                 if let Some(g) = grads[to].take() {
-                    let dp = sequence::all_gather(&g, tp)?;
+                    let dp = match scatter {
+                        true => sequence::all_gather(&g, tp)?,
+                        false => g,
+                    };
                     accumulate(&mut grads[from], dense.input_grad(&dp)?)?;
+                    rebuild(from, &producer, &mut nodes, &mut values)?;
                     let x = values[from].shallow_clone();
-                    weight_grads(vec![dense.weight_grad(x, dp, false)], how.split, &mut work)?;
+                    release(from, &producer, &mut values);
+                    weight_grads(vec![dense.weight_grad(x, dp)], how.split, &mut work)?;
                 }
             }
-            Node::Seg(seg) => {
+            Node::Rerun { .. } | Node::Seg(_) => {
+                let seg = match node {
+                    Node::Seg(seg) => seg,
+                    Node::Rerun { ref outputs, .. }
+                        if !outputs.iter().any(|v| grads[*v].is_some()) =>
+                    {
+                        continue
+                    }
+                    rerun => rerun_segment(rerun, &mut values)?,
+                };
                 let seeds: Vec<(V, Tensor)> = seg
                     .outputs
                     .iter()
@@ -669,6 +839,74 @@ fn backward_cut(
         }
     }
     Ok((grads.swap_remove(0), work))
+}
+
+/// Makes value `v` available again if selective recomputation dropped it: reruns its
+/// [`Node::Rerun`] with autograd, leaving the resulting segment in its place for the
+/// walk to differentiate when it gets there.
+fn rebuild(
+    v: V,
+    producer: &[Option<usize>],
+    nodes: &mut [Option<Node>],
+    values: &mut [Tensor],
+) -> Result<()> {
+    if values[v].defined() {
+        return Ok(());
+    }
+    let node = producer[v]
+        .and_then(|i| nodes[i].as_mut())
+        .ok_or_else(|| Error::Internal(format!("value {v} was dropped and has no rerun")))?;
+    let rerun = std::mem::replace(
+        node,
+        Node::Seg(Segment {
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            records: Vec::new(),
+        }),
+    );
+    *node = Node::Seg(rerun_segment(rerun, values)?);
+    Ok(())
+}
+
+/// Drops a rebuilt value again once its linear node has read it (its segment holds what
+/// its own backward needs).
+fn release(v: V, producer: &[Option<usize>], values: &mut [Tensor]) {
+    if producer[v].is_some() {
+        values[v] = Tensor::new();
+    }
+}
+
+/// Reruns a [`Node::Rerun`] with autograd on fresh leaves of its (kept) inputs, as a
+/// cut tape's segment, and puts its outputs back into `values`.
+fn rerun_segment(node: Node, values: &mut [Tensor]) -> Result<Segment> {
+    let Node::Rerun { inputs, outputs, f } = node else {
+        return Err(Error::Internal("only a rerun node can be rerun".into()));
+    };
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|&v| {
+            let t = values[v].detach();
+            if t.is_floating_point() {
+                t.set_requires_grad(true)
+            } else {
+                t
+            }
+        })
+        .collect();
+    let outs = f(&leaves)?;
+    if outs.len() != outputs.len() {
+        return Err(Error::Internal(
+            "a rerun gave a different number of outputs".into(),
+        ));
+    }
+    for (&v, o) in outputs.iter().zip(&outs) {
+        values[v] = o.detach();
+    }
+    Ok(Segment {
+        inputs: inputs.into_iter().zip(leaves).collect(),
+        outputs: outputs.into_iter().zip(outs).collect(),
+        records: Vec::new(),
+    })
 }
 
 /// Runs the weight-gradient work of a tape linear node now, or leaves it for `W` (split).

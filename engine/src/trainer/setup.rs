@@ -15,7 +15,7 @@ use crate::model::sharding::{padded, TpRank};
 use crate::model::{tokens_tensor, Model, Param};
 use crate::optim::{AdamW, AdamWConfig};
 use partitioner::mesh::MeshCoord;
-use partitioner::{Plan, Rank, Recompute, Schedule, ScheduleKind};
+use partitioner::{Plan, Rank, Schedule, ScheduleKind};
 
 /// One rank's training state.
 pub struct RankState {
@@ -111,7 +111,7 @@ impl RankState {
                     tp,
                 )
                 .map(|m| {
-                    m.with_recompute(cfg.parallel.recompute == Recompute::Full)
+                    m.with_recompute(cfg.parallel.recompute)
                         .with_sequence_parallel(cfg.parallel.sequence_parallel)
                 })
             })
