@@ -18,6 +18,7 @@
 //! is refused (exit 2) naming it.
 
 use crate::checkpoint::{Checkpoint, Manifest};
+use crate::compress::prune::neurons::{NeuronInfo, MANIFEST_KEY as NEURONS_KEY};
 use crate::compress::prune::{Method, PruneInfo, Scope, MANIFEST_KEY as PRUNE_KEY};
 use crate::error::{Error, Result};
 use crate::eval::{EvalJob, LayoutArg};
@@ -117,6 +118,14 @@ pub fn compress_report(
         rows.push(describe(path, eval.loss)?);
     }
     let dense_loss = rows[0].val_loss;
+    let dense_widths = d_ff_of(paths[0].as_path())?;
+    for (r, p) in rows.iter_mut().zip(&paths).skip(1) {
+        let widths = d_ff_of(p)?;
+        if r.variant == "dense" && widths != dense_widths {
+            // A model narrowed earlier (neuron pruning, then training that dropped the record).
+            r.variant = format!("d_ff {widths} (dense {dense_widths})");
+        }
+    }
     for r in &mut rows {
         r.delta = r.val_loss - dense_loss;
     }
@@ -135,11 +144,19 @@ pub fn compress_report(
     })
 }
 
+/// True when `a` and `b` name one file (`dir/../data/x` and `data/x` do).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// Refuses a variant that evaluates other tokens than the dense model.
 fn same_text(path: &Path, job: &EvalJob, dense: &EvalJob) -> Result<()> {
     let problem = if job.vocab != dense.vocab {
         "its character vocabulary differs from the dense checkpoint's"
-    } else if job.data != dense.data || job.part != dense.part {
+    } else if !same_file(&job.data, &dense.data) || job.part != dense.part {
         "it evaluates another text than the dense checkpoint (its train.data differs)"
     } else {
         return Ok(());
@@ -209,6 +226,14 @@ fn describe(path: &Path, val_loss: f64) -> Result<Row> {
     })
 }
 
+/// The MLP widths of a checkpoint's model as its plan records them (`512`, `[256,256]`).
+fn d_ff_of(path: &Path) -> Result<String> {
+    let ckpt = Checkpoint::open(path)?;
+    Ok(ckpt.manifest().plan["model"]["d_ff"]
+        .to_string()
+        .replace(' ', ""))
+}
+
 /// What the manifest's `extra` records, e.g. `int8`, `magnitude 50.0% (global)`,
 /// `sensitivity 50.0% + int8`; `dense` when nothing.
 pub fn variant_name(m: &Manifest) -> Result<String> {
@@ -224,11 +249,16 @@ pub fn variant_name(m: &Manifest) -> Result<String> {
             100.0 * p.sparsity
         ));
     }
+    if let Some(n) = m.extra.get(NEURONS_KEY) {
+        let info: NeuronInfo = serde_json::from_value(n.clone())
+            .map_err(|e| Error::Internal(format!("extra.{NEURONS_KEY} of the manifest: {e}")))?;
+        parts.push(format!("neurons {:.1}%", 100.0 * info.target));
+    }
     if let Some(q) = QuantInfo::from_extra(&m.extra)? {
         parts.push(q.scheme.name().to_string());
     }
     for key in m.extra.keys() {
-        if key != PRUNE_KEY && key != QUANT_KEY {
+        if key != PRUNE_KEY && key != QUANT_KEY && key != NEURONS_KEY {
             parts.push(key.clone());
         }
     }
@@ -338,5 +368,18 @@ mod tests {
         assert_eq!(median(&[]), 0.0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn one_file_named_two_ways_is_the_same_text() {
+        let dir = std::env::temp_dir().join(format!("strata-same-file-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::create_dir_all(dir.join("bench")).unwrap();
+        std::fs::write(dir.join("data/a.txt"), "abc").unwrap();
+        std::fs::write(dir.join("data/b.txt"), "abc").unwrap();
+        let a = dir.join("data/a.txt");
+        assert!(same_file(&dir.join("bench/../data/a.txt"), &a));
+        assert!(!same_file(&dir.join("data/b.txt"), &a));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
