@@ -847,6 +847,7 @@ impl Config {
             profile,
             policy,
             data_bytes: self.data_source()?.resident_bytes(),
+            dp_bucket_bytes: self.dp_bucket_bytes() as u64,
         })
     }
 

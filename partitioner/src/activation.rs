@@ -17,10 +17,16 @@
 //!   (`d + 2d_kv`), rotated q and k (`d + d_kv`), attention output (`d`), log-sum-exp
 //!   (`h`), SwiGLU gate, up, `silu(gate)` and their product (`4f`):
 //!   `e·bs·[(4d + 2)·r + (3d + 3d_kv + 4f + h)/t]`.
-//! * `selective` recomputes the attention core in the backward: its log-sum-exp is not
-//!   kept. With the flash kernel that is all it saves, because the core's inputs (QKV)
-//!   must be kept to recompute it and its output is the projection's input: Megatron's
-//!   selective recomputation removes the `O(s²)` scores, which this kernel never stores.
+//! * Both architectures, `none`, also: the chunk's tape holds each row-parallel output
+//!   after its reduction (`2d`, replicated region), and at tp > 1 without sequence
+//!   parallelism both partial products before the all-reduce (`2d` at full width on every
+//!   rank: the cut tape keeps the all-reduce's input and its result).
+//! * `selective` recomputes every non-matmul op in the backward (both norms, the attention
+//!   core, the activation; recomputing only the core would save just the log-sum-exp
+//!   with the flash kernel). A block keeps its input, `x₂` and both reduced row-parallel
+//!   outputs (`4d`, replicated region) and its column-parallel outputs: GPT QKV and fc1
+//!   (`3d + f`), LLaMA QKV, gate and up (`d + 2d_kv + 2f`). No partial product or
+//!   gathered input is kept.
 //! * `full` keeps only each block's input, `e·bs·d·r`, and recomputes the block in the
 //!   backward.
 //! * Sequence parallelism (`r = 1/t`, only with `t > 1`) splits the replicated norm and
@@ -128,13 +134,28 @@ pub fn layer_activation_bytes(
             e * ((2.0 * d + 2.0) * r + logits)
         }
         LayerKind::Block(_) => {
+            // The tape's values hold both row-parallel outputs after their reduction
+            // (`2d`, replicated region); at tp > 1 without sequence parallelism also both
+            // partial products before it (`2d`, full width on every rank).
+            let sums = 2.0 * d;
+            let partials = if a.tp > 1 && !policy.sequence_parallel {
+                2.0 * d
+            } else {
+                0.0
+            };
             let (replicated, sharded, lse) = match sh.arch {
                 Arch::Gpt => (4.0 * d + 4.0, 4.0 * d + 2.0 * f, h),
                 Arch::Llama => (4.0 * d + 2.0, 3.0 * d + 3.0 * dkv + 4.0 * f, h),
             };
+            // Selective keeps the block input, `x2`, both reduced row-parallel outputs
+            // and the column-parallel outputs (QKV; fc1, or gate and up).
+            let column_outputs = match sh.arch {
+                Arch::Gpt => 3.0 * d + f,
+                Arch::Llama => d + 2.0 * dkv + 2.0 * f,
+            };
             e * match policy.recompute {
-                Recompute::None => replicated * r + (sharded + lse) / t,
-                Recompute::Selective => replicated * r + sharded / t,
+                Recompute::None => (replicated + sums) * r + partials + (sharded + lse) / t,
+                Recompute::Selective => 4.0 * d * r + column_outputs / t,
                 Recompute::Full => d * r,
             }
         }
@@ -188,13 +209,14 @@ mod tests {
     fn gpt_tiny_block_matches_the_saved_tensors() {
         // PyTorch's saved_tensors_hooks on this block at b = 8 list 16.046875 MiB:
         // x, LN1, QKV (3), attention output, x2, LN2 (1 MiB each), pre- and post-GELU
-        // (4 MiB each), two norms' mean and rstd (4 KiB each) and the log-sum-exp (32 KiB).
+        // (4 MiB each), two norms' mean and rstd (4 KiB each) and the log-sum-exp (32 KiB);
+        // plus the two row-parallel outputs the tape's values hold (1 MiB each).
         let bytes = layer_activation_bytes(
             &tiny(1, 8),
             LayerKind::Block(0),
             ActivationPolicy::default(),
         );
-        assert_eq!(bytes, (16.046875 * 1048576.0) as u64);
+        assert_eq!(bytes, (18.046875 * 1048576.0) as u64);
         let full = ActivationPolicy {
             recompute: Recompute::Full,
             sequence_parallel: false,

@@ -694,8 +694,8 @@ mod tests {
         // activations sent between stages: 4 bytes * 3 * 4 * 8
         assert_eq!(g.nodes[0].cost.output_bytes, 384);
         // block stash (flash attention, see crate::activation): 4 B * 12 tokens *
-        // ((4d + 4) + (4d + 2f + h)) = 48 * (36 + 66)
-        assert_eq!(g.nodes[1].cost.activation_bytes, 4896);
+        // ((4d + 4) + 2d (row-parallel outputs on the tape) + (4d + 2f + h)) = 48 * (52 + 66)
+        assert_eq!(g.nodes[1].cost.activation_bytes, 5664);
         // the W of a zero-bubble backward: the linear layers' weight gradients
         assert_eq!(g.nodes[1].cost.weight_grad_flops, 24.0 * 512.0);
         assert_eq!(g.nodes[3].cost.weight_grad_flops, 1920.0);
@@ -724,8 +724,8 @@ mod tests {
         // fwd: 2*3*4*(128 + 64 + 288) + 4*3*16*8 = 11520 + 1536
         assert_eq!(g.nodes[1].cost.fwd_flops, 13056.0);
         assert_eq!(g.nodes[1].cost.bwd_flops, 26112.0);
-        // stash: 4 B * 12 tokens * ((4d + 2) + (3d + 3d_kv + 4f + h)) = 48 * (34 + 86)
-        assert_eq!(g.nodes[1].cost.activation_bytes, 5760);
+        // stash: 4 B * 12 tokens * ((4d + 2) + 2d + (3d + 3d_kv + 4f + h)) = 48 * (50 + 86)
+        assert_eq!(g.nodes[1].cost.activation_bytes, 6528);
         // head: RMSNorm d + d*V; fwd 2*3*4*8*10
         assert_eq!(g.nodes[3].cost.params, 88);
         assert_eq!(g.nodes[3].cost.fwd_flops, 1920.0);

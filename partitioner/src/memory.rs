@@ -25,7 +25,7 @@
 //! * `optimizer_step`: AdamW runs on the flat parameter buffers and holds two temporaries
 //!   of a buffer group's size at once (the bias-corrected second moment and the update):
 //!   twice the rank's weights at most; `dp_reduce`: the send copy of a data-parallel
-//!   bucket.
+//!   bucket (`parallel.dp_bucket_mb`, at most the rank's gradients).
 //!
 //! Invariant: every figure is in bytes per device; `peak` is their sum as above, and a
 //! config whose largest `peak` exceeds the machine cannot run.
@@ -45,7 +45,7 @@ pub const DEFAULT_PROCESS_BYTES: u64 = 380 << 20;
 /// Header of a pipeline message on the wire (magic, dtype, rank, chunk, microbatch, dims).
 pub const WIRE_HEADER_BYTES: u64 = 12 + 3 * 8;
 
-/// The data-parallel gradient bucket (the engine's `dp::BUCKET_BYTES`).
+/// The default data-parallel gradient bucket (`parallel.dp_bucket_mb: 25`).
 pub const DP_BUCKET_BYTES: u64 = 25 << 20;
 
 /// One pipeline rank's peak memory and what holds it (bytes, per device).
@@ -80,6 +80,8 @@ pub struct MemoryInputs<'a> {
     pub process_bytes: u64,
     /// Dataset bytes each rank holds.
     pub data_bytes: u64,
+    /// The data-parallel gradient bucket (`parallel.dp_bucket_mb`).
+    pub dp_bucket_bytes: u64,
 }
 
 /// The most bytes each rank of a lowered `schedule` holds at once: every receive's
@@ -159,7 +161,7 @@ pub fn rank_memory(stages: &[StagePlan], m: &MemoryInputs<'_>) -> Vec<RankMemory
             let backward = ((2 * full_block) as f64 * m.residency) as u64;
             let weights = sum(&|s| s.param_bytes);
             let dp_reduce = if m.dp > 1 {
-                grads.min(DP_BUCKET_BYTES)
+                grads.min(m.dp_bucket_bytes)
             } else {
                 0
             };

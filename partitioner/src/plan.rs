@@ -127,6 +127,8 @@ pub struct PlanSpec {
     pub policy: ActivationPolicy,
     /// Dataset bytes every rank holds in memory.
     pub data_bytes: u64,
+    /// The data-parallel gradient bucket (`parallel.dp_bucket_mb`).
+    pub dp_bucket_bytes: u64,
 }
 
 impl PlanSpec {
@@ -153,6 +155,7 @@ impl PlanSpec {
             profile: None,
             policy: ActivationPolicy::default(),
             data_bytes: 0,
+            dp_bucket_bytes: crate::memory::DP_BUCKET_BYTES,
         }
     }
 
@@ -451,6 +454,7 @@ impl Plan {
                 dp: spec.dp,
                 process_bytes,
                 data_bytes: spec.data_bytes,
+                dp_bucket_bytes: spec.dp_bucket_bytes,
             },
         );
         Plan {
