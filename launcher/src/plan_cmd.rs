@@ -211,6 +211,12 @@ fn auto_plan(cfg: &Config, args: &PlanArgs) -> Result<(), LaunchError> {
         Some(file) => Some(Profile::load(&file).map_err(plan_error(path))?),
         None => None,
     };
+    if let Some(profile) = &spec.profile {
+        // Its layer timings hold at the micro-batch size it measured, and `strata plan`
+        // refuses a profile at another one: search that size only (profile another size
+        // with `strata profile --set parallel.micro_batch_size=N`).
+        spec.micro_batch_sizes = vec![profile.micro_batch_size];
+    }
     spec.step = StepOptions {
         grad_clip: cfg.train.grad_clip.is_some(),
         tied: cfg.model.tie_embeddings,

@@ -60,7 +60,6 @@ pub fn check_divisibility(shape: &ModelShape, tp: usize) -> Result<()> {
             ),
         });
     }
-    check_d_ff_divisibility(shape, tp)?;
     let checks: [(&'static str, usize, &'static str); 2] = [
         ("n_heads", shape.n_heads, "query heads"),
         ("n_kv_heads", shape.n_kv_heads, "key/value heads"),
@@ -82,7 +81,8 @@ pub fn check_divisibility(shape: &ModelShape, tp: usize) -> Result<()> {
             });
         }
     }
-    Ok(())
+    // After the heads: a head count that tp cannot split is the more basic mistake.
+    check_d_ff_divisibility(shape, tp)
 }
 
 /// Every block's `d_ff` divisible by `tp`: a per-layer list names the first bad entry.

@@ -54,6 +54,8 @@ enum Keep {
 struct PendingSend {
     keep: Keep,
     req: ffi::MPI_Request,
+    /// Bytes of the message part (what the waits count as in flight).
+    bytes: usize,
     /// The flight-recorder event of this send (on the last part of a message).
     event: Option<u64>,
 }
@@ -523,7 +525,7 @@ impl Communicator for MpiComm {
             .flight()
             .comm(CommOp::Wait, self.group, None, 0, bytes);
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut waiter = Waiter::new(self.wait);
+        let mut waiter = self.waiter(bytes);
         loop {
             let left = self.test_started()?;
             if left == 0 {
@@ -548,7 +550,7 @@ impl Communicator for MpiComm {
             .flight()
             .comm(CommOp::Flush, self.group, None, 0, 0);
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut waiter = Waiter::new(self.wait);
+        let mut waiter = self.waiter(0);
         loop {
             progress(&mut self.pending, &self.watch)?;
             if self.pending.is_empty() {
@@ -637,7 +639,7 @@ impl MpiComm {
         event: u64,
     ) -> Result<()> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut waiter = Waiter::new(self.wait);
+        let mut waiter = self.waiter(bytes);
         loop {
             let mut flag = 0;
             let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
@@ -766,9 +768,20 @@ impl MpiComm {
             keep,
             // SAFETY: MPI_Isend succeeded.
             req: unsafe { req.assume_init() },
+            bytes: len,
             event,
         });
         Ok(())
+    }
+
+    /// Bytes of this rank's sends still in flight.
+    fn in_flight(&self) -> usize {
+        self.pending.iter().map(|p| p.bytes).sum()
+    }
+
+    /// A waiter for a wait on `bytes` of its own, with the pending sends also in flight.
+    fn waiter(&self, bytes: usize) -> Waiter {
+        Waiter::for_bytes(self.wait, bytes + self.in_flight())
     }
 
     /// `MPI_Irecv` of up to `len` bytes into `ptr`.
@@ -831,7 +844,7 @@ impl MpiComm {
         bytes: usize,
     ) -> Result<Vec<ffi::MPI_Status>> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut waiter = Waiter::new(self.wait);
+        let mut waiter = self.waiter(bytes);
         // SAFETY: MPI_Status is a plain C struct; zero is a valid bit pattern.
         let mut statuses: Vec<ffi::MPI_Status> = vec![unsafe { std::mem::zeroed() }; reqs.len()];
         loop {
@@ -865,7 +878,7 @@ impl MpiComm {
     /// Waits for a receive posted by [`Communicator::post_recv`].
     fn complete_posted(&mut self, mut posted: PostedRecv, from: Rank, tag: Tag) -> Result<Vec<u8>> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut waiter = Waiter::new(self.wait);
+        let mut waiter = self.waiter(0);
         loop {
             let mut flag = 0;
             let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
@@ -903,7 +916,7 @@ impl MpiComm {
     /// Waits for a message nobody posted a receive for, and receives it at its size.
     fn probe_and_receive(&mut self, from: Rank, tag: Tag) -> Result<Vec<u8>> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
-        let mut waiter = Waiter::new(self.wait);
+        let mut waiter = self.waiter(0);
         let process = self.comm.process_at_rank(from.0 as i32);
         loop {
             if let Some(status) = process.immediate_probe_with_tag(tag.0) {

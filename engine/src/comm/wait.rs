@@ -10,9 +10,12 @@
 //! * [`WaitPolicy::Sleep`] (the previous build's loop): a few yields, then sleeps doubling
 //!   from 20 µs to 1 ms: cheap when idle, but a message that lands during a sleep waits
 //!   for its end (up to 1 ms per message).
-//! * [`WaitPolicy::Hybrid`] (the default): yields for the first 200 µs of a wait, then
-//!   sleeps doubling from 10 µs to 100 µs: a transfer already in flight pays no sleep; a
-//!   long wait (a pipeline bubble) wakes at most every 100 µs, a few percent of a core.
+//! * [`WaitPolicy::Hybrid`] (the default): yields for the first 200 µs of a wait, or for
+//!   as long as the bytes in flight take at [`IN_FLIGHT_BYTES_PER_S`] when that is longer
+//!   ([`Waiter::for_bytes`]), then sleeps doubling from 10 µs to 100 µs: a transfer already
+//!   in flight pays no sleep (MPICH moves a large message through shared memory only
+//!   while both ranks call into MPI, so a sleeping rank stalls its own transfer); a long
+//!   wait (a pipeline bubble) wakes at most every 100 µs, a few percent of a core.
 //!
 //! `STRATA_WAIT=hybrid|yield|spin|sleep` picks the policy of a run, to measure them
 //! against each other (README, "Waiting").
@@ -44,8 +47,12 @@ pub enum Pause {
     Sleep(Duration),
 }
 
-/// How long [`WaitPolicy::Hybrid`] only yields.
+/// How long [`WaitPolicy::Hybrid`] only yields, at least.
 const YIELD_FOR: Duration = Duration::from_micros(200);
+
+/// The slowest rate at which a transfer in flight is expected to move (bytes/s): a wait
+/// with `n` bytes in flight yields for `n / IN_FLIGHT_BYTES_PER_S` before it sleeps.
+pub const IN_FLIGHT_BYTES_PER_S: f64 = 1e9;
 
 impl WaitPolicy {
     pub fn parse(s: &str) -> Option<WaitPolicy> {
@@ -103,6 +110,8 @@ impl WaitPolicy {
 pub struct Waiter {
     policy: WaitPolicy,
     start: Instant,
+    /// How long [`WaitPolicy::Hybrid`] yields before it sleeps.
+    yield_for: Duration,
     /// Sleeps (Hybrid) or tests (the others) so far.
     tries: u32,
 }
@@ -112,13 +121,34 @@ impl Waiter {
         Waiter {
             policy,
             start: Instant::now(),
+            yield_for: YIELD_FOR,
             tries: 0,
         }
     }
 
     /// Pauses before the next completion test.
+    /// A wait with `bytes` in flight (its own and the rank's pending sends): Hybrid yields
+    /// until they could have moved at [`IN_FLIGHT_BYTES_PER_S`], 200 µs at least.
+    pub fn for_bytes(policy: WaitPolicy, bytes: usize) -> Waiter {
+        let mut w = Waiter::new(policy);
+        w.yield_for = YIELD_FOR.max(Duration::from_secs_f64(
+            bytes as f64 / IN_FLIGHT_BYTES_PER_S,
+        ));
+        w
+    }
+
+    /// The pause after `waited` of this wait.
+    fn next(&self, waited: Duration) -> Pause {
+        match self.policy {
+            WaitPolicy::Hybrid if waited < self.yield_for => Pause::Yield,
+            // Sleeps double from the end of the yield window, as after 200 µs.
+            WaitPolicy::Hybrid => self.policy.pause(waited.max(YIELD_FOR), self.tries),
+            _ => self.policy.pause(waited, self.tries),
+        }
+    }
+
     pub fn pause(&mut self) {
-        match self.policy.pause(self.start.elapsed(), self.tries) {
+        match self.next(self.start.elapsed()) {
             Pause::Spin => std::hint::spin_loop(),
             Pause::Yield => {
                 std::thread::yield_now();
@@ -165,5 +195,22 @@ mod tests {
         }
         // The previous loop slept up to 1 ms: a message could wait that long for nothing.
         assert_eq!(WaitPolicy::Sleep.pause(us(0), 20), Pause::Sleep(us(1000)));
+    }
+
+    #[test]
+    fn hybrid_yields_while_the_bytes_in_flight_can_still_be_moving() {
+        let ms = Duration::from_millis;
+        let big = Waiter::for_bytes(WaitPolicy::Hybrid, 64 << 20); // ~67 ms at 1 GB/s
+        assert_eq!(big.next(ms(10)), Pause::Yield);
+        assert_eq!(big.next(ms(60)), Pause::Yield);
+        assert_eq!(big.next(ms(70)), Pause::Sleep(Duration::from_micros(10)));
+        let small = Waiter::for_bytes(WaitPolicy::Hybrid, 1024);
+        assert_eq!(small.next(Duration::from_micros(199)), Pause::Yield);
+        assert_eq!(
+            small.next(Duration::from_micros(200)),
+            Pause::Sleep(Duration::from_micros(10))
+        );
+        let sleep = Waiter::for_bytes(WaitPolicy::Sleep, 64 << 20);
+        assert_eq!(sleep.next(ms(10)), WaitPolicy::Sleep.pause(ms(10), 0));
     }
 }
