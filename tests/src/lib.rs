@@ -321,6 +321,51 @@ pub fn assert_losses_match(
     }
 }
 
+/// Relative difference of two scalars, against `b`.
+pub fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// Asserts that `other` trained like `reference` within `tol` (relative): `steps` losses and
+/// grad_norms, and every step-1 gradient (runs made with `capture_grads_at: Some(1)`).
+/// Returns the worst gradient difference.
+pub fn assert_same_training(
+    what: &str,
+    other: &[RunSummary],
+    reference: &[RunSummary],
+    steps: usize,
+    tol: f64,
+) -> f64 {
+    assert_eq!(reference[0].losses.len(), steps, "{what}");
+    assert_eq!(other[0].losses.len(), steps, "{what}");
+    assert_eq!(other[0].grad_norms.len(), steps, "{what}");
+    let (o, r) = (&other[0], &reference[0]);
+    for (i, (a, b)) in o.losses.iter().zip(&r.losses).enumerate() {
+        assert!(rel(*a, *b) <= tol, "{what}: step {} loss {a} vs {b}", i + 1);
+    }
+    for (i, (a, b)) in o.grad_norms.iter().zip(&r.grad_norms).enumerate() {
+        let d = rel(*a, *b);
+        assert!(d <= tol, "{what}: step {} grad_norm {a} vs {b}", i + 1);
+    }
+    let (a, b) = (full_grads(other), full_grads(reference));
+    assert!(a.len() > 20, "{what}: {} parameters", a.len());
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    let mut worst = 0.0f64;
+    for (name, g) in &a {
+        let d = rel_diff(g, &b[name]);
+        worst = worst.max(d);
+        assert!(
+            d <= tol,
+            "{what}: the step-1 gradient of {name} differs by {d:e}"
+        );
+    }
+    worst
+}
+
 /// Captured gradients of every parameter, reassembled to full shape from the
 /// tensor-parallel shards of data-parallel replica 0 (tied copies skipped: after the
 /// pipeline sum they equal the embedding's).

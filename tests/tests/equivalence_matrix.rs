@@ -9,7 +9,7 @@
 
 use engine::{Config, RunOptions, RunSummary};
 use std::path::Path;
-use strata_tests::{arch_config, full_grads, rel_diff, run_local_with, scratch, SCHEDULES};
+use strata_tests::{arch_config, full_grads, rel, rel_diff, run_local_with, scratch, SCHEDULES};
 
 const LAYOUTS: [(usize, usize, usize); 4] = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2)];
 const TOL: f64 = 1e-5;
@@ -29,10 +29,6 @@ fn run(
         ..RunOptions::default()
     };
     run_local_with(&cfg, &opts)
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
 }
 
 /// Runs one (arch, tie) slice of the matrix; returns the worst relative differences.

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use strata_tests::{
-    arch_config, full_grads, rel_diff, repo_root, run_local_with, run_strata, run_with_limit,
+    arch_config, full_grads, rel, rel_diff, repo_root, run_local_with, run_strata, run_with_limit,
     scratch, venv_python, write, write_test_checkpoint, TestWeights,
 };
 
@@ -135,10 +135,6 @@ fn train(arch: &str, (pp, tp, dp): (usize, usize, usize), schedule: &str) -> Vec
         ..RunOptions::default()
     };
     run_local_with(&cfg, &opts)
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
 }
 
 #[test]

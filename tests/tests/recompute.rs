@@ -16,7 +16,7 @@
 
 use engine::{Config, RunOptions, RunSummary};
 use std::path::Path;
-use strata_tests::{arch_config, full_grads, rel_diff, run_local_with, scratch};
+use strata_tests::{arch_config, assert_same_training, full_grads, run_local_with, scratch};
 
 const STEPS: usize = 3;
 
@@ -96,49 +96,12 @@ fn pipeline_interleaved_and_data_parallel() {
 /// Selective recomputation: relative tolerance against `none`.
 const TOL: f64 = 1e-6;
 
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
-}
-
 /// `extra` (recomputation and sequence-parallel keys) against none on one layout.
 fn same_numbers(arch: &str, tie: bool, layout: (usize, usize, usize), schedule: &str, extra: &str) {
     let what = format!("{arch} tied={tie} {schedule} (pp, tp, dp) = {layout:?} {extra}");
     let none = run(arch, tie, layout, schedule, "none");
     let other = run(arch, tie, layout, schedule, extra);
-    assert_eq!(none[0].losses.len(), STEPS, "{what}");
-    assert_eq!(other[0].losses.len(), STEPS, "{what}");
-    assert_eq!(other[0].grad_norms.len(), STEPS, "{what}");
-    for (i, (a, b)) in other[0].losses.iter().zip(&none[0].losses).enumerate() {
-        assert!(rel(*a, *b) <= TOL, "{what}: step {} loss {a} vs {b}", i + 1);
-    }
-    for (i, (a, b)) in other[0]
-        .grad_norms
-        .iter()
-        .zip(&none[0].grad_norms)
-        .enumerate()
-    {
-        assert!(
-            rel(*a, *b) <= TOL,
-            "{what}: step {} grad_norm {a} vs {b}",
-            i + 1
-        );
-    }
-    let (a, b) = (full_grads(&other), full_grads(&none));
-    assert!(a.len() > 20, "{what}: {} parameters", a.len());
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "{what}"
-    );
-    let mut worst = 0.0f64;
-    for (name, g) in &a {
-        let d = rel_diff(g, &b[name]);
-        worst = worst.max(d);
-        assert!(
-            d <= TOL,
-            "{what}: the step-1 gradient of {name} differs by {d:e}"
-        );
-    }
+    let worst = assert_same_training(&what, &other, &none, STEPS, TOL);
     eprintln!("{what}: worst gradient difference {worst:.2e}");
 }
 

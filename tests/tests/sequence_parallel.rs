@@ -10,8 +10,8 @@ use engine::{Config, RunOptions, RunSummary};
 use std::path::Path;
 use std::time::Duration;
 use strata_tests::{
-    arch_config, assert_clean_error, full_grads, read_losses, rel_diff, run_local_with, run_strata,
-    scratch, write,
+    arch_config, assert_clean_error, assert_same_training, read_losses, rel, run_local_with,
+    run_strata, scratch, write,
 };
 
 const TOL: f64 = 1e-5;
@@ -48,10 +48,6 @@ fn run(
     run_local_with(&cfg, &opts)
 }
 
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
-}
-
 /// Sequence parallelism on (plus `extra` keys) against off, on one layout.
 fn same_numbers(arch: &str, tie: bool, layout: (usize, usize, usize), schedule: &str, extra: &str) {
     let what = format!("{arch} tied={tie} {schedule} (pp, tp, dp) = {layout:?} {extra}");
@@ -63,35 +59,7 @@ fn same_numbers(arch: &str, tie: bool, layout: (usize, usize, usize), schedule: 
         schedule,
         &format!("sequence_parallel: true, {extra}"),
     );
-    assert_eq!(off[0].losses.len(), STEPS, "{what}");
-    assert_eq!(on[0].losses.len(), STEPS, "{what}");
-    assert_eq!(on[0].grad_norms.len(), STEPS, "{what}");
-    for (i, (a, b)) in on[0].losses.iter().zip(&off[0].losses).enumerate() {
-        assert!(rel(*a, *b) <= TOL, "{what}: step {} loss {a} vs {b}", i + 1);
-    }
-    for (i, (a, b)) in on[0].grad_norms.iter().zip(&off[0].grad_norms).enumerate() {
-        assert!(
-            rel(*a, *b) <= TOL,
-            "{what}: step {} grad_norm {a} vs {b}",
-            i + 1
-        );
-    }
-    let (a, b) = (full_grads(&on), full_grads(&off));
-    assert!(a.len() > 20, "{what}: {} parameters", a.len());
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "{what}"
-    );
-    let mut worst = 0.0f64;
-    for (name, g) in &a {
-        let d = rel_diff(g, &b[name]);
-        worst = worst.max(d);
-        assert!(
-            d <= TOL,
-            "{what}: the step-1 gradient of {name} differs by {d:e}"
-        );
-    }
+    let worst = assert_same_training(&what, &on, &off, STEPS, TOL);
     // Every tp rank holds the same (summed) gradient of a replicated norm weight.
     let norm = |s: &RunSummary| {
         s.grads
