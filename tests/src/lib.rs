@@ -518,3 +518,22 @@ pub fn write_test_checkpoint(root: &Path, config_yaml: &str, weights: TestWeight
     let mut comm = engine::comm::local::LocalComm::group(1).pop().unwrap();
     save(root, &meta, &tensors, &mut comm, &SaveOptions::default()).unwrap()
 }
+
+/// The whole model of checkpoint `dir` as one chunk on one rank (pp = tp = 1), and its spec.
+pub fn load_single(dir: &Path) -> (engine::model::Model, engine::model::ModelSpec) {
+    use engine::generate::load::CheckpointWeights;
+    use engine::generate::{ModelSetup, Source};
+    let t = engine::compress::Trained::open(dir).unwrap();
+    let setup = ModelSetup::new(t.spec.clone(), 1, 1).unwrap();
+    let ckpt = engine::checkpoint::Checkpoint::open(dir).unwrap();
+    let mut w = CheckpointWeights::new(ckpt).unwrap();
+    let coord = partitioner::mesh::MeshCoord {
+        pp: 0,
+        dp: 0,
+        tp: 0,
+    };
+    let model = setup
+        .build_chunk(coord, &mut Source::Trained(&mut w))
+        .unwrap();
+    (model, t.spec)
+}

@@ -10,19 +10,16 @@
 use engine::checkpoint::Checkpoint;
 use engine::comm::local::LocalComm;
 use engine::compress::prune::neurons::prune_neurons;
-use engine::generate::load::CheckpointWeights;
-use engine::generate::{ModelSetup, Source};
 use engine::model::kv::KvCache;
 use engine::tch::{Kind, Tensor};
 use engine::{Config, RunOptions, RunSummary};
-use partitioner::mesh::MeshCoord;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use strata_tests::{
-    arch_config, full_grads, rel, rel_diff, repo_root, run_local_with, run_strata, run_with_limit,
-    scratch, venv_python, write, write_test_checkpoint, TestWeights,
+    arch_config, full_grads, load_single, rel, rel_diff, repo_root, run_local_with, run_strata,
+    run_with_limit, scratch, venv_python, write, write_test_checkpoint, TestWeights,
 };
 
 const TOL: f64 = 1e-5;
@@ -36,17 +33,7 @@ fn token_rows() -> Vec<Vec<i64>> {
 
 /// Logits `[b, s, V]` of the whole checkpoint model on one rank (incremental decoding).
 fn strata_logits(dir: &Path) -> Tensor {
-    let t = engine::compress::Trained::open(dir).unwrap();
-    let setup = ModelSetup::new(t.spec.clone(), 1, 1).unwrap();
-    let mut w = CheckpointWeights::new(Checkpoint::open(dir).unwrap()).unwrap();
-    let coord = MeshCoord {
-        pp: 0,
-        dp: 0,
-        tp: 0,
-    };
-    let model = setup
-        .build_chunk(coord, &mut Source::Trained(&mut w))
-        .unwrap();
+    let (model, _) = load_single(dir);
     let flat: Vec<i64> = token_rows().concat();
     let tokens = Tensor::from_slice(&flat).view([2, 12]);
     let mut cache = KvCache::new(model.cache_shape(2, 12), None).unwrap();

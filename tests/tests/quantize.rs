@@ -7,35 +7,18 @@ use engine::checkpoint::Checkpoint;
 use engine::comm::local::LocalComm;
 use engine::compress::quantize::quantize_checkpoint;
 use engine::generate::load::CheckpointWeights;
-use engine::generate::{batch, Job, ModelSetup, Sampling, Source};
+use engine::generate::{batch, Job, ModelSetup, Sampling};
 use engine::model::kv::KvCache;
 use engine::model::Model;
 use engine::quant::{QuantInfo, Scheme};
 use engine::tch::{Kind, Tensor};
-use partitioner::mesh::MeshCoord;
 use std::path::Path;
 use strata_tests::{
-    arch_config, generate_local, rel_diff, scratch, write_test_checkpoint, TestWeights,
+    arch_config, generate_local, load_single, rel_diff, scratch, write_test_checkpoint, TestWeights,
 };
 
 fn config(arch: &str, out: &Path) -> String {
     arch_config(arch, false, 1, 1, 1, "gpipe", 1, out)
-}
-
-/// The whole model on one rank, from a checkpoint.
-fn load_single(dir: &Path) -> (Model, engine::model::ModelSpec) {
-    let t = engine::compress::Trained::open(dir).unwrap();
-    let setup = ModelSetup::new(t.spec.clone(), 1, 1).unwrap();
-    let mut w = CheckpointWeights::new(Checkpoint::open(dir).unwrap()).unwrap();
-    let coord = MeshCoord {
-        pp: 0,
-        dp: 0,
-        tp: 0,
-    };
-    let m = setup
-        .build_chunk(coord, &mut Source::Trained(&mut w))
-        .unwrap();
-    (m, t.spec)
 }
 
 /// Next-token logits of every prefix position of a fixed batch.

@@ -640,14 +640,9 @@ mod tests {
     use crate::comm::local::LocalComm;
     use partitioner::ModelShape;
 
-    /// A training forward with recomputation keeps every block as its input alone (the
-    /// embedding and head keep their tapes); its backward gives the gradients of the
-    /// plain model, bit for bit (tied embeddings: the shared parameter's two
-    /// contributions are added at once).
-    #[test]
-    fn recompute_keeps_block_inputs_and_the_same_gradients() {
-        let mut spec = ModelSpec::new(ModelShape::gpt(16, 8, 8, 2, 3, 16));
-        spec.tie_embeddings = true;
+    /// A whole model of three blocks, and a batch of 2 × 8 tokens with its targets
+    /// (vocabulary 16).
+    fn three_blocks() -> ([LayerKind; 5], Tensor, Tensor) {
         let layers = [
             LayerKind::Embedding,
             LayerKind::Block(0),
@@ -657,8 +652,28 @@ mod tests {
         ];
         let ids: Vec<i64> = (0..16).map(|i| (i * 5 + 3) % 16).collect();
         let input = tokens_tensor(&ids, 2, 8).unwrap();
-        let targets =
-            tokens_tensor(&ids.iter().map(|i| (i + 1) % 16).collect::<Vec<_>>(), 2, 8).unwrap();
+        let next: Vec<i64> = ids.iter().map(|i| (i + 1) % 16).collect();
+        (layers, input, tokens_tensor(&next, 2, 8).unwrap())
+    }
+
+    /// Every parameter's name and a copy of its gradient.
+    fn param_grads(model: &Model) -> Vec<(String, Tensor)> {
+        model
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.grad().copy()))
+            .collect()
+    }
+
+    /// A training forward with recomputation keeps every block as its input alone (the
+    /// embedding and head keep their tapes); its backward gives the gradients of the
+    /// plain model, bit for bit (tied embeddings: the shared parameter's two
+    /// contributions are added at once).
+    #[test]
+    fn recompute_keeps_block_inputs_and_the_same_gradients() {
+        let mut spec = ModelSpec::new(ModelShape::gpt(16, 8, 8, 2, 3, 16));
+        spec.tie_embeddings = true;
+        let (layers, input, targets) = three_blocks();
         let mut tp = LocalComm::group(1).pop().unwrap();
         let mut grads = |recompute: bool| {
             let how = if recompute {
@@ -680,12 +695,7 @@ mod tests {
                 assert!(g.is_none());
                 work.run().unwrap();
             }
-            let out: Vec<(String, Tensor)> = model
-                .params()
-                .iter()
-                .map(|p| (p.name.clone(), p.tensor.grad().copy()))
-                .collect();
-            out
+            param_grads(&model)
         };
         let plain = grads(false);
         let recomputed = grads(true);
@@ -705,17 +715,7 @@ mod tests {
             let mut shape = ModelShape::gpt(16, 8, 8, 2, 3, 16);
             shape.arch = arch;
             let spec = ModelSpec::new(shape);
-            let layers = [
-                LayerKind::Embedding,
-                LayerKind::Block(0),
-                LayerKind::Block(1),
-                LayerKind::Block(2),
-                LayerKind::Head,
-            ];
-            let ids: Vec<i64> = (0..16).map(|i| (i * 5 + 3) % 16).collect();
-            let input = tokens_tensor(&ids, 2, 8).unwrap();
-            let targets =
-                tokens_tensor(&ids.iter().map(|i| (i + 1) % 16).collect::<Vec<_>>(), 2, 8).unwrap();
+            let (layers, input, targets) = three_blocks();
             let mut tp = LocalComm::group(1).pop().unwrap();
             let mut grads = |how: Recompute| {
                 let model = Model::new(&spec, &layers, 3, TpRank::SINGLE)
@@ -729,12 +729,7 @@ mod tests {
                 assert_eq!(fwd.dropped_values(), dropped, "{arch:?} {how}");
                 let (_, work) = model.backward(fwd, Grad::LossScale(1.0), &mut tp).unwrap();
                 work.run().unwrap();
-                let out: Vec<(String, Tensor)> = model
-                    .params()
-                    .iter()
-                    .map(|p| (p.name.clone(), p.tensor.grad().copy()))
-                    .collect();
-                out
+                param_grads(&model)
             };
             let (plain, selective) = (grads(Recompute::None), grads(Recompute::Selective));
             for ((name, a), (_, b)) in plain.iter().zip(&selective) {
