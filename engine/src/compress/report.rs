@@ -111,19 +111,20 @@ pub fn compress_report(
         .map(|p| generate_job(p, &prompt, opts.max_new_tokens, opts.threads))
         .collect::<Result<Vec<_>>>()?;
     let mut rows = Vec::with_capacity(paths.len());
+    let mut widths = Vec::with_capacity(paths.len());
     let mut eval_tokens = 0;
     for (path, job) in paths.iter().zip(&jobs) {
         let eval = job.run_single()?;
         eval_tokens = eval.tokens;
-        rows.push(describe(path, eval.loss)?);
+        let (row, w) = describe(path, eval.loss)?;
+        rows.push(row);
+        widths.push(w);
     }
     let dense_loss = rows[0].val_loss;
-    let dense_widths = d_ff_of(paths[0].as_path())?;
-    for (r, p) in rows.iter_mut().zip(&paths).skip(1) {
-        let widths = d_ff_of(p)?;
-        if r.variant == "dense" && widths != dense_widths {
+    for (r, w) in rows.iter_mut().zip(&widths).skip(1) {
+        if r.variant == "dense" && *w != widths[0] {
             // A model narrowed earlier (neuron pruning, then training that dropped the record).
-            r.variant = format!("d_ff {widths} (dense {dense_widths})");
+            r.variant = format!("d_ff {w} (dense {})", widths[0]);
         }
     }
     for r in &mut rows {
@@ -205,12 +206,14 @@ fn generate_job(
     })
 }
 
-/// A row's manifest facts and its loss (speed filled later).
-fn describe(path: &Path, val_loss: f64) -> Result<Row> {
+/// A row's manifest facts and its loss (speed filled later), and the model's MLP widths as
+/// the plan records them (`512`, `[256,256]`).
+fn describe(path: &Path, val_loss: f64) -> Result<(Row, String)> {
     let ckpt = Checkpoint::open(path)?;
     let m = ckpt.manifest();
     let bytes = TensorBytes::of(m);
-    Ok(Row {
+    let widths = m.plan["model"]["d_ff"].to_string().replace(' ', "");
+    let row = Row {
         path: ckpt.dir().to_path_buf(),
         variant: variant_name(m)?,
         step: m.step,
@@ -223,15 +226,8 @@ fn describe(path: &Path, val_loss: f64) -> Result<Row> {
         prefill_tokens_per_s: 0.0,
         decode_tokens_per_s: 0.0,
         decode_runs: Vec::new(),
-    })
-}
-
-/// The MLP widths of a checkpoint's model as its plan records them (`512`, `[256,256]`).
-fn d_ff_of(path: &Path) -> Result<String> {
-    let ckpt = Checkpoint::open(path)?;
-    Ok(ckpt.manifest().plan["model"]["d_ff"]
-        .to_string()
-        .replace(' ', ""))
+    };
+    Ok((row, widths))
 }
 
 /// What the manifest's `extra` records, e.g. `int8`, `magnitude 50.0% (global)`,
