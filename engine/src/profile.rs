@@ -1,5 +1,6 @@
 //! `strata profile`: times each layer kind (`embed`, `block`, `head`) forward and backward
-//! on this machine's libtorch device, and returns a [`partitioner::Profile`] that
+//! on this machine's libtorch device (whole, or one tp rank's shard with its collectives:
+//! [`profile_layers_tp`]), and returns a [`partitioner::Profile`] that
 //! `parallel.partition: profile` uses to weight layers by measured time (torchgpipe's
 //! `balance_by_time`).
 //!
@@ -17,6 +18,7 @@ pub mod step;
 mod timing;
 
 use crate::comm::local::LocalComm;
+use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::model::sharding::TpRank;
 use crate::model::{tokens_tensor, Grad, Model, ModelSpec, Pass};
@@ -54,17 +56,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Times one layer kind; returns (forward, backward) medians in seconds.
+/// Times one layer kind on tp rank `tp.rank` of `tp.size`, its collectives going through
+/// `comm` (the tp group's communicator; every rank of it calls this together); returns
+/// (forward, backward) medians in seconds.
 fn time_layer(
     shape: &ModelShape,
     layer: LayerKind,
     micro_batch_size: usize,
     opts: &ProfileOptions,
+    tp_rank: TpRank,
+    tp: &mut dyn Communicator,
 ) -> Result<(f64, f64)> {
-    let model = Model::new(&ModelSpec::new(shape.clone()), &[layer], 0, TpRank::SINGLE)?;
-    let mut tp = LocalComm::group(1)
-        .pop()
-        .ok_or_else(|| Error::Internal("no local group".into()))?;
+    let model = Model::new(&ModelSpec::new(shape.clone()), &[layer], 0, tp_rank)?;
     let (b, s, d) = (micro_batch_size, shape.seq_len, shape.d_model);
     let mut rng = Rng::from_key(&[7, b as u64, s as u64]);
     let ids: Vec<i64> = (0..b * s)
@@ -84,7 +87,7 @@ fn time_layer(
         };
         let targets = (layer == LayerKind::Head).then_some(&tokens);
         let t0 = Instant::now();
-        let out = model.forward(input, targets, &mut tp, Pass::Train { split: false })?;
+        let out = model.forward(input, targets, tp, Pass::Train { split: false })?;
         let t1 = Instant::now();
         let grad = match layer {
             LayerKind::Head => Grad::LossScale(1.0),
@@ -94,7 +97,7 @@ fn time_layer(
                     .map_err(Error::torch("profile seed"))?,
             ),
         };
-        model.backward(out, grad, &mut tp)?;
+        model.backward(out, grad, tp)?;
         let t2 = Instant::now();
         if rep >= opts.warmup {
             fwd.push((t1 - t0).as_secs_f64());
@@ -107,11 +110,105 @@ fn time_layer(
     Ok((median(fwd), median(bwd)))
 }
 
+/// Blocks and stashed microbatches of the chunk [`chunk_scale`] times.
+const CHUNK_BLOCKS: usize = 4;
+const CHUNK_STASH: usize = 2;
+
+/// Times a chunk as the executor runs one: the embedding, up to [`CHUNK_BLOCKS`] blocks
+/// and the head in one model, [`CHUNK_STASH`] microbatches forward (their activations
+/// stashed), then their backwards; returns (forward, backward) medians per microbatch.
+fn time_chunk(
+    shape: &ModelShape,
+    micro_batch_size: usize,
+    opts: &ProfileOptions,
+    blocks: usize,
+) -> Result<(f64, f64)> {
+    let mut layers = vec![LayerKind::Embedding];
+    layers.extend((0..blocks).map(LayerKind::Block));
+    layers.push(LayerKind::Head);
+    let model = Model::new(&ModelSpec::new(shape.clone()), &layers, 0, TpRank::SINGLE)?;
+    let mut tp = LocalComm::group(1)
+        .pop()
+        .ok_or_else(|| Error::Internal("no local group".into()))?;
+    let (b, s) = (micro_batch_size, shape.seq_len);
+    let mut rng = Rng::from_key(&[8, b as u64, s as u64]);
+    let ids: Vec<i64> = (0..b * s)
+        .map(|_| (rng.next_u64() % shape.vocab as u64) as i64)
+        .collect();
+    let tokens = tokens_tensor(&ids, b, s)?;
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    for rep in 0..opts.warmup + opts.runs {
+        let t0 = Instant::now();
+        let mut stash = Vec::with_capacity(CHUNK_STASH);
+        for _ in 0..CHUNK_STASH {
+            stash.push(model.forward(
+                &tokens,
+                Some(&tokens),
+                &mut tp,
+                Pass::Train { split: false },
+            )?);
+        }
+        let t1 = Instant::now();
+        while let Some(out) = stash.pop() {
+            model.backward(out, Grad::LossScale(1.0), &mut tp)?;
+        }
+        let t2 = Instant::now();
+        if rep >= opts.warmup {
+            fwd.push((t1 - t0).as_secs_f64() / CHUNK_STASH as f64);
+            bwd.push((t2 - t1).as_secs_f64() / CHUNK_STASH as f64);
+        }
+        for p in model.params() {
+            let _ = p.tensor.grad().f_zero_();
+        }
+    }
+    Ok((median(fwd), median(bwd)))
+}
+
+/// How much slower a chunk runs than the sum of its layers timed one at a time
+/// (`layers`: this process's timings at `micro_batch_size`), forward and backward: the
+/// allocator growing and faulting in the stashed activations, a bigger autograd graph.
+/// A ratio measured below 1 is kept (the layers alone then carried the overhead).
+pub fn chunk_scale(
+    shape: &ModelShape,
+    micro_batch_size: usize,
+    opts: &ProfileOptions,
+    layers: &[LayerTiming],
+) -> Result<(f64, f64)> {
+    let blocks = shape.n_layers.clamp(1, CHUNK_BLOCKS);
+    let (f, b) = time_chunk(shape, micro_batch_size, opts, blocks)?;
+    let time = |kind: &str| {
+        layers
+            .iter()
+            .find(|l| l.kind == kind)
+            .map_or((0.0, 0.0), |l| (l.fwd_s, l.bwd_s))
+    };
+    let (e, k, h) = (time("embed"), time("block"), time("head"));
+    let sum_f = e.0 + blocks as f64 * k.0 + h.0;
+    let sum_b = e.1 + blocks as f64 * k.1 + h.1;
+    let ratio = |chunk: f64, sum: f64| if sum > 0.0 { chunk / sum } else { 1.0 };
+    Ok((ratio(f, sum_f), ratio(b, sum_b)))
+}
+
 /// Measures `embed`, `block` and `head` of `shape` at `micro_batch_size` on the CPU.
 pub fn profile_layers(
     shape: &ModelShape,
     micro_batch_size: usize,
     opts: &ProfileOptions,
+) -> Result<Profile> {
+    let mut single = LocalComm::group(1)
+        .pop()
+        .ok_or_else(|| Error::Internal("no local group".into()))?;
+    profile_layers_tp(shape, micro_batch_size, opts, TpRank::SINGLE, &mut single)
+}
+
+/// [`profile_layers`] of tp rank `tp_rank`'s shard, its collectives through `tp` (the tp
+/// group's communicator; collective over it): what the engine runs at that degree.
+pub fn profile_layers_tp(
+    shape: &ModelShape,
+    micro_batch_size: usize,
+    opts: &ProfileOptions,
+    tp_rank: TpRank,
+    tp: &mut dyn Communicator,
 ) -> Result<Profile> {
     if shape.arch != Arch::Gpt {
         return Err(Error::Config {
@@ -124,7 +221,7 @@ pub fn profile_layers(
     tch::set_num_threads(opts.threads.max(1) as i32);
     let mut layers = Vec::new();
     for layer in [LayerKind::Embedding, LayerKind::Block(0), LayerKind::Head] {
-        let (fwd_s, bwd_s) = time_layer(shape, layer, micro_batch_size, opts)?;
+        let (fwd_s, bwd_s) = time_layer(shape, layer, micro_batch_size, opts, tp_rank, tp)?;
         layers.push(LayerTiming {
             kind: layer.family().to_string(),
             fwd_s,

@@ -200,6 +200,27 @@ fn print_summary(prof: &Profile, shape: &ModelShape, mbs: usize) {
                 set.concurrent
             );
         }
+        if let Some((f, b)) = set.chunk_scale {
+            println!(
+                "chunk (embed, blocks, head; 2 microbatches stashed): forward {f:.2}x, backward {b:.2}x its layers timed alone"
+            );
+        }
+    }
+    for set in c
+        .layer_sets
+        .iter()
+        .filter(|s| s.tp > 1 && s.micro_batch_size == mbs)
+    {
+        for l in &set.layers {
+            println!(
+                "{:<6} forward {:>10}  backward {:>10}  (tp = {} shard with its all-reduces, {} ranks busy at once)",
+                l.kind,
+                seconds(l.fwd_s),
+                seconds(l.bwd_s),
+                set.tp,
+                set.concurrent
+            );
+        }
     }
     if let Some(m) = &c.matmul {
         println!(

@@ -9,11 +9,18 @@
 //! With micro-batch size `b`, sequence length `s`, width `d`, `e` bytes per element and
 //! tensor-parallel degree `t`, for chunk `c` (a run of layers):
 //!
-//! * **Compute.** `F(c) = Σ_l f_l + Σ AR_t(fwd collectives of c)`,
-//!   `B(c) = Σ_l b_l + Σ AR_t(bwd collectives of c)`, where `f_l`, `b_l` are layer `l`'s
-//!   forward and backward seconds measured by `strata profile` with every rank busy at
-//!   this `b` and `t`. A timing measured at another micro-batch size or at `t = 1` is
-//!   scaled by the layer's per-device FLOPs; without a profile, `FLOPs / device_tflops`.
+//! * **Compute.** `F(c) = k_F · Σ_l f_l + Σ AR_t(fwd collectives of c)`,
+//!   `B(c) = k_B · Σ_l b_l + Σ AR_t(bwd collectives of c)`, where `f_l`, `b_l` are layer
+//!   `l`'s forward and backward seconds measured by `strata profile` with every rank busy
+//!   at this `b` and `t`. At `t > 1` the profile times each tp group running its shards
+//!   through its own communicator, so `f_l`, `b_l` include the layer's collectives and
+//!   the `AR_t` terms drop out (profiles without such a set keep them). A timing
+//!   measured at another micro-batch size or at `t = 1` is scaled by the layer's
+//!   per-device FLOPs; without a profile, `FLOPs / device_tflops`. `k_F`, `k_B` are the
+//!   measured chunk ratios: a chunk as the executor runs it (embedding, up to 4 blocks
+//!   and the head in one model, two microbatches stashed before their backwards) over
+//!   the sum of its layers timed one at a time, at the nearest micro-batch size
+//!   (1 without a measurement).
 //! * **Zero-bubble split.** `W(c) = B(c) · Wflops(c) / Bflops(c)`, where `Wflops` are the
 //!   linear layers' weight-gradient FLOPs (equal to their forward FLOPs), and
 //!   `I(c) = B(c) − W(c)`.

@@ -13,7 +13,7 @@
 //! and `partition: optimal`, every rank's memory is at most the cap.
 
 use crate::activation::ActivationPolicy;
-use crate::cost::{CostModel, Hardware, PipeSchedule};
+use crate::cost::{CostModel, Hardware, PipeSchedule, TimeSource};
 use crate::error::{Error, Result};
 use crate::graph::{LayerCost, LayerGraph, LayerKind, ModelShape};
 use crate::ids::{Rank, StageId};
@@ -243,14 +243,17 @@ fn node_times(graph: &LayerGraph, spec: &PlanSpec) -> Result<Vec<(f64, f64, f64)
         .enumerate()
         .map(|(i, n)| {
             let whole = unsharded.as_ref().map_or(n, |g| &g.nodes[i]);
-            let (f, b, _) = model.layer_s(n, whole, graph.micro_batch_size, graph.tp);
-            let (cf, cb) = model.tp_collectives_s(
-                &graph.shape,
-                n.kind,
-                graph.micro_batch_size,
-                graph.dtype_bytes,
-                graph.tp,
-            );
+            let (f, b, source) = model.layer_s(n, whole, graph.micro_batch_size, graph.tp);
+            let (cf, cb) = match source {
+                TimeSource::WithCollectives => (0.0, 0.0),
+                _ => model.tp_collectives_s(
+                    &graph.shape,
+                    n.kind,
+                    graph.micro_batch_size,
+                    graph.dtype_bytes,
+                    graph.tp,
+                ),
+            };
             let w = if n.cost.bwd_flops > 0.0 {
                 b * (n.cost.weight_grad_flops / n.cost.bwd_flops).min(1.0)
             } else {

@@ -187,6 +187,8 @@ pub(crate) mod tests {
                     })
                     .collect(),
                 block_split: None,
+                collectives: false,
+                chunk_scale: None,
             })
             .collect();
         Profile {
@@ -319,6 +321,42 @@ pub(crate) mod tests {
         let p = predicted(&s);
         let want = 2.0 * (8.0 * 1.5 + (8.0 * 4.0 + 1.0 + 4.0) * ar);
         assert!((p.step_s - want).abs() < 1e-9, "{} vs {want}", p.step_s);
+    }
+
+    #[test]
+    fn tp_sets_measured_with_their_collectives_are_not_charged_again() {
+        // The profile's tp = 2 set was timed by a tp group running its shards through its
+        // communicator: the all-reduces are inside the 0.5 + 1 s of a block already.
+        let mut p = profile(0.0, 0.0, 0.0, 0.01, 0.0);
+        for set in p.calibration.layer_sets.iter_mut().filter(|s| s.tp == 2) {
+            set.collectives = true;
+        }
+        let s = spec(1, 2, 1, 2, PipeSchedule::OneFOneB, p);
+        let step = predicted(&s).step_s;
+        assert!((step - 2.0 * 8.0 * 1.5).abs() < 1e-9, "{step}");
+        // At tp = 1 nothing changes: that set has no collectives to skip.
+        let one = spec(
+            1,
+            1,
+            2,
+            2,
+            PipeSchedule::OneFOneB,
+            profile(0.0, 0.0, 0.0, 0.0, 0.0),
+        );
+        assert!((predicted(&one).step_s - 2.0 * 8.0 * 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_measured_chunk_ratio_scales_every_layer() {
+        // A chunk ran 1.1x its layers' sum forward and 1.2x backward: pp = 1, 2
+        // microbatches of 8 blocks at 1.1 + 2.4 s.
+        let mut p = profile(0.0, 0.0, 0.0, 0.0, 0.0);
+        for set in &mut p.calibration.layer_sets {
+            set.chunk_scale = Some((1.1, 1.2));
+        }
+        let s = spec(1, 1, 2, 2, PipeSchedule::OneFOneB, p);
+        let step = predicted(&s).step_s;
+        assert!((step - 2.0 * 8.0 * (1.1 + 2.4)).abs() < 1e-9, "{step}");
     }
 
     #[test]

@@ -148,6 +148,19 @@ fn profile_then_plan_by_measured_time() {
     assert!(c["memory"]["baseline_bytes"].as_u64().unwrap() > 10 << 20);
     assert!(c["all_reduce"][0]["tensor_all_reduce"].is_array(), "{c}");
     assert!(c["layer_sets"].as_array().unwrap().len() >= 4);
+    // At tp = 2 every tp group timed its shards with their all-reduces inside; the tp = 1
+    // sets carry how much slower a chunk runs than its layers alone.
+    let sets = c["layer_sets"].as_array().unwrap();
+    assert!(
+        sets.iter()
+            .any(|s| s["tp"] == 2 && s["collectives"] == true),
+        "{c}"
+    );
+    assert!(
+        sets.iter()
+            .any(|s| s["tp"] == 1 && s["chunk_scale"][0].as_f64().is_some_and(|k| k > 0.0)),
+        "{c}"
+    );
     assert!(c["activation_footprint"][0]["measured_bytes"]
         .as_u64()
         .is_some());

@@ -1,20 +1,26 @@
 //! `strata profile`'s measurements on the real ranks (run by every rank of an MPI job,
 //! `strata profile-worker`): the memory of an idle rank, layer timings with every rank
-//! busy at each micro-batch size, the transport's point-to-point and all-reduce curves for
+//! busy at each micro-batch size (at tp = 1, and for every tp degree the world allows
+//! with each tp group running its shards and their collectives through its communicator), the transport's point-to-point and all-reduce curves for
 //! every tensor- and data-parallel group size the world allows, the sgemm peak and the
 //! per-step optimizer costs. Returns a [`Calibration`] for `Profile::calibration`.
 //!
 //! Invariant: collective over the world (every rank calls it with the same arguments);
 //! the result is the same on every rank, and rank 0 writes it.
 
-use super::{activation, comm, matmul, memory, profile_layers, step, ProfileOptions};
+use super::{
+    activation, chunk_scale, comm, matmul, memory, profile_layers, profile_layers_tp, step,
+    ProfileOptions,
+};
 use crate::comm::groups::ParallelComms;
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::model::sharding::TpRank;
 use partitioner::mesh::Mesh;
 use partitioner::profile::{
     Calibration, GroupCurve, LayerSet, LayerTiming, P2pProfile, ProcessMemory,
 };
+use partitioner::tp::check_divisibility;
 use partitioner::ModelShape;
 
 /// What to measure.
@@ -102,18 +108,18 @@ pub fn calibrate(
     )?);
     for &mbs in &o.micro_batch_sizes {
         world.barrier()?;
-        let opts = ProfileOptions {
-            runs: o.runs,
-            threads: o.threads,
-            ..ProfileOptions::default()
-        };
-        let prof = profile_layers(shape, mbs, &opts)?;
+        let prof = profile_layers(shape, mbs, &layer_options(o))?;
+        let (f, b) = chunk_scale(shape, mbs, &layer_options(o), &prof.layers)?;
+        let mut scale = vec![f, b];
+        world.all_reduce_sum(&mut scale)?;
         cal.layer_sets.push(LayerSet {
             micro_batch_size: mbs,
             tp: 1,
             concurrent: w,
             layers: averaged(world, prof.layers)?,
             block_split: None,
+            collectives: false,
+            chunk_scale: Some((scale[0] / w as f64, scale[1] / w as f64)),
         });
     }
     cal.step = Some(step::step_costs(world, o.runs)?);
@@ -139,6 +145,10 @@ pub fn calibrate(
     for g in divisors(w).into_iter().filter(|&g| g > 1) {
         // tp groups are consecutive ranks; dp groups are strided by the tp degree.
         let mut tp = groups(Mesh::new(w / g, g, 1).map_err(plan_err)?)?;
+        if check_divisibility(shape, g).is_ok() {
+            let sets = tp_layer_sets(shape, world, tp.tp.as_mut(), o)?;
+            cal.layer_sets.extend(sets);
+        }
         let mut curve = GroupCurve {
             group: "tp".into(),
             size: g,
@@ -172,6 +182,44 @@ pub fn calibrate(
     }
     world.barrier()?;
     Ok(cal)
+}
+
+fn layer_options(o: &CalibrateOptions) -> ProfileOptions {
+    ProfileOptions {
+        runs: o.runs,
+        threads: o.threads,
+        ..ProfileOptions::default()
+    }
+}
+
+/// Layer timings of every tp group running its shards at once, each through its own
+/// communicator (the collectives included, as the engine runs them), at each micro-batch
+/// size; averaged over the world (collective).
+fn tp_layer_sets(
+    shape: &ModelShape,
+    world: &mut dyn Communicator,
+    tp: &mut dyn Communicator,
+    o: &CalibrateOptions,
+) -> Result<Vec<LayerSet>> {
+    let tp_rank = TpRank {
+        rank: tp.rank().0,
+        size: tp.size(),
+    };
+    let mut sets = Vec::new();
+    for &mbs in &o.micro_batch_sizes {
+        world.barrier()?;
+        let prof = profile_layers_tp(shape, mbs, &layer_options(o), tp_rank, tp)?;
+        sets.push(LayerSet {
+            micro_batch_size: mbs,
+            tp: tp_rank.size,
+            concurrent: world.size(),
+            layers: averaged(world, prof.layers)?,
+            block_split: None,
+            collectives: true,
+            chunk_scale: None,
+        });
+    }
+    Ok(sets)
 }
 
 fn plan_err(e: partitioner::Error) -> crate::error::Error {

@@ -15,6 +15,9 @@ use crate::profile::{Calibration, Profile};
 pub enum TimeSource {
     /// Measured with every rank busy at this micro-batch size and tp degree.
     Measured,
+    /// Measured as [`TimeSource::Measured`], on every rank of a tp group running its
+    /// shard with the layer's collectives inside: they are not priced again.
+    WithCollectives,
     /// Measured at another micro-batch size or tp degree, scaled by FLOPs.
     Scaled,
     /// FLOPs divided by a throughput (the sgemm peak, or `device_tflops`).
@@ -61,9 +64,29 @@ impl CostModel {
     }
 
     /// Forward and backward compute seconds of `node` (a layer at micro-batch size `mbs`
-    /// and tensor-parallel degree `tp`); `unsharded` is the same layer at `tp = 1`, whose
-    /// FLOPs scale a timing measured at another degree.
+    /// and tensor-parallel degree `tp`) inside a chunk; `unsharded` is the same layer at
+    /// `tp = 1`, whose FLOPs scale a timing measured at another degree. A measured time
+    /// is the layer's own times the chunk ratio the profile measured
+    /// ([`crate::profile::LayerSet::chunk_scale`]).
     pub fn layer_s(
+        &self,
+        node: &LayerNode,
+        unsharded: &LayerNode,
+        mbs: usize,
+        tp: usize,
+    ) -> (f64, f64, TimeSource) {
+        let (f, b, source) = self.layer_alone_s(node, unsharded, mbs, tp);
+        match (source, self.calibration()) {
+            (TimeSource::Flops, _) | (_, None) => (f, b, source),
+            (_, Some(c)) => {
+                let (sf, sb) = c.chunk_scale(mbs);
+                (f * sf, b * sb, source)
+            }
+        }
+    }
+
+    /// [`CostModel::layer_s`] of the layer timed alone.
+    fn layer_alone_s(
         &self,
         node: &LayerNode,
         unsharded: &LayerNode,
@@ -85,11 +108,15 @@ impl CostModel {
                 }
             }
             let cal = &p.calibration;
-            if let Some((f, b)) = cal
-                .layer_set(mbs, tp, self.ranks)
-                .and_then(|s| time_of(&s.layers))
-            {
-                return (f, b, TimeSource::Measured);
+            if let Some(set) = cal.layer_set(mbs, tp, self.ranks) {
+                if let Some((f, b)) = time_of(&set.layers) {
+                    let source = if set.collectives && tp > 1 {
+                        TimeSource::WithCollectives
+                    } else {
+                        TimeSource::Measured
+                    };
+                    return (f, b, source);
+                }
             }
             // Nearest measured micro-batch size at tp = 1, scaled by FLOPs.
             let nearest = cal

@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerSet {
     pub micro_batch_size: usize,
-    /// Tensor-parallel degree of the timed shard (its collectives excluded: they are
-    /// priced from the all-reduce curves).
+    /// Tensor-parallel degree of the timed shard.
     pub tp: usize,
     /// Ranks that were timing at the same moment.
     pub concurrent: usize,
@@ -28,6 +27,16 @@ pub struct LayerSet {
     /// `W` (weight gradient), when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_split: Option<(f64, f64)>,
+    /// The timings include the layers' tensor-parallel collectives: each tp group ran its
+    /// shard through its own communicator, as the engine does. Otherwise (older profiles)
+    /// the collectives are priced separately from the all-reduce curves.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub collectives: bool,
+    /// A chunk as the executor runs it (embedding, blocks and head in one model, two
+    /// microbatches stashed before their backwards) against the sum of its layers timed
+    /// one at a time: (forward, backward) ratios, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_scale: Option<(f64, f64)>,
 }
 
 /// The all-reduce curve of one group shape.
@@ -178,6 +187,16 @@ impl Calibration {
                 )
             })
             .map_or(1.0, ActivationFootprint::residency)
+    }
+
+    /// The chunk ratios ([`LayerSet::chunk_scale`]) measured at the micro-batch size
+    /// nearest `micro_batch_size`; (1, 1) when none was.
+    pub fn chunk_scale(&self, micro_batch_size: usize) -> (f64, f64) {
+        self.layer_sets
+            .iter()
+            .filter_map(|s| s.chunk_scale.map(|c| (s.micro_batch_size, c)))
+            .min_by_key(|(b, _)| b.abs_diff(micro_batch_size))
+            .map_or((1.0, 1.0), |(_, c)| c)
     }
 
     /// The layer set measured at `micro_batch_size` and `tp`, preferring the one with the
