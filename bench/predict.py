@@ -10,14 +10,20 @@ one ranked first is the measured fastest. Prints two tables and the errors.
 Run it on a quiet machine (nothing else using the cores): it is a benchmark, and the
 numbers mean nothing on a shared machine.
 
+With --breakdown each run also writes a trace (`output.trace_steps: 3`) and the script
+prints, per rank and action kind, the measured median seconds of one action against the
+plan's (`strata plan --json`: a stage's fwd_s, bwd_s, weight_grad_s), the idle gaps
+between actions, and the optimizer span: where a step's error comes from.
+
 usage: bench/predict.py [--config configs/gpt-tiny.yaml] [--steps 8] [--out DIR]
                         [--profile PATH (reuse instead of profiling)] [--auto-top 3]
-                        [--only NAME ...] [--strata BIN]
+                        [--only NAME ...] [--strata BIN] [--breakdown]
 """
 import argparse, json, os, re, statistics, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATA = os.path.join(ROOT, "target", "release", "strata")
+TRACE = False
 
 # name -> parallel overrides (the global batch stays 64 sequences of the config)
 LAYOUTS = [
@@ -44,7 +50,11 @@ def config_text(base, out_dir, name, steps, overrides):
     text = re.sub(r"^(\s*dir:\s*)\S+", lambda m: m.group(1) + os.path.join(out_dir, "run-" + name), text, flags=re.M)
     text = re.sub(r"^(\s*steps:\s*)\S+", lambda m: m.group(1) + str(steps), text, flags=re.M)
     text = re.sub(r"^(\s*eval_every:\s*)\S+", r"\g<1>0", text, flags=re.M)
-    text = re.sub(r"^(\s*trace_steps:\s*)\S+", r"\g<1>0", text, flags=re.M)
+    traced = 3 if TRACE else 0
+    if re.search(r"^\s*trace_steps:", text, flags=re.M):
+        text = re.sub(r"^(\s*trace_steps:\s*)\S+", rf"\g<1>{traced}", text, flags=re.M)
+    elif TRACE:
+        text = re.sub(r"^output:\n", "output:\n  trace_steps: 3\n", text, flags=re.M)
     m_match = re.search(r"^\s*microbatches:\s*(\d+)", text, flags=re.M)
     for k, v in overrides.items():
         if v == "half":
@@ -65,6 +75,41 @@ def predict(cfg, profile):
     for m in re.finditer(r"rank (\d+) peak memory ([\d.]+)(MiB|GiB)", out):
         mem[int(m.group(1))] = float(m.group(2)) * (1024 if m.group(3) == "GiB" else 1)
     return float(step.group(1)) * unit, mem
+
+
+def breakdown(cfg, profile, run_dir):
+    """Prints measured per-action medians against the plan's, gaps and the optimizer."""
+    plan = json.loads(sh([STRATA, "plan", cfg, "--profile", profile, "--json"]))
+    want = {"F": "fwd_s", "B": "bwd_s", "W": "weight_grad_s"}
+    doc = json.load(open(os.path.join(run_dir, "trace.json")))
+    ev = [e for e in doc["traceEvents"] if "cat" in e]
+    per = {}
+    for e in ev:
+        m = re.match(r"(wait )?(\S+) mb=\d+ chunk=(\d+)", e["name"])
+        key = (e["tid"], (m.group(1) or "") + m.group(2), int(m.group(3))) if m else (e["tid"], e["name"], -1)
+        per.setdefault(key, []).append(e)
+    for (rank, kind, chunk), es in sorted(per.items()):
+        if kind.startswith("step"):
+            continue
+        med = statistics.median(x["dur"] for x in es) / 1e6
+        st = plan["stages"][chunk] if chunk >= 0 else None
+        p = st.get(want.get(kind, ""), None) if st else None
+        if kind == "B" and plan["schedule"] == "zb-h1":
+            p = None
+        if kind == "I" and st:
+            p = st["bwd_s"] - st["weight_grad_s"]
+        cmp = f"  plan {p * 1e3:8.2f} ms ({100 * (p - med) / med:+.1f}%)" if p else ""
+        print(f"    rank {rank} {kind:>10} chunk {chunk:>2}: {len(es):3d} x median {med * 1e3:8.2f} ms{cmp}")
+    for rank in sorted({e["tid"] for e in ev}):
+        acts = sorted((e for e in ev if e["tid"] == rank and e["cat"] in ("compute", "comm") and e["name"] != "optimizer"), key=lambda e: e["ts"])
+        gaps, end = 0.0, None
+        for a in acts:
+            if end is not None and a["ts"] > end:
+                gap = a["ts"] - end
+                gaps += gap if gap < 50e3 else 0.0  # longer: between steps
+            end = max(end or 0.0, a["ts"] + a["dur"])
+        steps = max(1, sum(1 for e in ev if e["tid"] == rank and e["cat"] == "step"))
+        print(f"    rank {rank} gaps under 50 ms between actions: {gaps / steps / 1e3:.1f} ms per step")
 
 
 def measure(cfg, out_dir, name, warmup):
@@ -88,8 +133,10 @@ def main():
     ap.add_argument("--auto-top", type=int, default=3, help="auto-plan candidates to measure")
     ap.add_argument("--only", nargs="*", help="layouts to run (names of the table)")
     ap.add_argument("--strata", help="the strata binary (default target/release/strata)")
+    ap.add_argument("--breakdown", action="store_true", help="trace each run and print measured against planned action times")
     a = ap.parse_args()
-    global STRATA
+    global STRATA, TRACE
+    TRACE = a.breakdown
     STRATA = a.strata or STRATA
     if not os.path.exists(STRATA):
         sys.exit(f"{STRATA} is missing: cargo build --release --workspace")
@@ -124,6 +171,8 @@ def main():
         desc = " ".join(f"{k}={v}" for k, v in ov.items())
         rows.append((name, desc, pred_s, meas_s, pred_mem, meas_mem))
         print(f"  {name:<12} predicted {pred_s:7.3f} s  measured {meas_s:7.3f} s  ({100 * (pred_s - meas_s) / meas_s:+.1f}%)", flush=True)
+        if TRACE:
+            breakdown(cfg, profile, os.path.join(a.out, "run-" + name.replace("=", "").replace("#", "")))
     print("\nstep time (median of steps after warm-up)")
     print(f"| layout | settings | predicted s | measured s | error |")
     print(f"|---|---|---|---|---|")
