@@ -230,28 +230,51 @@ fn received_bytes(status: &ffi::MPI_Status) -> usize {
     count.max(0) as usize
 }
 
-/// Completes whichever pending sends are done; never blocks.
+/// Completes whichever pending sends are done; never blocks. One `MPI_Testsome` over
+/// all of them: one turn of MPI's progress engine, not one per pending send (an
+/// `MPI_Test` per request turned it once each, so a window of `k` sends cost `k²` turns).
 fn progress(pending: &mut Vec<PendingSend>, watch: &Watch) -> Result<()> {
-    let mut i = 0;
-    while i < pending.len() {
-        let mut flag = 0;
-        let rc = unsafe {
-            let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
-            ffi::MPI_Test(&mut pending[i].req, &mut flag, status.as_mut_ptr())
-        };
-        if rc != 0 {
-            return Err(Error::Comm(format!("MPI_Test failed with code {rc}")));
-        }
-        if flag != 0 {
-            if let Some(event) = pending[i].event {
-                watch.flight().end(event);
-            }
-            pending.swap_remove(i);
-        } else {
-            i += 1;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut reqs: Vec<ffi::MPI_Request> = pending.iter().map(|p| p.req).collect();
+    let mut done = vec![0i32; reqs.len()];
+    let mut count = 0;
+    // SAFETY: live requests of ours, one index slot per request; statuses ignored.
+    let rc = unsafe {
+        ffi::MPI_Testsome(
+            reqs.len() as i32,
+            reqs.as_mut_ptr(),
+            &mut count,
+            done.as_mut_ptr(),
+            ffi::RSMPI_STATUSES_IGNORE,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Comm(format!("MPI_Testsome failed with code {rc}")));
+    }
+    // MPI_UNDEFINED (negative) when no request was live: nothing done.
+    let done = &done[..usize::try_from(count).unwrap_or(0)];
+    for sent in take_done(pending, done) {
+        if let Some(event) = sent.event {
+            watch.flight().end(event);
         }
     }
     Ok(())
+}
+
+/// Removes the entries at the indices `done` (any order, as `MPI_Testsome` lists them)
+/// from `items` and returns them; the others stay, in some order.
+fn take_done<T>(items: &mut Vec<T>, done: &[i32]) -> Vec<T> {
+    let mut idx: Vec<usize> = done
+        .iter()
+        .filter_map(|&i| usize::try_from(i).ok())
+        .collect();
+    // Highest first: each swap_remove then moves into place an entry that stays.
+    idx.sort_unstable_by(|a, b| b.cmp(a));
+    idx.dedup();
+    idx.retain(|&i| i < items.len());
+    idx.into_iter().map(|i| items.swap_remove(i)).collect()
 }
 
 impl Communicator for MpiComm {
@@ -970,5 +993,25 @@ impl Drop for MpiComm {
                 std::mem::forget(p.buf);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_done;
+
+    #[test]
+    fn take_done_removes_exactly_the_listed_entries_in_any_order() {
+        let mut items: Vec<u32> = (0..6).collect();
+        let mut taken = take_done(&mut items, &[4, 0, 2]);
+        taken.sort_unstable();
+        items.sort_unstable();
+        assert_eq!(taken, [0, 2, 4]);
+        assert_eq!(items, [1, 3, 5]);
+        let mut last: Vec<u32> = (0..3).collect();
+        assert_eq!(take_done(&mut last, &[2, 1]).len(), 2);
+        assert_eq!(last, [0]);
+        assert!(take_done(&mut last, &[]).is_empty());
+        assert_eq!(last, [0]);
     }
 }
