@@ -6,7 +6,9 @@
 
 use engine::Config;
 use std::time::Duration;
-use strata_tests::{arch_config, run_local, run_strata, scratch, write};
+use strata_tests::{
+    arch_config, run_local, run_strata, run_with_limit, scratch, strata_bin, write,
+};
 
 /// `key` of every step in `dir/metrics.jsonl`.
 fn column(dir: &std::path::Path, key: &str) -> Vec<f64> {
@@ -56,4 +58,35 @@ fn two_rank_layouts_under_mpiexec_equal_the_in_process_run_bit_for_bit() {
         }
         assert_eq!(local.losses.len(), 3, "{what}");
     }
+}
+
+/// `strata p2p` runs the transport's windows (64 sends in flight, progressed together by
+/// one `MPI_Testsome`, each received into its own reused tensor) to completion and prints
+/// every column; a send that progress never completed would stall the flush instead.
+#[test]
+fn p2p_benchmark_completes_its_windows_and_prints_every_column() {
+    let mut cmd = std::process::Command::new("mpiexec");
+    cmd.args(["-n", "2"])
+        .arg(strata_bin())
+        .args(["p2p", "--rounds", "1", "--max-mib", "1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let run = run_with_limit(cmd, Duration::from_secs(120));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    for col in ["MPI GB/s", "Strata", "memcpy", "hot", "S/memcpy", "S/hot"] {
+        assert!(
+            run.stdout.contains(col),
+            "no `{col}` column:\n{}",
+            run.stdout
+        );
+    }
+    let rows: Vec<&str> = run.stdout.lines().filter(|l| l.contains(" | ")).collect();
+    // Header, then 8 B, 64 B, 512 B, 4 KiB, 32 KiB, 256 KiB, 1 MiB (up to --max-mib).
+    assert_eq!(rows.len(), 1 + 7, "{}", run.stdout);
+    assert!(
+        rows.last().unwrap().trim_start().starts_with("1 MiB"),
+        "{}",
+        run.stdout
+    );
 }

@@ -8,11 +8,17 @@
 //! * **Strata**: the executor's path, [`Communicator::send_tensor`] from a tensor's memory
 //!   and [`Communicator::recv_tensor`] into a posted, reused receive tensor (header
 //!   message, checks, flight recorder and wait policy included);
-//! * **memcpy**: one rank copying the same bytes between two buffers.
+//! * **memcpy**: one rank copying the same bytes: a window of copies from one buffer
+//!   into as many destinations (the memory work of a window of receives), and, as a
+//!   cache-hot ceiling, the same bytes copied again and again into one destination.
 //!
 //! Latency is half a ping-pong's round trip; bandwidth is a window of messages sent back
-//! to back, then a one-byte acknowledgement (as `osu_bw`). Each figure is the median over
-//! rounds. The load average is printed before and after: numbers taken on a busy machine
+//! to back, then a one-byte acknowledgement (as `osu_bw`). Every bandwidth column lands a
+//! window in as many distinct receive buffers as it has messages: Strata must (each
+//! received tensor stays valid until its (peer, tag) is received again, as the executor
+//! needs), so raw MPI and memcpy do too; `osu_bw`'s one reused receive buffer stays in
+//! the core's cache, which no transport that hands out received tensors can do. Each
+//! figure is the median over rounds. The load average is printed before and after: numbers taken on a busy machine
 //! are not comparable.
 //!
 //! Invariant: collective over the world (both ranks call [`run`] with the same options).
@@ -48,11 +54,10 @@ impl Default for Options {
     }
 }
 
-/// 8 B to 64 MiB, ×8 steps, plus 1 MiB.
+/// 8 B to 64 MiB, ×8 steps, plus 1, 4 and 64 MiB.
 pub fn default_sizes() -> Vec<usize> {
     let mut v: Vec<usize> = (0..9).map(|k| 8usize << (3 * k)).collect();
-    v.push(1 << 20);
-    v.push(64 << 20);
+    v.extend([1 << 20, 4 << 20, 64 << 20]);
     v.sort_unstable();
     v.dedup();
     v.retain(|&n| n <= 64 << 20);
@@ -67,7 +72,10 @@ pub struct Row {
     pub strata_lat: f64,
     pub mpi_bw: f64,
     pub strata_bw: f64,
+    /// memcpy of a window into distinct destinations (what the transports are held to).
     pub memcpy_bw: f64,
+    /// memcpy into one cache-hot destination (a ceiling no window of receives reaches).
+    pub memcpy_hot_bw: f64,
 }
 
 /// Ping-pong iterations for latency and messages per bandwidth window, by size.
@@ -162,18 +170,23 @@ fn raw_latency(comm: &SimpleCommunicator, buf: &mut [u8], iters: usize) -> Resul
     Ok(t0.elapsed().as_secs_f64() / iters as f64 / 2.0)
 }
 
-/// Raw MPI bandwidth: a window of `n`-byte messages from rank 0, then an ack (bytes/s).
-fn raw_bandwidth(comm: &SimpleCommunicator, buf: &mut [u8], window: usize) -> Result<f64> {
+/// Raw MPI bandwidth: a window of `n`-byte messages from rank 0's `buf`, each into its
+/// own buffer of rank 1's `window` (as Strata's receive tensors), then an ack (bytes/s).
+fn raw_bandwidth(comm: &SimpleCommunicator, buf: &mut [u8], window: &mut [Vec<u8>]) -> Result<f64> {
     let (me, n) = (comm.rank(), buf.len());
     let mut ack = [0u8; 1];
     let t0 = Instant::now();
-    let mut reqs = Vec::with_capacity(window);
-    for _ in 0..window {
-        reqs.push(raw_start(comm, buf.as_mut_ptr(), n, 1 - me, me == 0)?);
+    let mut reqs = Vec::with_capacity(window.len());
+    for dst in window.iter_mut() {
+        let ptr = match me {
+            0 => buf.as_mut_ptr(),
+            _ => dst.as_mut_ptr(),
+        };
+        reqs.push(raw_start(comm, ptr, n, 1 - me, me == 0)?);
     }
     raw_wait(&mut reqs)?;
     raw_wait(&mut [raw_start(comm, ack.as_mut_ptr(), 1, 1 - me, me == 1)?])?;
-    Ok((n * window) as f64 / t0.elapsed().as_secs_f64())
+    Ok((n * window.len()) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// The tensor Strata sends for an `n`-byte message (f32 elements, at least one).
@@ -244,6 +257,22 @@ fn strata_bandwidth(comm: &mut MpiComm, n: usize, window: usize) -> Result<f64> 
     Ok((n * window) as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// memcpy bandwidth of a window: `src` copied into each of `window` (bytes/s), into
+/// pages touched before (as the transports' reused receive buffers), repeated to move
+/// at least 16 MiB.
+fn memcpy_window(src: &[u8], window: &mut [Vec<u8>]) -> f64 {
+    let bytes = (src.len() * window.len()).max(1);
+    let reps = ((1 << 24) / bytes).clamp(1, 100_000);
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        for dst in window.iter_mut() {
+            dst.copy_from_slice(std::hint::black_box(src));
+            std::hint::black_box(&mut *dst);
+        }
+    }
+    (bytes * reps) as f64 / t0.elapsed().as_secs_f64()
+}
+
 /// memcpy bandwidth of `n` bytes (bytes/s) into warm pages, repeated to move at least 16 MiB.
 fn memcpy_bandwidth(src: &[u8], dst: &mut [u8]) -> f64 {
     let reps = ((1 << 24) / src.len().max(1)).clamp(1, 100_000);
@@ -287,15 +316,19 @@ pub fn run(world: SimpleCommunicator, opts: &Options) -> Result<Vec<Row>> {
         let (iters, window) = counts(n);
         let mut buf = vec![1u8; n];
         let mut dst = vec![0u8; n];
-        let mut cols: [Vec<f64>; 5] = Default::default();
+        // Touched now: the timed rounds see warm pages, as Strata's reused tensors are.
+        let mut recv_window = vec![vec![1u8; n]; window];
+        let mut copy_window = vec![vec![1u8; n]; window];
+        let mut cols: [Vec<f64>; 6] = Default::default();
         // One warm-up round, then the timed ones; every column in every round.
         for round in 0..=opts.rounds {
             strata.barrier()?;
             let r = [
                 raw_latency(&raw, &mut buf, iters)?,
                 strata_latency(&mut strata, n, iters)?,
-                raw_bandwidth(&raw, &mut buf, window)?,
+                raw_bandwidth(&raw, &mut buf, &mut recv_window)?,
                 strata_bandwidth(&mut strata, n, window)?,
+                memcpy_window(&buf, &mut copy_window),
                 memcpy_bandwidth(&buf, &mut dst),
             ];
             if round > 0 {
@@ -305,7 +338,7 @@ pub fn run(world: SimpleCommunicator, opts: &Options) -> Result<Vec<Row>> {
         let mut v = cols.map(median);
         strata.barrier()?;
         // Rank 0's figures on every rank (they time the same exchanges).
-        let mut mine = if me == 0 { v.to_vec() } else { vec![0.0; 5] };
+        let mut mine = if me == 0 { v.to_vec() } else { vec![0.0; 6] };
         strata.all_reduce_sum(&mut mine)?;
         v.copy_from_slice(&mine);
         rows.push(Row {
@@ -315,6 +348,7 @@ pub fn run(world: SimpleCommunicator, opts: &Options) -> Result<Vec<Row>> {
             mpi_bw: v[2],
             strata_bw: v[3],
             memcpy_bw: v[4],
+            memcpy_hot_bw: v[5],
         });
     }
     strata.flush()?;
@@ -329,23 +363,35 @@ fn human(bytes: usize) -> String {
     }
 }
 
-/// The table `strata p2p` prints.
+/// The table `strata p2p` prints: `memcpy` copies a window into distinct buffers (what
+/// S/memcpy compares with), `hot` into one cache-resident buffer.
 pub fn table(rows: &[Row]) -> String {
     let mut s = format!(
-        "{:>8} | {:>11} {:>11} | {:>10} {:>10} {:>10} | {:>7} {:>7}\n",
-        "size", "MPI lat us", "Strata us", "MPI GB/s", "Strata", "memcpy", "S/MPI", "S/memcpy"
+        "{:>8} | {:>11} {:>11} | {:>10} {:>10} {:>10} {:>10} | {:>7} {:>8} {:>6}\n",
+        "size",
+        "MPI lat us",
+        "Strata us",
+        "MPI GB/s",
+        "Strata",
+        "memcpy",
+        "hot",
+        "S/MPI",
+        "S/memcpy",
+        "S/hot"
     );
     for r in rows {
         s += &format!(
-            "{:>8} | {:>11.2} {:>11.2} | {:>10.3} {:>10.3} {:>10.3} | {:>6.0}% {:>6.0}%\n",
+            "{:>8} | {:>11.2} {:>11.2} | {:>10.3} {:>10.3} {:>10.3} {:>10.3} | {:>6.0}% {:>7.0}% {:>5.0}%\n",
             human(r.bytes),
             r.mpi_lat * 1e6,
             r.strata_lat * 1e6,
             r.mpi_bw / 1e9,
             r.strata_bw / 1e9,
             r.memcpy_bw / 1e9,
+            r.memcpy_hot_bw / 1e9,
             100.0 * r.strata_bw / r.mpi_bw,
             100.0 * r.strata_bw / r.memcpy_bw,
+            100.0 * r.strata_bw / r.memcpy_hot_bw,
         );
     }
     s
