@@ -6,7 +6,12 @@ of 8 x 128 tokens in flight, so activations dominate), with the loss after the l
 (the same for every mode of one layout). Runs one launch at a time. Memory and losses do
 not depend on machine load, so a shared machine is fine.
 
-Usage: bench/memory.py [--steps N] [--layouts pp2,tp2] [--bin target/release/strata]
+The model counts live tensors, which is what a rank's resident memory is under
+`train.allocator: release` (the default here). Under `retain` (the engine's default) or
+`system` the heap also keeps freed activations, and the table shows by how much.
+
+Usage: bench/memory.py [--steps N] [--layouts pp2,tp2] [--allocator release|retain|system]
+                       [--bin target/release/strata]
 """
 import argparse
 import json
@@ -43,6 +48,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--layouts", default="pp2,tp2")
+    ap.add_argument("--allocator", default="release", choices=["release", "retain", "system"],
+                    help="train.allocator of the measured runs")
     ap.add_argument("--bin", default=os.environ.get("STRATA_BIN", "target/release/strata"))
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +70,7 @@ def main():
                     "--set", f"train.steps={args.steps}", "--set", "train.eval_every=0",
                     "--set", "train.log_every=1", "--set", f"output.dir={out}",
                     "--set", "checkpoint.enabled=false",
+                    "--set", f"train.allocator={args.allocator}",
                 ]
                 plan = planned(args.bin, cfg, sets)
                 measured(args.bin, cfg, sets, out + ".log")

@@ -283,6 +283,22 @@ pub enum LrSchedule {
     Cosine,
 }
 
+/// `train.allocator`: how a rank's process keeps the memory libtorch frees (see
+/// [`crate::alloc`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocatorPolicy {
+    /// Freed memory stays in the heap for the next step: no page faults per step;
+    /// resident memory stays at the step's high-water mark.
+    #[default]
+    Retain,
+    /// Blocks of 256 KiB or more go back to the system when freed: resident memory
+    /// follows the live tensors; every step faults its activations' pages in again.
+    Release,
+    /// glibc's defaults and any `MALLOC_*` environment variables.
+    System,
+}
+
 /// `train`: optimisation and data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,6 +334,13 @@ pub struct TrainConfig {
     /// libtorch intra-op threads per rank.
     #[serde(default = "one")]
     pub threads: Count,
+    /// How each rank's process keeps the memory libtorch frees: `retain` (default: reused
+    /// by the next step without page faults), `release` (returned to the system, so
+    /// resident memory follows the live tensors, at the cost of faulting pages in every
+    /// step) or `system` (glibc's defaults and `MALLOC_*` variables). Applied by the
+    /// worker at start.
+    #[serde(default)]
+    pub allocator: AllocatorPolicy,
     /// Print a progress line every this many steps.
     #[serde(default = "ten")]
     pub log_every: Count,

@@ -3,8 +3,10 @@
 //! by schedules validated in the partitioner.
 //!
 //! Invariant: no global state. The communicator, config and model are passed explicitly;
-//! the only process-wide setting touched is libtorch's intra-op thread count.
+//! the only process-wide settings touched are libtorch's intra-op thread count and, by
+//! the process's owner, the malloc policy ([`alloc`]).
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod comm;
 pub mod compress;

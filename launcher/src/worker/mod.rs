@@ -215,6 +215,9 @@ fn rank_main(path: &Path, sets: &crate::Sets) -> ExitCode {
         }
     };
     let mesh = cfg.mesh().unwrap_or_else(|e| fail(e.to_string(), 2));
+    if let Err(e) = engine::alloc::apply(cfg.train.allocator) {
+        fail(e.to_string(), if e.is_user_error() { 2 } else { 1 });
+    }
     let flight = FlightRecorder::new(rank, mesh.coords(rank).ok(), DEFAULT_CAPACITY);
     if let Some(bb) = BlackBox::from_env() {
         flight.attach_blackbox(bb);

@@ -1,0 +1,75 @@
+//! The malloc policy of a rank's process (`train.allocator`): whether tensor memory that
+//! libtorch frees goes back to the operating system or stays in the heap for the next
+//! step. libtorch's CPU tensors come from glibc's `malloc`, so this decides both the
+//! resident memory a rank shows and how many pages it faults in per step.
+//!
+//! * [`AllocatorPolicy::Retain`]: no block is served by `mmap` and the heap is never
+//!   trimmed. A step reuses the pages the previous step freed: no page faults after the
+//!   first step, and the resident set stays at the step's high-water mark.
+//! * [`AllocatorPolicy::Release`]: every block of [`RELEASE_MMAP_BYTES`] or more is its
+//!   own mapping, returned to the system when freed. Resident memory follows the live
+//!   tensors (what the planner's memory model counts), but each step faults its
+//!   activations' pages in again (zeroed by the kernel).
+//! * [`AllocatorPolicy::System`]: glibc's defaults (a dynamic mmap threshold that rises
+//!   after the first large free, trimming the heap top past 128 KiB) and any `MALLOC_*`
+//!   environment variables.
+//!
+//! Invariant: the policy is process-wide state, so only a process's owner applies it,
+//! once, before the model is built: the MPI worker and `strata profile`. In-process
+//! test ranks share one process and never call [`apply`].
+
+use crate::config::AllocatorPolicy;
+use crate::error::{Error, Result};
+
+/// The mmap threshold of [`AllocatorPolicy::Release`] (glibc's own default before it
+/// adapts is 128 KiB).
+pub const RELEASE_MMAP_BYTES: i32 = 256 << 10;
+
+/// Applies `policy` to this process's allocator (see the module docs).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn apply(policy: AllocatorPolicy) -> Result<()> {
+    let settings: &[(i32, i32, &str)] = match policy {
+        AllocatorPolicy::System => &[],
+        AllocatorPolicy::Retain => &[
+            (libc::M_MMAP_MAX, 0, "M_MMAP_MAX"),
+            (libc::M_TRIM_THRESHOLD, i32::MAX, "M_TRIM_THRESHOLD"),
+        ],
+        AllocatorPolicy::Release => &[(
+            libc::M_MMAP_THRESHOLD,
+            RELEASE_MMAP_BYTES,
+            "M_MMAP_THRESHOLD",
+        )],
+    };
+    for &(param, value, name) in settings {
+        // SAFETY: mallopt only changes the allocator's tuning parameters.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            return Err(Error::Internal(format!(
+                "train.allocator {policy:?}: glibc refused mallopt({name}, {value})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Applies `policy`: without glibc only `system` is possible.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn apply(policy: AllocatorPolicy) -> Result<()> {
+    match policy {
+        AllocatorPolicy::System => Ok(()),
+        _ => Err(Error::Config {
+            path: String::new(),
+            field: "train.allocator".into(),
+            problem: format!("{policy:?} tunes glibc's malloc, and this build does not use glibc"),
+            fix: "set train.allocator: system".into(),
+        }),
+    }
+}
+
+/// Bytes this process holds in `mmap`ed blocks and in the heap (glibc's `mallinfo2`):
+/// `(mmapped, heap)`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn held_bytes() -> (usize, usize) {
+    // SAFETY: mallinfo2 reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.hblkhd, info.arena)
+}
