@@ -40,6 +40,7 @@ LAYOUTS = [
     Layout("pp2-1f1b", "pp=2 1F1B (Schedule1F1B)", 2, 1, False),
     Layout("pp2-interleaved", "pp=2 interleaved v=2 (ScheduleInterleaved1F1B)", 2, 1, False),
     Layout("tp2", "tp=2 (Megatron layers over gloo, whole batch)", 2, 1, True),
+    Layout("tp2-sp", "tp=2, Strata with sequence parallelism (peer: tp=2 as above)", 2, 1, True),
     Layout("dp2", "dp=2 (DDP over gloo)", 2, 1, True),
 ]
 
