@@ -290,12 +290,12 @@ pub enum LrSchedule {
 pub enum AllocatorPolicy {
     /// Freed memory stays in the heap for the next step: no page faults per step;
     /// resident memory stays at the step's high-water mark.
-    #[default]
     Retain,
     /// Blocks of 256 KiB or more go back to the system when freed: resident memory
     /// follows the live tensors; every step faults its activations' pages in again.
     Release,
     /// glibc's defaults and any `MALLOC_*` environment variables.
+    #[default]
     System,
 }
 
@@ -334,11 +334,11 @@ pub struct TrainConfig {
     /// libtorch intra-op threads per rank.
     #[serde(default = "one")]
     pub threads: Count,
-    /// How each rank's process keeps the memory libtorch frees: `retain` (default: reused
-    /// by the next step without page faults), `release` (returned to the system, so
-    /// resident memory follows the live tensors, at the cost of faulting pages in every
-    /// step) or `system` (glibc's defaults and `MALLOC_*` variables). Applied by the
-    /// worker at start.
+    /// How each rank's process keeps the memory libtorch frees: `system` (default:
+    /// glibc's defaults and `MALLOC_*` variables), `release` (returned to the system, so
+    /// resident memory follows the live tensors as `strata plan` counts them, at the
+    /// cost of faulting pages in every step) or `retain` (reused by the next step without
+    /// page faults). Applied by the worker at start.
     #[serde(default)]
     pub allocator: AllocatorPolicy,
     /// Print a progress line every this many steps.
