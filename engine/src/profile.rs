@@ -56,6 +56,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A `[b, seq_len]` batch of token ids drawn from Strata's keyed generator under `key`
+/// (the same ids for the same key, micro-batch size and shape).
+fn random_tokens(shape: &ModelShape, b: usize, key: u64) -> Result<Tensor> {
+    let s = shape.seq_len;
+    let mut rng = Rng::from_key(&[key, b as u64, s as u64]);
+    let ids: Vec<i64> = (0..b * s)
+        .map(|_| (rng.next_u64() % shape.vocab as u64) as i64)
+        .collect();
+    tokens_tensor(&ids, b, s)
+}
+
 /// Times one layer kind on tp rank `tp.rank` of `tp.size`, its collectives going through
 /// `comm` (the tp group's communicator; every rank of it calls this together); returns
 /// (forward, backward) medians in seconds.
@@ -69,11 +80,7 @@ fn time_layer(
 ) -> Result<(f64, f64)> {
     let model = Model::new(&ModelSpec::new(shape.clone()), &[layer], 0, tp_rank)?;
     let (b, s, d) = (micro_batch_size, shape.seq_len, shape.d_model);
-    let mut rng = Rng::from_key(&[7, b as u64, s as u64]);
-    let ids: Vec<i64> = (0..b * s)
-        .map(|_| (rng.next_u64() % shape.vocab as u64) as i64)
-        .collect();
-    let tokens = tokens_tensor(&ids, b, s)?;
+    let tokens = random_tokens(shape, b, 7)?;
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
     for rep in 0..opts.warmup + opts.runs {
         let hidden = Tensor::f_randn(
@@ -130,12 +137,7 @@ fn time_chunk(
     let mut tp = LocalComm::group(1)
         .pop()
         .ok_or_else(|| Error::Internal("no local group".into()))?;
-    let (b, s) = (micro_batch_size, shape.seq_len);
-    let mut rng = Rng::from_key(&[8, b as u64, s as u64]);
-    let ids: Vec<i64> = (0..b * s)
-        .map(|_| (rng.next_u64() % shape.vocab as u64) as i64)
-        .collect();
-    let tokens = tokens_tensor(&ids, b, s)?;
+    let tokens = random_tokens(shape, micro_batch_size, 8)?;
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
     for rep in 0..opts.warmup + opts.runs {
         let t0 = Instant::now();
