@@ -97,7 +97,7 @@ def breakdown(cfg, profile, run_dir):
         if kind == "B" and plan["schedule"] == "zb-h1":
             p = None
         if kind == "I" and st:
-            p = st["bwd_s"] - st["weight_grad_s"]
+            p = st.get("input_grad_s") or st["bwd_s"] - st["weight_grad_s"]
         cmp = f"  plan {p * 1e3:8.2f} ms ({100 * (p - med) / med:+.1f}%)" if p else ""
         print(f"    rank {rank} {kind:>10} chunk {chunk:>2}: {len(es):3d} x median {med * 1e3:8.2f} ms{cmp}")
     for rank in sorted({e["tid"] for e in ev}):

@@ -10,6 +10,7 @@
 
 pub mod activation;
 pub mod calibrate;
+pub mod chunk;
 pub mod comm;
 pub mod matmul;
 pub mod memory;
@@ -115,80 +116,6 @@ fn time_layer(
         }
     }
     Ok((median(fwd), median(bwd)))
-}
-
-/// Blocks and stashed microbatches of the chunk [`chunk_scale`] times.
-const CHUNK_BLOCKS: usize = 4;
-const CHUNK_STASH: usize = 2;
-
-/// Times a chunk as the executor runs one: the embedding, up to [`CHUNK_BLOCKS`] blocks
-/// and the head in one model, [`CHUNK_STASH`] microbatches forward (their activations
-/// stashed), then their backwards; returns (forward, backward) medians per microbatch.
-fn time_chunk(
-    shape: &ModelShape,
-    micro_batch_size: usize,
-    opts: &ProfileOptions,
-    blocks: usize,
-) -> Result<(f64, f64)> {
-    let mut layers = vec![LayerKind::Embedding];
-    layers.extend((0..blocks).map(LayerKind::Block));
-    layers.push(LayerKind::Head);
-    let model = Model::new(&ModelSpec::new(shape.clone()), &layers, 0, TpRank::SINGLE)?;
-    let mut tp = LocalComm::group(1)
-        .pop()
-        .ok_or_else(|| Error::Internal("no local group".into()))?;
-    let tokens = random_tokens(shape, micro_batch_size, 8)?;
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-    for rep in 0..opts.warmup + opts.runs {
-        let t0 = Instant::now();
-        let mut stash = Vec::with_capacity(CHUNK_STASH);
-        for _ in 0..CHUNK_STASH {
-            stash.push(model.forward(
-                &tokens,
-                Some(&tokens),
-                &mut tp,
-                Pass::Train { split: false },
-            )?);
-        }
-        let t1 = Instant::now();
-        while let Some(out) = stash.pop() {
-            model.backward(out, Grad::LossScale(1.0), &mut tp)?;
-        }
-        let t2 = Instant::now();
-        if rep >= opts.warmup {
-            fwd.push((t1 - t0).as_secs_f64() / CHUNK_STASH as f64);
-            bwd.push((t2 - t1).as_secs_f64() / CHUNK_STASH as f64);
-        }
-        for p in model.params() {
-            let _ = p.tensor.grad().f_zero_();
-        }
-    }
-    Ok((median(fwd), median(bwd)))
-}
-
-/// How much slower a chunk runs than the sum of its layers timed one at a time
-/// (`layers`: this process's timings at `micro_batch_size`), forward and backward: the
-/// allocator growing and faulting in the stashed activations, a bigger autograd graph.
-/// A ratio measured below 1 is kept (the layers alone then carried the overhead).
-pub fn chunk_scale(
-    shape: &ModelShape,
-    micro_batch_size: usize,
-    opts: &ProfileOptions,
-    layers: &[LayerTiming],
-) -> Result<(f64, f64)> {
-    let blocks = shape.n_layers.clamp(1, CHUNK_BLOCKS);
-    let (f, b) = time_chunk(shape, micro_batch_size, opts, blocks)?;
-    let time = |kind: &str| {
-        layers
-            .iter()
-            .find(|l| l.kind == kind)
-            .map_or((0.0, 0.0), |l| (l.fwd_s, l.bwd_s))
-    };
-    let (e, k, h) = (time("embed"), time("block"), time("head"));
-    let sum_f = e.0 + blocks as f64 * k.0 + h.0;
-    let sum_b = e.1 + blocks as f64 * k.1 + h.1;
-    let ratio = |chunk: f64, sum: f64| if sum > 0.0 { chunk / sum } else { 1.0 };
-    Ok((ratio(f, sum_f), ratio(b, sum_b)))
 }
 
 /// Measures `embed`, `block` and `head` of `shape` at `micro_batch_size` on the CPU.

@@ -208,6 +208,21 @@ fn print_summary(prof: &Profile, shape: &ModelShape, mbs: usize) {
                 "chunk (embed, blocks, head; 2 microbatches stashed): forward {f:.2}x, backward {b:.2}x its layers timed alone"
             );
         }
+        if let Some((i, w)) = set.split_scale {
+            println!("zero-bubble split backward: I {i:.2}x, W {w:.2}x the fused backward");
+        }
+    }
+    for set in c.layer_sets.iter().filter(|s| !s.chunk_depths.is_empty()) {
+        let curve: Vec<String> = set
+            .chunk_depths
+            .iter()
+            .map(|c| format!("{} blocks {:.2}x/{:.2}x", c.blocks, c.fwd, c.bwd))
+            .collect();
+        println!(
+            "chunk depth at tp = {} (forward/backward against its layers alone): {}",
+            set.tp,
+            curve.join(", ")
+        );
     }
     for set in c
         .layer_sets

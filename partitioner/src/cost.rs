@@ -17,13 +17,25 @@
 //!   the `AR_t` terms drop out (profiles without such a set keep them). A timing
 //!   measured at another micro-batch size or at `t = 1` is scaled by the layer's
 //!   per-device FLOPs; without a profile, `FLOPs / device_tflops`. `k_F`, `k_B` are the
-//!   measured chunk ratios: a chunk as the executor runs it (embedding, up to 4 blocks
-//!   and the head in one model, two microbatches stashed before their backwards) over
-//!   the sum of its layers timed one at a time, at the nearest micro-batch size
+//!   measured chunk ratios: a chunk as the executor runs it (embedding, `n` blocks and
+//!   the head in one model, two microbatches stashed before their backwards) over the
+//!   sum of its layers timed one at a time, with every rank doing the same at once. They
+//!   depend on the chunk's depth `n` (its blocks): a deeper chunk holds more weights,
+//!   autograd graph and stashed activations, and runs each block slower. The profile
+//!   measures `k(n)` at `n = 1, 2, 4, …` and the model's blocks, at the config's
+//!   micro-batch size, for tp = 1 and each tp degree (the shards with their
+//!   collectives), timing the depths in turn so a drifting machine moves them alike
+//!   ([`crate::profile::LayerSet::chunk_depths`]); between measured depths `k` is linear
+//!   in `n`, outside them the nearest end's. Since `k(n)` is the chunk's time over these
+//!   same layer timings, a chunk of a measured depth is predicted at its measured time.
+//!   Without a curve: the ratio of a 4-block chunk at the nearest micro-batch size
 //!   (1 without a measurement).
-//! * **Zero-bubble split.** `W(c) = B(c) · Wflops(c) / Bflops(c)`, where `Wflops` are the
-//!   linear layers' weight-gradient FLOPs (equal to their forward FLOPs), and
-//!   `I(c) = B(c) − W(c)`.
+//! * **Zero-bubble split.** When the profile timed a chunk's split backward against its
+//!   fused one, alternately ([`crate::profile::LayerSet::split_scale`]):
+//!   `I(c) = i · k_B·Σ b_l + Σ AR_t(bwd)`, `W(c) = w · k_B·Σ b_l`, where `i + w > 1` is
+//!   usual (two passes over the graph; `I` keeps what `W` needs). Otherwise
+//!   `W(c) = B(c) · Wflops(c) / Bflops(c)`, where `Wflops` are the linear layers'
+//!   weight-gradient FLOPs (equal to their forward FLOPs), and `I(c) = B(c) − W(c)`.
 //! * **Tensor-parallel collectives** ([`tp_collectives`]): per block two all-reduces of
 //!   `e·bsd` in the forward (attention and MLP outputs) and two in the backward (their
 //!   inputs' gradients); the embedding one forward; the head three fp32 per-token

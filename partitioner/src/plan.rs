@@ -15,7 +15,7 @@
 use crate::activation::ActivationPolicy;
 use crate::cost::{CostModel, Hardware, PipeSchedule, TimeSource};
 use crate::error::{Error, Result};
-use crate::graph::{LayerCost, LayerGraph, LayerKind, ModelShape};
+use crate::graph::{LayerCost, LayerGraph, LayerKind, LayerNode, ModelShape};
 use crate::ids::{Rank, StageId};
 use crate::memory::{rank_memory, MemoryInputs, RankMemory, DEFAULT_PROCESS_BYTES};
 use crate::profile::Profile;
@@ -70,6 +70,11 @@ pub struct StagePlan {
     pub bwd_s: f64,
     #[serde(default)]
     pub weight_grad_s: f64,
+    /// A zero-bubble `I` (the input gradients): `bwd_s − weight_grad_s`, or the split's
+    /// own measured share of the backward when the profile has one
+    /// ([`crate::profile::LayerSet::split_scale`]; `I + W` then exceeds `bwd_s`).
+    #[serde(default)]
+    pub input_grad_s: f64,
 }
 
 /// A pipeline plan for one model and parallel layout.
@@ -223,9 +228,30 @@ impl PlanSpec {
     }
 }
 
-/// Per-node predicted seconds per microbatch: (forward, backward, of it the weight
-/// gradients), compute plus tensor-parallel collectives (see [`crate::cost`]).
-fn node_times(graph: &LayerGraph, spec: &PlanSpec) -> Result<Vec<(f64, f64, f64)>> {
+/// One node's predicted seconds per microbatch, before the chunk it lands in is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct NodeTime {
+    /// Compute, forward and backward: the layer timed alone (or its FLOPs).
+    pub fwd_s: f64,
+    pub bwd_s: f64,
+    /// Tensor-parallel collectives priced from the all-reduce curves, forward, backward.
+    pub coll_fwd_s: f64,
+    pub coll_bwd_s: f64,
+    /// The weight gradients' share of the backward FLOPs.
+    pub weight_share: f64,
+    /// The compute was measured, so a chunk's measured ratio applies to it.
+    pub measured: bool,
+}
+
+impl NodeTime {
+    /// Forward plus backward, chunk ratios left out (what a split balances).
+    pub fn total_s(&self) -> f64 {
+        self.fwd_s + self.bwd_s + self.coll_fwd_s + self.coll_bwd_s
+    }
+}
+
+/// Per-node predicted seconds per microbatch (see [`crate::cost`]).
+fn node_times(graph: &LayerGraph, spec: &PlanSpec) -> Result<Vec<NodeTime>> {
     let model = spec.cost_model();
     let unsharded = if graph.tp > 1 {
         Some(LayerGraph::with_tp(
@@ -254,14 +280,42 @@ fn node_times(graph: &LayerGraph, spec: &PlanSpec) -> Result<Vec<(f64, f64, f64)
                     graph.tp,
                 ),
             };
-            let w = if n.cost.bwd_flops > 0.0 {
-                b * (n.cost.weight_grad_flops / n.cost.bwd_flops).min(1.0)
-            } else {
-                0.0
-            };
-            (f + cf, b + cb, w)
+            NodeTime {
+                fwd_s: f,
+                bwd_s: b,
+                coll_fwd_s: cf,
+                coll_bwd_s: cb,
+                weight_share: if n.cost.bwd_flops > 0.0 {
+                    (n.cost.weight_grad_flops / n.cost.bwd_flops).min(1.0)
+                } else {
+                    0.0
+                },
+                measured: source != TimeSource::Flops,
+            }
         })
         .collect())
+}
+
+/// A chunk's (forward, backward, weight gradients, input gradients) seconds per
+/// microbatch: its nodes' times, the measured compute scaled by the chunk ratio of a
+/// chunk of its depth, and the zero-bubble split by the measured split ratios when the
+/// profile has them, else by the weight gradients' FLOPs.
+fn chunk_times(nodes: &[LayerNode], times: &[NodeTime], spec: &PlanSpec) -> (f64, f64, f64, f64) {
+    let model = spec.cost_model();
+    let blocks = nodes.iter().filter(|n| n.kind.is_block()).count();
+    let (sf, sb) = model.chunk_scale(spec.micro_batch_size, spec.tp, blocks);
+    let scaled = |t: &NodeTime, x: f64, s: f64| if t.measured { x * s } else { x };
+    let sum = |f: &dyn Fn(&NodeTime) -> f64| times.iter().map(f).sum::<f64>();
+    let fwd = sum(&|t| scaled(t, t.fwd_s, sf) + t.coll_fwd_s);
+    let compute_b = sum(&|t| scaled(t, t.bwd_s, sb));
+    let bwd = compute_b + sum(&|t| t.coll_bwd_s);
+    match model.split_scale(spec.micro_batch_size) {
+        Some((i, w)) => (fwd, bwd, compute_b * w, bwd - compute_b * (1.0 - i)),
+        None => {
+            let w = sum(&|t| scaled(t, t.bwd_s, sb) * t.weight_share);
+            (fwd, bwd, w, bwd - w)
+        }
+    }
 }
 
 /// The layer graph of `spec`, its block activations scaled by the allocator residency
@@ -339,7 +393,7 @@ impl Plan {
             graph.nodes.iter().map(f).collect()
         };
         let node_s = node_times(&graph, spec)?;
-        let times: Vec<f64> = node_s.iter().map(|&(f, b, _)| f + b).collect();
+        let times: Vec<f64> = node_s.iter().map(NodeTime::total_s).collect();
         let solve = |cost: Vec<f64>, cap: Option<&MemoryCap>| -> Result<Bounds> {
             let chain = ChainCosts {
                 cost,
@@ -384,7 +438,7 @@ impl Plan {
         tp_plan: TpPlan,
         bounds: &[usize],
         in_flight: &[usize],
-        times: &[(f64, f64, f64)],
+        times: &[NodeTime],
     ) -> Plan {
         let stages: Vec<StagePlan> = bounds
             .windows(2)
@@ -397,12 +451,8 @@ impl Plan {
                     .fold(LayerCost::default(), |a, c| a + c);
                 let flight = in_flight[i];
                 let act = total.activation_bytes * flight as u64;
-                let t = &times[w[0]..w[1]];
-                let (fwd_s, bwd_s, weight_grad_s) = (
-                    t.iter().map(|x| x.0).sum::<f64>(),
-                    t.iter().map(|x| x.1).sum::<f64>(),
-                    t.iter().map(|x| x.2).sum::<f64>(),
-                );
+                let (fwd_s, bwd_s, weight_grad_s, input_grad_s) =
+                    chunk_times(nodes, &times[w[0]..w[1]], spec);
                 StagePlan {
                     stage: StageId(i),
                     rank: Rank(i % spec.pp),
@@ -422,6 +472,7 @@ impl Plan {
                     fwd_s,
                     bwd_s,
                     weight_grad_s,
+                    input_grad_s,
                 }
             })
             .collect();
@@ -545,7 +596,9 @@ impl Plan {
         match action.kind {
             ActionKind::Forward => s.fwd_s,
             ActionKind::Backward => s.bwd_s,
-            ActionKind::InputGrad => s.bwd_s - s.weight_grad_s,
+            // Plans written before `input_grad_s` existed read it as 0.
+            ActionKind::InputGrad if s.input_grad_s <= 0.0 => s.bwd_s - s.weight_grad_s,
+            ActionKind::InputGrad => s.input_grad_s,
             ActionKind::WeightGrad => s.weight_grad_s,
             ActionKind::SendAct | ActionKind::SendGrad => message_s,
             ActionKind::RecvAct | ActionKind::RecvGrad => 0.0,

@@ -189,6 +189,8 @@ pub(crate) mod tests {
                 block_split: None,
                 collectives: false,
                 chunk_scale: None,
+                chunk_depths: Vec::new(),
+                split_scale: None,
             })
             .collect();
         Profile {
@@ -357,6 +359,74 @@ pub(crate) mod tests {
         let s = spec(1, 1, 2, 2, PipeSchedule::OneFOneB, p);
         let step = predicted(&s).step_s;
         assert!((step - 2.0 * 8.0 * (1.1 + 2.4)).abs() < 1e-9, "{step}");
+    }
+
+    #[test]
+    fn a_deeper_chunk_runs_at_its_measured_depth_ratio() {
+        // Measured: a chunk of 4 blocks runs at its layers' sum, one of 8 blocks at 1.5x
+        // forward and 1.2x backward (a single layer set at tp = 1 carries the curve).
+        let mut p = profile(0.0, 0.0, 0.0, 0.0, 0.0);
+        let tp1 = p
+            .calibration
+            .layer_sets
+            .iter_mut()
+            .find(|s| s.tp == 1)
+            .unwrap();
+        tp1.chunk_depths = vec![
+            crate::profile::ChunkScale {
+                blocks: 4,
+                fwd: 1.0,
+                bwd: 1.0,
+            },
+            crate::profile::ChunkScale {
+                blocks: 8,
+                fwd: 1.5,
+                bwd: 1.2,
+            },
+        ];
+        // pp = 1: one chunk of 8 blocks, 2 microbatches at 8 · (1.5 + 2.4) s.
+        let one = predicted(&spec(1, 1, 2, 2, PipeSchedule::OneFOneB, p.clone())).step_s;
+        assert!((one - 2.0 * 8.0 * (1.5 + 2.4)).abs() < 1e-9, "{one}");
+        // pp = 2: chunks of 4 blocks at their layers' sum, F = 4 s and B = 8 s.
+        let plan = Plan::build(&spec(2, 1, 1, 2, PipeSchedule::OneFOneB, p.clone())).unwrap();
+        assert!(
+            (plan.stages[0].fwd_s - 4.0).abs() < 1e-9,
+            "{:?}",
+            plan.stages[0]
+        );
+        assert!(
+            (plan.stages[1].bwd_s - 8.0).abs() < 1e-9,
+            "{:?}",
+            plan.stages[1]
+        );
+        // Between measured depths the ratio is linear in the blocks: 6 blocks at 1.25x.
+        let c = &p.calibration;
+        let (f, b) = c.chunk_scale_at(8, 1, 6);
+        assert!(
+            (f - 1.25).abs() < 1e-12 && (b - 1.1).abs() < 1e-12,
+            "{f} {b}"
+        );
+        assert_eq!(c.chunk_scale_at(8, 1, 2), (1.0, 1.0));
+        assert_eq!(c.chunk_scale_at(8, 1, 16), (1.5, 1.2));
+    }
+
+    #[test]
+    fn zero_bubble_uses_the_measured_split_of_the_backward() {
+        // Measured: I takes 0.6 and W 0.45 of the fused backward (1.05x together).
+        let mut p = profile(0.0, 0.0, 0.0, 0.0, 0.0);
+        for set in &mut p.calibration.layer_sets {
+            set.split_scale = Some((0.6, 0.45));
+        }
+        let s = spec(2, 1, 1, 4, PipeSchedule::ZbH1, p);
+        let plan = Plan::build(&s).unwrap();
+        for st in &plan.stages {
+            // 4 blocks at 2 s backward.
+            assert!((st.input_grad_s - 0.6 * 8.0).abs() < 1e-9, "{st:?}");
+            assert!((st.weight_grad_s - 0.45 * 8.0).abs() < 1e-9, "{st:?}");
+        }
+        // Every rank runs 4 F (4 s), 4 I and 4 W: at least 4 · (4 + 8.4) s of work.
+        let step = predicted(&s).step_s;
+        assert!(step >= 4.0 * (4.0 + 1.05 * 8.0) - 1e-9, "{step}");
     }
 
     #[test]

@@ -161,6 +161,27 @@ fn profile_then_plan_by_measured_time() {
             .any(|s| s["tp"] == 1 && s["chunk_scale"][0].as_f64().is_some_and(|k| k > 0.0)),
         "{c}"
     );
+    // At the config's micro-batch size, for tp = 1 and 2: the chunk ratio at each depth
+    // (1, 2, 4 blocks and the whole model), and at tp = 1 the zero-bubble split.
+    for tp in [1, 2] {
+        let set = sets
+            .iter()
+            .find(|s| s["tp"] == tp && s["micro_batch_size"] == 2)
+            .unwrap();
+        let depths: Vec<u64> = set["chunk_depths"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no chunk_depths at tp = {tp}: {set}"))
+            .iter()
+            .map(|d| d["blocks"].as_u64().unwrap())
+            .collect();
+        assert_eq!(depths, [1, 2, 4], "{set}");
+    }
+    let split = &sets
+        .iter()
+        .find(|s| s["tp"] == 1 && s["micro_batch_size"] == 2)
+        .unwrap()["split_scale"];
+    assert!(split[0].as_f64().is_some_and(|i| i > 0.0), "{c}");
+    assert!(split[1].as_f64().is_some_and(|w| w > 0.0), "{c}");
     assert!(c["activation_footprint"][0]["measured_bytes"]
         .as_u64()
         .is_some());

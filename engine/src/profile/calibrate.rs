@@ -8,17 +8,18 @@
 //! Invariant: collective over the world (every rank calls it with the same arguments);
 //! the result is the same on every rank, and rank 0 writes it.
 
+use super::chunk::{self, chunk_scale, depth_curve, split_scale};
 use super::{
-    activation, chunk_scale, comm, matmul, memory, profile_layers, profile_layers_tp, step,
-    ProfileOptions,
+    activation, comm, matmul, memory, profile_layers, profile_layers_tp, step, ProfileOptions,
 };
 use crate::comm::groups::ParallelComms;
+use crate::comm::local::LocalComm;
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::model::sharding::TpRank;
 use partitioner::mesh::Mesh;
 use partitioner::profile::{
-    Calibration, GroupCurve, LayerSet, LayerTiming, P2pProfile, ProcessMemory,
+    Calibration, ChunkScale, GroupCurve, LayerSet, LayerTiming, P2pProfile, ProcessMemory,
 };
 use partitioner::tp::check_divisibility;
 use partitioner::ModelShape;
@@ -107,20 +108,7 @@ pub fn calibrate(
         o.runs,
     )?);
     for &mbs in &o.micro_batch_sizes {
-        world.barrier()?;
-        let prof = profile_layers(shape, mbs, &layer_options(o))?;
-        let (f, b) = chunk_scale(shape, mbs, &layer_options(o), &prof.layers)?;
-        let mut scale = vec![f, b];
-        world.all_reduce_sum(&mut scale)?;
-        cal.layer_sets.push(LayerSet {
-            micro_batch_size: mbs,
-            tp: 1,
-            concurrent: w,
-            layers: averaged(world, prof.layers)?,
-            block_split: None,
-            collectives: false,
-            chunk_scale: Some((scale[0] / w as f64, scale[1] / w as f64)),
-        });
+        cal.layer_sets.push(tp1_layer_set(shape, world, mbs, o)?);
     }
     cal.step = Some(step::step_costs(world, o.runs)?);
     let (send_overhead, recv_overhead) = comm::wire_overheads(world, &msg, o.runs)?;
@@ -209,6 +197,13 @@ fn tp_layer_sets(
     for &mbs in &o.micro_batch_sizes {
         world.barrier()?;
         let prof = profile_layers_tp(shape, mbs, &layer_options(o), tp_rank, tp)?;
+        let curve = if mbs == o.footprint_micro_batch_size {
+            let depths = chunk::depths(shape.n_layers);
+            let opts = curve_options(o);
+            depth_curve(shape, mbs, &opts, &prof.layers, &depths, tp_rank, tp)?
+        } else {
+            Vec::new()
+        };
         sets.push(LayerSet {
             micro_batch_size: mbs,
             tp: tp_rank.size,
@@ -217,9 +212,95 @@ fn tp_layer_sets(
             block_split: None,
             collectives: true,
             chunk_scale: None,
+            chunk_depths: averaged_curve(world, curve)?,
+            split_scale: None,
         });
     }
     Ok(sets)
+}
+
+/// The tp = 1 [`LayerSet`] at `mbs`, every rank timing at once: layer timings, the chunk
+/// ratio, and at the config's micro-batch size the depth curve and the zero-bubble split
+/// (collective over `world`).
+fn tp1_layer_set(
+    shape: &ModelShape,
+    world: &mut dyn Communicator,
+    mbs: usize,
+    o: &CalibrateOptions,
+) -> Result<LayerSet> {
+    world.barrier()?;
+    let prof = profile_layers(shape, mbs, &layer_options(o))?;
+    let mut single = LocalComm::group(1)
+        .pop()
+        .ok_or_else(|| crate::Error::Internal("no local group".into()))?;
+    let (mut depths, mut split) = (Vec::new(), None);
+    let scale = if mbs == o.footprint_micro_batch_size {
+        let blocks = chunk::depths(shape.n_layers);
+        let curve_opts = curve_options(o);
+        depths = depth_curve(
+            shape,
+            mbs,
+            &curve_opts,
+            &prof.layers,
+            &blocks,
+            TpRank::SINGLE,
+            &mut single,
+        )?;
+        split = Some(split_scale(shape, mbs, &curve_opts, &mut single)?);
+        let reference = shape.n_layers.clamp(1, chunk::REFERENCE_BLOCKS);
+        depths
+            .iter()
+            .find(|c| c.blocks == reference)
+            .map_or((1.0, 1.0), |c| (c.fwd, c.bwd))
+    } else {
+        chunk_scale(shape, mbs, &layer_options(o), &prof.layers, &mut single)?
+    };
+    let mut v = vec![scale.0, scale.1];
+    v.extend(split.iter().flat_map(|&(i, w)| [i, w]));
+    average(world, &mut v)?;
+    Ok(LayerSet {
+        micro_batch_size: mbs,
+        tp: 1,
+        concurrent: world.size(),
+        layers: averaged(world, prof.layers)?,
+        block_split: None,
+        collectives: false,
+        chunk_scale: Some((v[0], v[1])),
+        chunk_depths: averaged_curve(world, depths)?,
+        split_scale: split.map(|_| (v[2], v[3])),
+    })
+}
+
+/// Fewer repetitions for the chunk curves: a whole-model chunk takes a second a run.
+fn curve_options(o: &CalibrateOptions) -> ProfileOptions {
+    ProfileOptions {
+        warmup: 1,
+        runs: o.runs.clamp(1, 3),
+        threads: o.threads,
+    }
+}
+
+/// Every rank's `v`, averaged over the world (collective).
+fn average(world: &mut dyn Communicator, v: &mut [f64]) -> Result<()> {
+    world.all_reduce_sum(v)?;
+    let n = world.size() as f64;
+    v.iter_mut().for_each(|x| *x /= n);
+    Ok(())
+}
+
+/// Every rank's depth curve (the same depths on every rank), averaged (collective).
+fn averaged_curve(world: &mut dyn Communicator, curve: Vec<ChunkScale>) -> Result<Vec<ChunkScale>> {
+    let mut v: Vec<f64> = curve.iter().flat_map(|c| [c.fwd, c.bwd]).collect();
+    average(world, &mut v)?;
+    Ok(curve
+        .into_iter()
+        .zip(v.chunks(2))
+        .map(|(c, r)| ChunkScale {
+            fwd: r[0],
+            bwd: r[1],
+            ..c
+        })
+        .collect())
 }
 
 fn plan_err(e: partitioner::Error) -> crate::error::Error {

@@ -64,29 +64,10 @@ impl CostModel {
     }
 
     /// Forward and backward compute seconds of `node` (a layer at micro-batch size `mbs`
-    /// and tensor-parallel degree `tp`) inside a chunk; `unsharded` is the same layer at
-    /// `tp = 1`, whose FLOPs scale a timing measured at another degree. A measured time
-    /// is the layer's own times the chunk ratio the profile measured
-    /// ([`crate::profile::LayerSet::chunk_scale`]).
+    /// and tensor-parallel degree `tp`) timed alone; `unsharded` is the same layer at
+    /// `tp = 1`, whose FLOPs scale a timing measured at another degree. Inside a chunk a
+    /// measured time is multiplied by [`CostModel::chunk_scale`].
     pub fn layer_s(
-        &self,
-        node: &LayerNode,
-        unsharded: &LayerNode,
-        mbs: usize,
-        tp: usize,
-    ) -> (f64, f64, TimeSource) {
-        let (f, b, source) = self.layer_alone_s(node, unsharded, mbs, tp);
-        match (source, self.calibration()) {
-            (TimeSource::Flops, _) | (_, None) => (f, b, source),
-            (_, Some(c)) => {
-                let (sf, sb) = c.chunk_scale(mbs);
-                (f * sf, b * sb, source)
-            }
-        }
-    }
-
-    /// [`CostModel::layer_s`] of the layer timed alone.
-    fn layer_alone_s(
         &self,
         node: &LayerNode,
         unsharded: &LayerNode,
@@ -155,6 +136,20 @@ impl CostModel {
             node.cost.bwd_flops / rate,
             TimeSource::Flops,
         )
+    }
+
+    /// Forward and backward ratios of a chunk of `blocks` blocks at micro-batch size
+    /// `mbs` and degree `tp` against its layers timed alone, as the profile measured them
+    /// ([`Calibration::chunk_scale_at`]); (1, 1) without a calibration.
+    pub fn chunk_scale(&self, mbs: usize, tp: usize, blocks: usize) -> (f64, f64) {
+        self.calibration()
+            .map_or((1.0, 1.0), |c| c.chunk_scale_at(mbs, tp, blocks))
+    }
+
+    /// The measured zero-bubble split of a chunk's backward, (`I`, `W`) as fractions of
+    /// the fused backward, if the profile has it.
+    pub fn split_scale(&self, mbs: usize) -> Option<(f64, f64)> {
+        self.calibration().and_then(|c| c.split_scale(mbs))
     }
 
     /// Dense FLOP/s of one device: the measured sgemm peak, else `device_tflops`.

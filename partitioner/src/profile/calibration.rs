@@ -37,6 +37,44 @@ pub struct LayerSet {
     /// one at a time: (forward, backward) ratios, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_scale: Option<(f64, f64)>,
+    /// The same ratios measured at several chunk depths (blocks per chunk), when
+    /// measured: a deeper chunk has a larger working set and runs each block slower.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunk_depths: Vec<ChunkScale>,
+    /// The zero-bubble split backward of a chunk against its fused backward: (`I`, `W`)
+    /// as fractions of the fused backward's seconds, when measured. They need not add up
+    /// to 1 (two passes over the graph, and `I` keeps what `W` needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_scale: Option<(f64, f64)>,
+}
+
+/// A chunk of `blocks` blocks (with the embedding and the head) as the executor runs it,
+/// against the sum of its layers timed alone: forward and backward ratios.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkScale {
+    pub blocks: usize,
+    pub fwd: f64,
+    pub bwd: f64,
+}
+
+/// The ratios of a chunk of `blocks` blocks on `curve` (sorted by depth): linear between
+/// the measured depths around it, the nearest end's outside them.
+pub fn interpolate_depth(curve: &[ChunkScale], blocks: usize) -> Option<(f64, f64)> {
+    let first = curve.first()?;
+    let n = blocks as f64;
+    let mut below = first;
+    for c in curve {
+        if c.blocks >= blocks {
+            if c.blocks == below.blocks || blocks <= below.blocks {
+                return Some((c.fwd, c.bwd));
+            }
+            let t = (n - below.blocks as f64) / (c.blocks - below.blocks) as f64;
+            let mix = |a: f64, b: f64| a + t * (b - a);
+            return Some((mix(below.fwd, c.fwd), mix(below.bwd, c.bwd)));
+        }
+        below = c;
+    }
+    Some((below.fwd, below.bwd))
 }
 
 /// The all-reduce curve of one group shape.
@@ -197,6 +235,29 @@ impl Calibration {
             .filter_map(|s| s.chunk_scale.map(|c| (s.micro_batch_size, c)))
             .min_by_key(|(b, _)| b.abs_diff(micro_batch_size))
             .map_or((1.0, 1.0), |(_, c)| c)
+    }
+
+    /// The chunk ratios of a chunk of `blocks` blocks at `micro_batch_size` and `tp`: on
+    /// the depth curve ([`LayerSet::chunk_depths`]) measured at that micro-batch size and
+    /// tp degree, else [`Calibration::chunk_scale`].
+    pub fn chunk_scale_at(&self, micro_batch_size: usize, tp: usize, blocks: usize) -> (f64, f64) {
+        self.layer_sets
+            .iter()
+            .find(|s| {
+                s.micro_batch_size == micro_batch_size && s.tp == tp && !s.chunk_depths.is_empty()
+            })
+            .and_then(|s| interpolate_depth(&s.chunk_depths, blocks))
+            .unwrap_or_else(|| self.chunk_scale(micro_batch_size))
+    }
+
+    /// The zero-bubble split ratios ([`LayerSet::split_scale`]) measured at the
+    /// micro-batch size nearest `micro_batch_size`, if any.
+    pub fn split_scale(&self, micro_batch_size: usize) -> Option<(f64, f64)> {
+        self.layer_sets
+            .iter()
+            .filter_map(|s| s.split_scale.map(|c| (s.micro_batch_size, c)))
+            .min_by_key(|(b, _)| b.abs_diff(micro_batch_size))
+            .map(|(_, c)| c)
     }
 
     /// The layer set measured at `micro_batch_size` and `tp`, preferring the one with the

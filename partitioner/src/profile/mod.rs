@@ -16,8 +16,8 @@ mod calibration;
 mod curve;
 
 pub use calibration::{
-    ActivationFootprint, Calibration, GroupCurve, LayerSet, MatmulPeak, P2pProfile, ProcessMemory,
-    StepCosts,
+    interpolate_depth, ActivationFootprint, Calibration, ChunkScale, GroupCurve, LayerSet,
+    MatmulPeak, P2pProfile, ProcessMemory, StepCosts,
 };
 pub use curve::{Curve, CurvePoint};
 
