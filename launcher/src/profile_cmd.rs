@@ -152,6 +152,7 @@ pub fn worker(config: &Path, out: &Path, runs: usize, sets: &crate::Sets) -> Exi
                 threads: *cfg.train.threads,
                 micro_batch_sizes: sizes,
                 footprint_micro_batch_size: *cfg.parallel.micro_batch_size,
+                max_stash: *cfg.parallel.microbatches,
                 max_message_bytes: (4 * largest).next_power_of_two().clamp(1 << 16, 16 << 20),
                 max_grad_bytes: 4 * partitioner::LayerGraph::new(&shape, 1, 4)
                     .map(|g| g.total_params() as usize)
@@ -211,6 +212,17 @@ fn print_summary(prof: &Profile, shape: &ModelShape, mbs: usize) {
         if let Some((i, w)) = set.split_scale {
             println!("zero-bubble split backward: I {i:.2}x, W {w:.2}x the fused backward");
         }
+    }
+    for set in c.layer_sets.iter().filter(|s| !s.stash_scale.is_empty()) {
+        let curve: Vec<String> = set
+            .stash_scale
+            .iter()
+            .map(|c| format!("{} {:.2}x/{:.2}x", c.blocks, c.fwd, c.bwd))
+            .collect();
+        println!(
+            "microbatches stashed in a chunk (forward/backward against 2): {}",
+            curve.join(", ")
+        );
     }
     for set in c.layer_sets.iter().filter(|s| !s.chunk_depths.is_empty()) {
         let curve: Vec<String> = set

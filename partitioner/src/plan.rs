@@ -298,12 +298,17 @@ fn node_times(graph: &LayerGraph, spec: &PlanSpec) -> Result<Vec<NodeTime>> {
 
 /// A chunk's (forward, backward, weight gradients, input gradients) seconds per
 /// microbatch: its nodes' times, the measured compute scaled by the chunk ratio of a
-/// chunk of its depth, and the zero-bubble split by the measured split ratios when the
+/// chunk of its depth with `stash` microbatches in flight, and the zero-bubble split by the measured split ratios when the
 /// profile has them, else by the weight gradients' FLOPs.
-fn chunk_times(nodes: &[LayerNode], times: &[NodeTime], spec: &PlanSpec) -> (f64, f64, f64, f64) {
+fn chunk_times(
+    nodes: &[LayerNode],
+    times: &[NodeTime],
+    stash: usize,
+    spec: &PlanSpec,
+) -> (f64, f64, f64, f64) {
     let model = spec.cost_model();
     let blocks = nodes.iter().filter(|n| n.kind.is_block()).count();
-    let (sf, sb) = model.chunk_scale(spec.micro_batch_size, spec.tp, blocks);
+    let (sf, sb) = model.chunk_scale(spec.micro_batch_size, spec.tp, blocks, stash);
     let scaled = |t: &NodeTime, x: f64, s: f64| if t.measured { x * s } else { x };
     let sum = |f: &dyn Fn(&NodeTime) -> f64| times.iter().map(f).sum::<f64>();
     let fwd = sum(&|t| scaled(t, t.fwd_s, sf) + t.coll_fwd_s);
@@ -452,7 +457,7 @@ impl Plan {
                 let flight = in_flight[i];
                 let act = total.activation_bytes * flight as u64;
                 let (fwd_s, bwd_s, weight_grad_s, input_grad_s) =
-                    chunk_times(nodes, &times[w[0]..w[1]], spec);
+                    chunk_times(nodes, &times[w[0]..w[1]], flight, spec);
                 StagePlan {
                     stage: StageId(i),
                     rank: Rank(i % spec.pp),

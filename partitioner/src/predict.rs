@@ -191,6 +191,7 @@ pub(crate) mod tests {
                 chunk_scale: None,
                 chunk_depths: Vec::new(),
                 split_scale: None,
+                stash_scale: Vec::new(),
             })
             .collect();
         Profile {
@@ -251,6 +252,19 @@ pub(crate) mod tests {
     fn predicted(s: &PlanSpec) -> StepPrediction {
         let plan = Plan::build(s).unwrap();
         predict_step(&plan, &s.cost_model(), StepOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn every_rank_meets_at_the_norm_all_reduce() {
+        // Rank 0 finishes its schedule at 5 s, rank 1 at 10 s: rank 0's norm all-reduce
+        // waits for rank 1 (the long "optimizer" span of a rank that finishes early), then
+        // each rank updates on its own; the step ends with the slower update.
+        let tail = Tail {
+            before: vec![1.0, 1.0],
+            sync: 0.5,
+            after: vec![2.0, 3.0],
+        };
+        assert!((tail.step_s(&[5.0, 10.0]) - (10.0 + 1.0 + 0.5 + 3.0)).abs() < 1e-12);
     }
 
     #[test]
@@ -408,6 +422,38 @@ pub(crate) mod tests {
         );
         assert_eq!(c.chunk_scale_at(8, 1, 2), (1.0, 1.0));
         assert_eq!(c.chunk_scale_at(8, 1, 16), (1.5, 1.2));
+    }
+
+    #[test]
+    fn a_chunk_holding_more_microbatches_runs_at_its_measured_stash_ratio() {
+        // Measured: with 8 microbatches stashed a chunk runs 1.2x forward and 1.1x
+        // backward its time with 2 stashed; with 1, as with 2.
+        let mut p = profile(0.0, 0.0, 0.0, 0.0, 0.0);
+        let tp1 = p
+            .calibration
+            .layer_sets
+            .iter_mut()
+            .find(|s| s.tp == 1)
+            .unwrap();
+        let at = |blocks, fwd, bwd| crate::profile::ChunkScale { blocks, fwd, bwd };
+        tp1.stash_scale = vec![at(1, 1.0, 1.0), at(2, 1.0, 1.0), at(8, 1.2, 1.1)];
+        // GPipe holds all 8 microbatches on each chunk of 4 blocks (F 4 s, B 8 s alone).
+        let gpipe = Plan::build(&spec(2, 1, 1, 8, PipeSchedule::Gpipe, p.clone())).unwrap();
+        for st in &gpipe.stages {
+            assert_eq!(st.in_flight_microbatches, 8);
+            assert!(
+                (st.fwd_s - 4.8).abs() < 1e-9 && (st.bwd_s - 8.8).abs() < 1e-9,
+                "{st:?}"
+            );
+        }
+        // 1F1B holds 2 on the first stage and 1 on the last: no change.
+        let one = Plan::build(&spec(2, 1, 1, 8, PipeSchedule::OneFOneB, p)).unwrap();
+        for st in &one.stages {
+            assert!(
+                (st.fwd_s - 4.0).abs() < 1e-9 && (st.bwd_s - 8.0).abs() < 1e-9,
+                "{st:?}"
+            );
+        }
     }
 
     #[test]

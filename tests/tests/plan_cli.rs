@@ -182,6 +182,19 @@ fn profile_then_plan_by_measured_time() {
         .unwrap()["split_scale"];
     assert!(split[0].as_f64().is_some_and(|i| i > 0.0), "{c}");
     assert!(split[1].as_f64().is_some_and(|w| w > 0.0), "{c}");
+    // ... and the same chunk holding 1, 2 and all 4 microbatches (2 is the reference).
+    let stash = &sets
+        .iter()
+        .find(|s| s["tp"] == 1 && s["micro_batch_size"] == 2)
+        .unwrap()["stash_scale"];
+    let held: Vec<u64> = stash
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["blocks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(held, [1, 2, 4], "{c}");
+    assert_eq!(stash[1]["fwd"].as_f64(), Some(1.0), "{c}");
     assert!(c["activation_footprint"][0]["measured_bytes"]
         .as_u64()
         .is_some());

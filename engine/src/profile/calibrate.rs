@@ -8,7 +8,7 @@
 //! Invariant: collective over the world (every rank calls it with the same arguments);
 //! the result is the same on every rank, and rank 0 writes it.
 
-use super::chunk::{self, chunk_scale, depth_curve, split_scale};
+use super::chunk::{self, chunk_scale, depth_curve, split_scale, stash_curve};
 use super::{
     activation, comm, matmul, memory, profile_layers, profile_layers_tp, step, ProfileOptions,
 };
@@ -35,6 +35,8 @@ pub struct CalibrateOptions {
     pub micro_batch_sizes: Vec<usize>,
     /// Micro-batch size of the activation footprint measurement (the config's).
     pub footprint_micro_batch_size: usize,
+    /// Most microbatches a chunk can hold in flight (the config's microbatches).
+    pub max_stash: usize,
     /// Largest message of the curves, bytes.
     pub max_message_bytes: usize,
     /// Largest gradient all-reduce, bytes (the model's gradients).
@@ -214,6 +216,7 @@ fn tp_layer_sets(
             chunk_scale: None,
             chunk_depths: averaged_curve(world, curve)?,
             split_scale: None,
+            stash_scale: Vec::new(),
         });
     }
     Ok(sets)
@@ -233,7 +236,7 @@ fn tp1_layer_set(
     let mut single = LocalComm::group(1)
         .pop()
         .ok_or_else(|| crate::Error::Internal("no local group".into()))?;
-    let (mut depths, mut split) = (Vec::new(), None);
+    let (mut depths, mut split, mut stash) = (Vec::new(), None, Vec::new());
     let scale = if mbs == o.footprint_micro_batch_size {
         let blocks = chunk::depths(shape.n_layers);
         let curve_opts = curve_options(o);
@@ -247,6 +250,12 @@ fn tp1_layer_set(
             &mut single,
         )?;
         split = Some(split_scale(shape, mbs, &curve_opts, &mut single)?);
+        let stashes = chunk::stash_depths(o.max_stash);
+        let once = ProfileOptions {
+            runs: curve_opts.runs.min(2),
+            ..curve_opts
+        };
+        stash = stash_curve(shape, mbs, &once, &stashes, &mut single)?;
         let reference = shape.n_layers.clamp(1, chunk::REFERENCE_BLOCKS);
         depths
             .iter()
@@ -268,6 +277,7 @@ fn tp1_layer_set(
         chunk_scale: Some((v[0], v[1])),
         chunk_depths: averaged_curve(world, depths)?,
         split_scale: split.map(|_| (v[2], v[3])),
+        stash_scale: averaged_curve(world, stash)?,
     })
 }
 

@@ -3,7 +3,8 @@
 //! then their backwards), against the sum of its layers timed one at a time. The ratios
 //! ([`partitioner::profile::ChunkScale`]) are measured at several chunk depths, because
 //! a deeper chunk has a larger working set (weights, autograd graph, stash) and runs each
-//! block slower; and on the zero-bubble split backward (`I` then `W`), whose parts do not
+//! block slower; at several stash depths (microbatches in flight), for the same reason;
+//! and on the zero-bubble split backward (`I` then `W`), whose parts do not
 //! add up to the fused backward.
 //!
 //! Invariant: every timing is the median over `opts.runs` repetitions after
@@ -41,17 +42,18 @@ fn chunk_model(shape: &ModelShape, blocks: usize, tp_rank: TpRank) -> Result<Mod
     Model::new(&ModelSpec::new(shape.clone()), &layers, 0, tp_rank)
 }
 
-/// One repetition: [`STASH`] forwards, then their backwards (and with `split` the weight
+/// One repetition: `depth` forwards, then their backwards (and with `split` the weight
 /// work after all of them, as zero-bubble runs `W` late); seconds per microbatch.
 fn one_rep(
     model: &Model,
     tokens: &tch::Tensor,
+    depth: usize,
     split: bool,
     tp: &mut dyn Communicator,
 ) -> Result<ChunkTiming> {
     let t0 = Instant::now();
-    let mut stash: Vec<Forward> = Vec::with_capacity(STASH);
-    for _ in 0..STASH {
+    let mut stash: Vec<Forward> = Vec::with_capacity(depth);
+    for _ in 0..depth {
         stash.push(model.forward(tokens, Some(tokens), tp, Pass::Train { split })?);
     }
     let t1 = Instant::now();
@@ -62,7 +64,7 @@ fn one_rep(
     let t2 = Instant::now();
     work.run()?;
     let t3 = Instant::now();
-    let per = |a: Instant, b: Instant| (b - a).as_secs_f64() / STASH as f64;
+    let per = |a: Instant, b: Instant| (b - a).as_secs_f64() / depth.max(1) as f64;
     Ok(ChunkTiming {
         fwd_s: per(t0, t1),
         bwd_s: per(t1, t2),
@@ -70,27 +72,28 @@ fn one_rep(
     })
 }
 
-/// Times chunks of each depth in `blocks` on tp rank `tp_rank` (see the module docs),
-/// one repetition of every depth in turn, so that a machine whose speed drifts moves
-/// every depth alike; `split` runs the zero-bubble backward. One timing per depth.
+/// Times chunks of each (blocks, stashed microbatches) in `chunks` on tp rank `tp_rank`
+/// (see the module docs), one repetition of every chunk in turn, so that a machine whose
+/// speed drifts moves them alike; `split` runs the zero-bubble backward. One timing per
+/// chunk.
 pub fn time_chunks(
     shape: &ModelShape,
     micro_batch_size: usize,
     opts: &ProfileOptions,
-    blocks: &[usize],
+    chunks: &[(usize, usize)],
     split: bool,
     tp_rank: TpRank,
     tp: &mut dyn Communicator,
 ) -> Result<Vec<ChunkTiming>> {
-    let models = blocks
+    let models = chunks
         .iter()
-        .map(|&n| chunk_model(shape, n, tp_rank))
+        .map(|&(n, depth)| Ok((chunk_model(shape, n, tp_rank)?, depth)))
         .collect::<Result<Vec<_>>>()?;
     let tokens = random_tokens(shape, micro_batch_size, 8)?;
     let mut reps = vec![Vec::with_capacity(opts.runs); models.len()];
     for rep in 0..opts.warmup + opts.runs {
-        for (model, times) in models.iter().zip(reps.iter_mut()) {
-            let t = one_rep(model, &tokens, split, tp)?;
+        for ((model, depth), times) in models.iter().zip(reps.iter_mut()) {
+            let t = one_rep(model, &tokens, *depth, split, tp)?;
             if rep >= opts.warmup {
                 times.push(t);
             }
@@ -156,7 +159,8 @@ pub fn depth_curve(
     tp_rank: TpRank,
     tp: &mut dyn Communicator,
 ) -> Result<Vec<ChunkScale>> {
-    let times = time_chunks(shape, micro_batch_size, opts, blocks, false, tp_rank, tp)?;
+    let chunks: Vec<(usize, usize)> = blocks.iter().map(|&n| (n, STASH)).collect();
+    let times = time_chunks(shape, micro_batch_size, opts, &chunks, false, tp_rank, tp)?;
     Ok(blocks
         .iter()
         .zip(times)
@@ -209,8 +213,8 @@ pub fn split_scale(
     let tokens = random_tokens(shape, micro_batch_size, 8)?;
     let (mut i, mut w) = (Vec::new(), Vec::new());
     for rep in 0..opts.warmup + opts.runs {
-        let fused = one_rep(&model, &tokens, false, tp)?;
-        let split = one_rep(&model, &tokens, true, tp)?;
+        let fused = one_rep(&model, &tokens, STASH, false, tp)?;
+        let split = one_rep(&model, &tokens, STASH, true, tp)?;
         if rep >= opts.warmup {
             i.push(ratio(split.bwd_s, fused.bwd_s));
             w.push(ratio(split.weight_s, fused.bwd_s));
@@ -220,4 +224,53 @@ pub fn split_scale(
         }
     }
     Ok((median(i), median(w)))
+}
+
+/// The stash depths a stash curve measures: 1, [`STASH`] and `most` (the config's
+/// microbatches: GPipe's in flight).
+pub fn stash_depths(most: usize) -> Vec<usize> {
+    let mut v = vec![1, STASH, most.max(1)];
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// A [`REFERENCE_BLOCKS`] chunk with each of `stashes` microbatches in flight against the
+/// same chunk with [`STASH`], timed in turn (the ratio at [`STASH`] is 1).
+pub fn stash_curve(
+    shape: &ModelShape,
+    micro_batch_size: usize,
+    opts: &ProfileOptions,
+    stashes: &[usize],
+    tp: &mut dyn Communicator,
+) -> Result<Vec<ChunkScale>> {
+    let blocks = shape.n_layers.clamp(1, REFERENCE_BLOCKS);
+    let mut chunks = vec![(blocks, STASH)];
+    chunks.extend(
+        stashes
+            .iter()
+            .filter(|&&k| k != STASH)
+            .map(|&k| (blocks, k)),
+    );
+    let times = time_chunks(
+        shape,
+        micro_batch_size,
+        opts,
+        &chunks,
+        false,
+        TpRank::SINGLE,
+        tp,
+    )?;
+    let base = times.first().copied().unwrap_or_default();
+    let mut curve: Vec<ChunkScale> = chunks
+        .iter()
+        .zip(&times)
+        .map(|(&(_, k), t)| ChunkScale {
+            blocks: k,
+            fwd: ratio(t.fwd_s, base.fwd_s),
+            bwd: ratio(t.bwd_s, base.bwd_s),
+        })
+        .collect();
+    curve.sort_by_key(|c| c.blocks);
+    Ok(curve)
 }

@@ -138,12 +138,17 @@ impl CostModel {
         )
     }
 
-    /// Forward and backward ratios of a chunk of `blocks` blocks at micro-batch size
-    /// `mbs` and degree `tp` against its layers timed alone, as the profile measured them
-    /// ([`Calibration::chunk_scale_at`]); (1, 1) without a calibration.
-    pub fn chunk_scale(&self, mbs: usize, tp: usize, blocks: usize) -> (f64, f64) {
-        self.calibration()
-            .map_or((1.0, 1.0), |c| c.chunk_scale_at(mbs, tp, blocks))
+    /// Forward and backward ratios of a chunk of `blocks` blocks with `stash`
+    /// microbatches in flight at its peak, at micro-batch size `mbs` and degree `tp`,
+    /// against its layers timed alone, as the profile measured them: the depth's ratio
+    /// ([`Calibration::chunk_scale_at`], two stashed) times the stash depth's
+    /// ([`Calibration::stash_scale_at`]); (1, 1) without a calibration.
+    pub fn chunk_scale(&self, mbs: usize, tp: usize, blocks: usize, stash: usize) -> (f64, f64) {
+        self.calibration().map_or((1.0, 1.0), |c| {
+            let (df, db) = c.chunk_scale_at(mbs, tp, blocks);
+            let (sf, sb) = c.stash_scale_at(mbs, stash);
+            (df * sf, db * sb)
+        })
     }
 
     /// The measured zero-bubble split of a chunk's backward, (`I`, `W`) as fractions of

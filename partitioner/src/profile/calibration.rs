@@ -46,6 +46,11 @@ pub struct LayerSet {
     /// to 1 (two passes over the graph, and `I` keeps what `W` needs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_scale: Option<(f64, f64)>,
+    /// A chunk with `blocks` = microbatches stashed before their backwards, against the
+    /// same chunk with two stashed (the depth curve's), when measured: more activations
+    /// in flight, a larger working set. `blocks` holds the stash depth here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stash_scale: Vec<ChunkScale>,
 }
 
 /// A chunk of `blocks` blocks (with the embedding and the head) as the executor runs it,
@@ -57,8 +62,8 @@ pub struct ChunkScale {
     pub bwd: f64,
 }
 
-/// The ratios of a chunk of `blocks` blocks on `curve` (sorted by depth): linear between
-/// the measured depths around it, the nearest end's outside them.
+/// The ratios at `blocks` on `curve` (sorted by `blocks`): linear between the measured
+/// points around it, the nearest end's outside them.
 pub fn interpolate_depth(curve: &[ChunkScale], blocks: usize) -> Option<(f64, f64)> {
     let first = curve.first()?;
     let n = blocks as f64;
@@ -248,6 +253,18 @@ impl Calibration {
             })
             .and_then(|s| interpolate_depth(&s.chunk_depths, blocks))
             .unwrap_or_else(|| self.chunk_scale(micro_batch_size))
+    }
+
+    /// The ratios of a chunk with `stash` microbatches in flight against two
+    /// ([`LayerSet::stash_scale`]) at `micro_batch_size` (the nearest measured one); (1, 1)
+    /// when none was measured.
+    pub fn stash_scale_at(&self, micro_batch_size: usize, stash: usize) -> (f64, f64) {
+        self.layer_sets
+            .iter()
+            .filter(|s| !s.stash_scale.is_empty())
+            .min_by_key(|s| (s.tp != 1, s.micro_batch_size.abs_diff(micro_batch_size)))
+            .and_then(|s| interpolate_depth(&s.stash_scale, stash))
+            .unwrap_or((1.0, 1.0))
     }
 
     /// The zero-bubble split ratios ([`LayerSet::split_scale`]) measured at the
