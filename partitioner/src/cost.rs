@@ -33,8 +33,9 @@
 //!   `k_S(m)` of the chunk's peak microbatches in flight `m` (the schedule's, as the
 //!   memory model counts them): a 4-block chunk holding `m = 1, 2` and the config's
 //!   microbatches timed in turn, against holding 2
-//!   ([`crate::profile::LayerSet::stash_scale`]; linear in `m` between them). GPipe's
-//!   chunks hold every microbatch and run slower than 1F1B's.
+//!   ([`crate::profile::LayerSet::stash_scale`]; linear in `m` between them; measured at
+//!   tp = 1 and applied at every degree). GPipe's chunks hold every microbatch and run
+//!   slower than 1F1B's.
 //! * **Zero-bubble split.** When the profile timed a chunk's split backward against its
 //!   fused one, alternately ([`crate::profile::LayerSet::split_scale`]):
 //!   `I(c) = i · k_B·Σ b_l + Σ AR_t(bwd)`, `W(c) = w · k_B·Σ b_l`, where `i + w > 1` is
