@@ -12,8 +12,10 @@ numbers mean nothing on a shared machine.
 
 With --breakdown each run also writes a trace (`output.trace_steps: 3`) and the script
 prints, per rank and action kind, the measured median seconds of one action against the
-plan's (`strata plan --json`: a stage's fwd_s, bwd_s, weight_grad_s), the idle gaps
-between actions, and the optimizer span: where a step's error comes from.
+plan's (`strata plan --json`: a stage's fwd_s, bwd_s, weight_grad_s, input_grad_s), the
+idle gaps between actions, the time from the schedule's last action to the optimizer (the
+data-parallel reduction and waiting for a slower replica) and the optimizer span: where a
+step's error comes from.
 
 usage: bench/predict.py [--config configs/gpt-tiny.yaml] [--steps 8] [--out DIR]
                         [--profile PATH (reuse instead of profiling)] [--auto-top 3]
@@ -110,6 +112,16 @@ def breakdown(cfg, profile, run_dir):
             end = max(end or 0.0, a["ts"] + a["dur"])
         steps = max(1, sum(1 for e in ev if e["tid"] == rank and e["cat"] == "step"))
         print(f"    rank {rank} gaps under 50 ms between actions: {gaps / steps / 1e3:.1f} ms per step")
+        # From the schedule's last action to the optimizer span: the data-parallel
+        # reduction's finish and waiting there for a slower replica.
+        opt = [e for e in ev if e["tid"] == rank and e["name"] == "optimizer"]
+        before = []
+        for o in opt:
+            done = [a["ts"] + a["dur"] for a in acts if a["ts"] + a["dur"] <= o["ts"]]
+            if done:
+                before.append(o["ts"] - max(done))
+        if before:
+            print(f"    rank {rank} last action to optimizer: median {statistics.median(before) / 1e3:.1f} ms per step (each: {', '.join(f'{b / 1e3:.0f}' for b in before)})")
 
 
 def measure(cfg, out_dir, name, warmup):
