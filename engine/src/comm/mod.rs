@@ -18,6 +18,7 @@
 //! [`Error::Stalled`]: crate::error::Error::Stalled
 //! [`Error::PeerFailed`]: crate::error::Error::PeerFailed
 
+pub mod fold;
 pub mod groups;
 pub mod local;
 pub mod mpi;

@@ -10,11 +10,14 @@
 //! ([`Communicator::wait_started`]).
 //! Waits loop over `MPI_Test` under a [`WaitPolicy`] (see [`super::wait`]).
 //!
-//! Tensor messages (the executor's activations and gradients) are zero-copy: a header
-//! and the elements go as two messages with one tag (MPI keeps their order), the elements
-//! straight from the sending tensor's memory, and into a tensor allocated once per
-//! (peer, tag) and reused every step ([`Communicator::recv_tensor`] says for how long a
-//! received tensor stays valid).
+//! Tensor messages (the executor's activations and gradients) land in a tensor allocated
+//! once per (peer, tag) and reused every step ([`Communicator::recv_tensor`] says for how
+//! long a received tensor stays valid). Above the folding threshold ([`super::fold`]) they
+//! are zero-copy: a header and the elements go as two messages with one tag (MPI keeps
+//! their order), the elements straight from the sending tensor's memory into the receive
+//! tensor's. At or below it, header and elements go as one message (one MPI message costs
+//! more than copying a few KiB), copied out of the sending tensor and into the receive
+//! tensor; the receiver knows from what it expects which of the two it posts for.
 //!
 //! Other sends are `MPI_Isend`s whose buffers are kept in a pending list until `MPI_Test` says
 //! they are done. Receives are either posted early (`MPI_Irecv` into an owned buffer of the
@@ -29,6 +32,7 @@
 //! returns [`Error::Stalled`] naming the rank waited on. Every operation is recorded in
 //! the rank's flight recorder (peer as a world rank, bytes), sends until they complete.
 
+use super::fold::{self, Fold};
 use super::wait::{WaitPolicy, Waiter};
 use super::wire::{self, Expect};
 use super::{Communicator, ReduceOp, Tag};
@@ -72,16 +76,28 @@ struct PostedRecv {
 // SAFETY: as for PendingSend.
 unsafe impl Send for PostedRecv {}
 
-/// The receive buffers of one (peer, tag): a header and a tensor, reused across steps.
+/// The receive buffers of one (peer, tag), reused across steps: the first message (a
+/// header, or a whole folded message: [`Fold::head_len`]) and the tensor.
 struct Slot {
     head: Vec<u8>,
     tensor: Tensor,
 }
 
-/// A tensor receive posted ahead of time: header and elements, into `slot`.
+/// A tensor receive posted ahead of time into `slot`: the first message, then (two
+/// messages) the elements; `reqs[..parts]` are live.
 struct PostedTensor {
     slot: Slot,
     reqs: [ffi::MPI_Request; 2],
+    parts: usize,
+}
+
+impl PostedTensor {
+    /// Whether MPI is done with every buffer of the slot (each request completed).
+    fn idle(&self) -> bool {
+        // SAFETY: reads a constant the MPI library defines.
+        let null = unsafe { ffi::RSMPI_REQUEST_NULL };
+        self.reqs[..self.parts].iter().all(|r| *r == null)
+    }
 }
 
 // SAFETY: as for PendingSend.
@@ -114,6 +130,8 @@ pub struct MpiComm {
     world_ranks: Vec<Rank>,
     /// What a wait does between two tests.
     wait: WaitPolicy,
+    /// Which tensor messages travel as one MPI message.
+    fold: Fold,
 }
 
 extern "C" {
@@ -173,7 +191,19 @@ impl MpiComm {
             group,
             world_ranks,
             wait: WaitPolicy::from_env()?,
+            fold: Fold::from_env()?,
         })
+    }
+
+    /// The folding threshold of this communicator's tensor messages.
+    pub fn fold(&self) -> Fold {
+        self.fold
+    }
+
+    /// Sets the folding threshold. Both ends of every tensor message must use the same
+    /// one, and no tensor receive may be posted yet (tests and `strata p2p` set it first).
+    pub fn set_fold(&mut self, fold: Fold) {
+        self.fold = fold;
     }
 
     /// Aborts the whole job (all ranks) with `code`.
@@ -309,28 +339,43 @@ impl Communicator for MpiComm {
             tag.0,
             header.len() + nbytes,
         );
-        let (hp, hl) = (header.as_ptr(), header.len());
-        self.isend(hp, hl, to, tag, Keep::Bytes(header), None)?;
-        let ptr = t.data_ptr() as *const u8;
-        self.isend(ptr, nbytes, to, tag, Keep::Tensor(t), Some(event))?;
+        if self.fold.folds(nbytes) {
+            let msg = fold::pack(header, &t)?;
+            let (ptr, len) = (msg.as_ptr(), msg.len());
+            self.isend(ptr, len, to, tag, Keep::Bytes(msg), Some(event))?;
+        } else {
+            let (hp, hl) = (header.as_ptr(), header.len());
+            self.isend(hp, hl, to, tag, Keep::Bytes(header), None)?;
+            let ptr = t.data_ptr() as *const u8;
+            self.isend(ptr, nbytes, to, tag, Keep::Tensor(t), Some(event))?;
+        }
         progress(&mut self.pending, &self.watch)
     }
 
     fn post_recv_tensor(&mut self, from: Rank, tag: Tag, expect: &Expect) -> Result<()> {
         let mut slot = self.take_slot(from, tag, expect)?;
         let head = self.irecv(slot.head.as_mut_ptr(), slot.head.len(), from, tag)?;
-        let body = self.irecv(
-            slot.tensor.data_ptr() as *mut u8,
-            expect.payload_len(),
-            from,
-            tag,
-        )?;
+        let (body, parts) = match self.fold.folds(expect.payload_len()) {
+            // SAFETY: reads a constant the MPI library defines.
+            true => (unsafe { ffi::RSMPI_REQUEST_NULL }, 1),
+            false => {
+                let ptr = slot.tensor.data_ptr() as *mut u8;
+                match self.irecv(ptr, expect.payload_len(), from, tag) {
+                    Ok(body) => (body, 2),
+                    Err(e) => {
+                        std::mem::forget(slot); // MPI owns its header buffer.
+                        return Err(e);
+                    }
+                }
+            }
+        };
         self.posted_tensors
             .entry((from, tag))
             .or_default()
             .push_back(PostedTensor {
                 slot,
                 reqs: [head, body],
+                parts,
             });
         Ok(())
     }
@@ -348,41 +393,21 @@ impl Communicator for MpiComm {
             .get_mut(&(from, tag))
             .and_then(|q| q.pop_front())
             .ok_or_else(|| Error::Internal("a posted receive vanished".into()))?;
-        let bytes = expect.message_len();
         let event = self.watch.flight().comm(
             CommOp::Recv,
             self.group,
             Some(self.world_rank(from)),
             tag.0,
-            bytes,
+            expect.message_len(),
         );
-        let statuses = match self.wait_all(&mut posted.reqs, from, tag, bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                // MPI may still write into the buffers: leak them.
-                std::mem::forget(posted.slot);
-                return Err(e);
-            }
-        };
-        let slot = posted.slot;
-        let got_head = received_bytes(&statuses[0]);
-        let checked = wire::check_header(&slot.head[..got_head.min(slot.head.len())], from, expect)
-            .and_then(|end| match end == got_head {
-                true => Ok(()),
-                false => Err(wire::payload_error(from, expect, got_head - end)),
-            })
-            .and_then(|_| {
-                let got = received_bytes(&statuses[1]);
-                match got == expect.payload_len() {
-                    true => slot
-                        .tensor
-                        .f_detach()
-                        .map_err(Error::torch("receive buffer")),
-                    false => Err(wire::payload_error(from, expect, got)),
-                }
-            });
-        self.pool.entry((from, tag)).or_default().push(slot);
-        let out = checked?;
+        let landed = self.land(&mut posted, from, tag, expect);
+        if posted.idle() {
+            self.pool.entry((from, tag)).or_default().push(posted.slot);
+        } else {
+            // A wait or a check failed while MPI may still write into the buffers: leak them.
+            std::mem::forget(posted.slot);
+        }
+        let out = landed?;
         self.watch.flight().end(event);
         Ok(out)
     }
@@ -837,8 +862,9 @@ impl MpiComm {
     /// step (its tensor consumed by then: the executor uses every received tensor within
     /// its step), or a new one (`Tensor::empty`: never zero-filled, never copied).
     fn take_slot(&mut self, from: Rank, tag: Tag, expect: &Expect) -> Result<Slot> {
+        let head_len = self.fold.head_len(expect);
         let fits = |s: &Slot| {
-            s.head.len() == expect.header_len()
+            s.head.len() == head_len
                 && s.tensor.kind() == expect.kind
                 && s.tensor.size() == expect.shape
         };
@@ -853,34 +879,26 @@ impl MpiComm {
         let tensor = Tensor::f_empty(expect.shape.as_slice(), (expect.kind, tch::Device::Cpu))
             .map_err(Error::torch("receive buffer"))?;
         Ok(Slot {
-            head: vec![0u8; expect.header_len()],
+            head: vec![0u8; head_len],
             tensor,
         })
     }
 
-    /// Waits for every request of `reqs` (a receive from `from`) under the deadline.
-    fn wait_all(
+    /// Waits for the receive `req` (from `from`) under the deadline; returns its status.
+    fn wait_one(
         &mut self,
-        reqs: &mut [ffi::MPI_Request],
+        req: &mut ffi::MPI_Request,
         from: Rank,
         tag: Tag,
         bytes: usize,
-    ) -> Result<Vec<ffi::MPI_Status>> {
+    ) -> Result<ffi::MPI_Status> {
         let deadline = Deadline::start(self.watch.deadlines().timeout);
         let mut waiter = self.waiter(bytes);
-        // SAFETY: MPI_Status is a plain C struct; zero is a valid bit pattern.
-        let mut statuses: Vec<ffi::MPI_Status> = vec![unsafe { std::mem::zeroed() }; reqs.len()];
         loop {
             let mut flag = 0;
-            // SAFETY: live requests and one status per request.
-            let rc = unsafe {
-                ffi::MPI_Testall(
-                    reqs.len() as i32,
-                    reqs.as_mut_ptr(),
-                    &mut flag,
-                    statuses.as_mut_ptr(),
-                )
-            };
+            let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+            // SAFETY: a live request of ours (or MPI_REQUEST_NULL once completed).
+            let rc = unsafe { ffi::MPI_Test(req, &mut flag, status.as_mut_ptr()) };
             if rc != 0 {
                 return Err(Error::Comm(format!(
                     "receive from rank {from} (tag {}) failed with MPI code {rc} (a message longer than expected?)",
@@ -888,7 +906,8 @@ impl MpiComm {
                 )));
             }
             if flag != 0 {
-                return Ok(statuses);
+                // SAFETY: MPI_Test filled the status of the completed request.
+                return Ok(unsafe { status.assume_init() });
             }
             if deadline.passed() {
                 return Err(self.stalled(CommOp::Recv, Some(from), tag, bytes, &deadline));
@@ -896,6 +915,37 @@ impl MpiComm {
             progress(&mut self.pending, &self.watch)?;
             waiter.pause();
         }
+    }
+
+    /// Waits for the tensor message `p` (from `from`, like `expect`) and checks it; the
+    /// elements are then in `p.slot.tensor`, which it returns (a new handle).
+    fn land(
+        &mut self,
+        p: &mut PostedTensor,
+        from: Rank,
+        tag: Tag,
+        expect: &Expect,
+    ) -> Result<Tensor> {
+        let status = self.wait_one(&mut p.reqs[0], from, tag, expect.message_len())?;
+        let got = received_bytes(&status).min(p.slot.head.len());
+        let first = &p.slot.head[..got];
+        if p.parts == 1 {
+            fold::unpack(first, from, expect, &p.slot.tensor)?;
+        } else {
+            let end = wire::check_header(first, from, expect)?;
+            if end != got {
+                return Err(wire::payload_error(from, expect, got - end));
+            }
+            let status = self.wait_one(&mut p.reqs[1], from, tag, expect.payload_len())?;
+            let got = received_bytes(&status);
+            if got != expect.payload_len() {
+                return Err(wire::payload_error(from, expect, got));
+            }
+        }
+        p.slot
+            .tensor
+            .f_detach()
+            .map_err(Error::torch("receive buffer"))
     }
 
     /// Waits for a receive posted by [`Communicator::post_recv`].
@@ -974,7 +1024,7 @@ impl Drop for MpiComm {
         }
         for (_, queue) in self.posted_tensors.drain() {
             for mut p in queue {
-                for r in &mut p.reqs {
+                for r in &mut p.reqs[..p.parts] {
                     // SAFETY: a live request of ours; its buffers are leaked.
                     unsafe {
                         ffi::MPI_Request_free(r);

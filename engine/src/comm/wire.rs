@@ -14,6 +14,9 @@ use tch::{Device, Kind, Tensor};
 const MAGIC: u32 = 0x5354_5231; // "STR1"
 const FIXED: usize = 12;
 
+/// The longest header there is (255 dimensions).
+pub const MAX_HEADER: usize = FIXED + 8 * 255;
+
 fn kind_code(kind: Kind) -> Option<u8> {
     Some(match kind {
         Kind::Float => 0,
@@ -67,6 +70,10 @@ impl Expect {
 /// `t` as it goes on the wire: a contiguous CPU tensor (`t` itself, shared, when it
 /// already is one; a copy otherwise).
 pub fn wire_form(t: &Tensor) -> Result<Tensor> {
+    if t.device() == Device::Cpu && t.is_contiguous() {
+        // A new handle on the same tensor, without two dispatcher round trips.
+        return Ok(t.shallow_clone());
+    }
     t.f_to_device(Device::Cpu)
         .and_then(|t| t.f_contiguous())
         .map_err(Error::torch("wire encode"))
