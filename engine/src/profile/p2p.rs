@@ -7,7 +7,8 @@
 //!   (what `osu_latency`/`osu_bw` time);
 //! * **Strata**: the executor's path, [`Communicator::send_tensor`] from a tensor's memory
 //!   and [`Communicator::recv_tensor`] into a posted, reused receive tensor (header
-//!   message, checks, flight recorder and wait policy included);
+//!   folded into the message up to the folding threshold, its own message above it;
+//!   checks, flight recorder and wait policy included; `STRATA_P2P_FOLD` applies);
 //! * **memcpy**: one rank copying the same bytes: a window of copies from one buffer
 //!   into as many destinations (the memory work of a window of receives), and, as a
 //!   cache-hot ceiling, the same bytes copied again and again into one destination.
