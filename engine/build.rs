@@ -29,10 +29,12 @@ fn build_mpi_shim() {
     build.compile("strata_mpi_shim");
 }
 
-/// Compiles the C++ shim that installs libtorch post-accumulate-grad hooks (which tch
-/// does not bind), against the libtorch headers tch links (`LIBTORCH`).
-fn build_grad_hook() {
+/// Compiles the C++ shims for what tch does not bind (libtorch post-accumulate-grad hooks,
+/// a backward seeded with given gradients), against the libtorch headers tch links
+/// (`LIBTORCH`).
+fn build_torch_shims() {
     println!("cargo:rerun-if-changed=src/dp/grad_hook.cpp");
+    println!("cargo:rerun-if-changed=src/model/seeded_backward.cpp");
     let root = std::env::var("LIBTORCH")
         .map(PathBuf::from)
         .ok()
@@ -45,12 +47,13 @@ fn build_grad_hook() {
     cc::Build::new()
         .cpp(true)
         .file("src/dp/grad_hook.cpp")
+        .file("src/model/seeded_backward.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag_if_supported("-std=c++17")
         .flag_if_supported("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .compile("strata_grad_hook");
+        .compile("strata_torch_shims");
     println!(
         "cargo:rustc-link-search=native={}",
         root.join("lib").display()
@@ -62,5 +65,5 @@ fn build_grad_hook() {
 fn main() {
     emit_torch_link_args();
     build_mpi_shim();
-    build_grad_hook();
+    build_torch_shims();
 }

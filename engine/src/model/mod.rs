@@ -55,6 +55,7 @@ pub mod head;
 pub mod kv;
 pub mod layers;
 pub mod params;
+pub mod seeded;
 pub mod sequence;
 pub mod sharding;
 pub mod tape;

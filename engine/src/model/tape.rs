@@ -933,25 +933,30 @@ fn backward_segment(
     hold: &[usize],
     out: &mut Out<'_>,
 ) -> Result<Vec<Option<Tensor>>> {
-    let mut surrogate: Option<Tensor> = None;
-    for (v, g) in seeds {
-        let Some((_, out)) = seg.outputs.iter().find(|(o, _)| o == v) else {
-            continue;
-        };
-        let term = out
-            .f_mul(g)
-            .and_then(|t| t.f_sum(Kind::Float))
-            .ctx("backward seed")?;
-        surrogate = Some(match surrogate {
-            Some(s) => s.f_add(&term).ctx("backward seed")?,
-            None => term,
-        });
+    // Each seeded output gets its gradient directly (no `sum(out ⊙ g)` surrogate; see
+    // [`super::seeded`]). An output that does not require grad passes nothing back.
+    let matched: Vec<(&Tensor, &Tensor)> = seeds
+        .iter()
+        .filter_map(|(v, g)| {
+            let (_, out) = seg.outputs.iter().find(|(o, _)| o == v)?;
+            Some((out, g))
+        })
+        .collect();
+    if matched.is_empty() {
+        return Err(Error::Internal(
+            "a segment was seeded with no gradient".into(),
+        ));
     }
-    let surrogate =
-        surrogate.ok_or_else(|| Error::Internal("a segment was seeded with no gradient".into()))?;
+    let seeded: Vec<(&Tensor, &Tensor)> = matched
+        .into_iter()
+        .filter(|(out, _)| out.requires_grad())
+        .collect();
     let leaves: Vec<&Tensor> = seg.inputs.iter().map(|(_, l)| l).collect();
+    if seeded.is_empty() {
+        return Ok(leaves.iter().map(|_| None).collect());
+    }
     if !split && hold.is_empty() {
-        surrogate.f_backward().ctx("backward")?;
+        super::seeded::backward(&seeded, &[])?;
         return Ok(leaves
             .iter()
             .map(|l| Some(l.grad()).filter(Tensor::defined))
@@ -976,9 +981,7 @@ fn backward_segment(
     let mut wrt: Vec<&Tensor> = wanted_leaves.clone();
     wrt.extend(trainable.iter().map(|(_, p)| &p.tensor));
     wrt.extend(seg.records.iter().map(|r| &r.y));
-    let mut grads = Tensor::f_run_backward(&[&surrogate], &wrt, false, false)
-        .ctx("input-gradient pass")?
-        .into_iter();
+    let mut grads = super::seeded::backward(&seeded, &wrt)?.into_iter();
     let mut leaf_grads: Vec<Option<Tensor>> = Vec::with_capacity(leaves.len());
     let mut by_leaf = grads
         .by_ref()
