@@ -130,7 +130,7 @@ fn rank_main() {
     let mut comm = MpiComm::new(world.duplicate(), Group::World, watch).unwrap();
     assert_eq!(comm.fold(), Fold::default(), "unset STRATA_P2P_FOLD");
     let mut checked = 0;
-    for (phase, fold) in [Fold::default(), Fold::new(64), Fold::new(0)]
+    for (phase, fold) in [Fold::new(1 << 10), Fold::new(64), Fold::new(0)]
         .into_iter()
         .enumerate()
     {
@@ -145,7 +145,7 @@ fn rank_main() {
     }
     comm.flush().unwrap();
     if me.0 == 0 {
-        println!("checked {checked} messages across the folding threshold {DEFAULT_FOLD_MAX}");
+        println!("checked {checked} messages across folding thresholds 1 KiB, 64 B and none (default {DEFAULT_FOLD_MAX})");
     }
 }
 

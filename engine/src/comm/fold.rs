@@ -25,13 +25,14 @@ use tch::{Device, Tensor};
 /// The environment variable that overrides the folding threshold (bytes of elements).
 pub const FOLD_ENV: &str = "STRATA_P2P_FOLD";
 
-/// Tensors of at most this many bytes of elements travel folded, by default.
-/// Measured with `strata p2p` (spin waits, interleaved, `STRATA_P2P_FOLD=0` against
-/// folding everything): folding ties with two messages up to 4 KiB within the noise of a
-/// shared machine and loses from 32 KiB (13-14 µs against 5-6 µs: two copies, and
-/// MPICH's eager limit); at 1 KiB the two copies cost tens of ns, less than the second
-/// message's request on each side.
-pub const DEFAULT_FOLD_MAX: usize = 1 << 10;
+/// Tensors of at most this many bytes of elements travel folded, by default: none.
+/// Measured with `strata p2p --max-mib 1` on this machine (quiet, three rounds alternating
+/// the default of 1 KiB with `STRATA_P2P_FOLD=0`): folding was slower at every small size,
+/// one-way 8 B 1.14-1.43 µs against 1.04-1.21 µs and 4 KiB 1.79-2.10 against 1.66-1.88,
+/// and earlier smoke runs lost from 32 KiB (two copies, and MPICH's eager limit). Shared
+/// memory makes a second message cheap; where a message costs more (a network), set
+/// `STRATA_P2P_FOLD` and measure.
+pub const DEFAULT_FOLD_MAX: usize = 0;
 
 /// The largest threshold `STRATA_P2P_FOLD` may set (folded messages are copied twice).
 pub const FOLD_LIMIT: usize = 1 << 20;
@@ -76,7 +77,7 @@ impl Fold {
                 FOLD_ENV,
                 format!("`{v}` is not a number of bytes from 0 to {FOLD_LIMIT}"),
                 format!(
-                    "set it to a byte count such as {DEFAULT_FOLD_MAX} (0 sends every tensor as two messages), or unset it"
+                    "set it to a byte count such as 1024 (0 sends every tensor as two messages), or unset it"
                 ),
             )),
         }
@@ -171,7 +172,7 @@ mod tests {
 
     #[test]
     fn threshold_is_inclusive_and_zero_folds_nothing() {
-        assert!(Fold::default().folds(DEFAULT_FOLD_MAX));
+        assert_eq!(Fold::default(), Fold::new(DEFAULT_FOLD_MAX));
         let f = Fold::new(4096);
         assert!(f.folds(0) && f.folds(4096) && !f.folds(4097));
         assert!(!Fold::new(0).folds(0) && !Fold::new(0).folds(8));

@@ -17,8 +17,9 @@
 //!     the split regions from a replicated value. [`Tape::enter_tp_region`] and
 //!     [`Tape::leave_tp_region`] pick the pair.
 //!
-//!   Backward walks the nodes in reverse: a segment is differentiated from the surrogate
-//!   `Σ sum(out ⊙ grad)`, whose gradient w.r.t. each output is exactly its received grad.
+//!   Backward walks the nodes in reverse: each segment is differentiated with its outputs
+//!   seeded by their received gradients ([`super::seeded`], libtorch's autograd engine
+//!   through a C++ shim: no surrogate product, no extra pass over the outputs).
 //! * Without it (tp = 1, [`Mode::Fused`]) the collectives are identities and `seg` runs on
 //!   the live tensors: the whole chunk is one ordinary autograd graph with no extra nodes,
 //!   copies or communication, and its backward is a single segment from the chunk input.
