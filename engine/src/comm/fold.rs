@@ -76,9 +76,8 @@ impl Fold {
             _ => Err(Error::usage(
                 FOLD_ENV,
                 format!("`{v}` is not a number of bytes from 0 to {FOLD_LIMIT}"),
-                format!(
-                    "set it to a byte count such as 1024 (0 sends every tensor as two messages), or unset it"
-                ),
+                "set it to a byte count such as 1024 (0 sends every tensor as two messages), or unset it"
+                    .to_string(),
             )),
         }
     }
