@@ -183,6 +183,15 @@ pub fn worker(config: &Path, out: &Path, runs: usize, sets: &crate::Sets) -> Exi
     }
 }
 
+/// A measured ratio curve as `N{unit} F.FFx/B.BBx, ...` (N: blocks or microbatches).
+fn curve(points: &[partitioner::profile::ChunkScale], unit: &str) -> String {
+    let parts: Vec<String> = points
+        .iter()
+        .map(|c| format!("{}{unit} {:.2}x/{:.2}x", c.blocks, c.fwd, c.bwd))
+        .collect();
+    parts.join(", ")
+}
+
 fn print_summary(prof: &Profile, shape: &ModelShape, mbs: usize) {
     for l in &prof.layers {
         println!(
@@ -214,26 +223,16 @@ fn print_summary(prof: &Profile, shape: &ModelShape, mbs: usize) {
         }
     }
     for set in c.layer_sets.iter().filter(|s| !s.stash_scale.is_empty()) {
-        let curve: Vec<String> = set
-            .stash_scale
-            .iter()
-            .map(|c| format!("{} {:.2}x/{:.2}x", c.blocks, c.fwd, c.bwd))
-            .collect();
         println!(
             "microbatches stashed in a chunk (forward/backward against 2): {}",
-            curve.join(", ")
+            curve(&set.stash_scale, "")
         );
     }
     for set in c.layer_sets.iter().filter(|s| !s.chunk_depths.is_empty()) {
-        let curve: Vec<String> = set
-            .chunk_depths
-            .iter()
-            .map(|c| format!("{} blocks {:.2}x/{:.2}x", c.blocks, c.fwd, c.bwd))
-            .collect();
         println!(
             "chunk depth at tp = {} (forward/backward against its layers alone): {}",
             set.tp,
-            curve.join(", ")
+            curve(&set.chunk_depths, " blocks")
         );
     }
     for set in c

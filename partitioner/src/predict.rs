@@ -375,17 +375,21 @@ pub(crate) mod tests {
         assert!((step - 2.0 * 8.0 * (1.1 + 2.4)).abs() < 1e-9, "{step}");
     }
 
+    /// The tp = 1 layer set of a test profile (where the chunk curves are measured).
+    fn tp1_set(p: &mut Profile) -> &mut LayerSet {
+        p.calibration
+            .layer_sets
+            .iter_mut()
+            .find(|s| s.tp == 1)
+            .unwrap()
+    }
+
     #[test]
     fn a_deeper_chunk_runs_at_its_measured_depth_ratio() {
         // Measured: a chunk of 4 blocks runs at its layers' sum, one of 8 blocks at 1.5x
         // forward and 1.2x backward (a single layer set at tp = 1 carries the curve).
         let mut p = profile(0.0, 0.0, 0.0, 0.0, 0.0);
-        let tp1 = p
-            .calibration
-            .layer_sets
-            .iter_mut()
-            .find(|s| s.tp == 1)
-            .unwrap();
+        let tp1 = tp1_set(&mut p);
         tp1.chunk_depths = vec![
             crate::profile::ChunkScale {
                 blocks: 4,
@@ -429,12 +433,7 @@ pub(crate) mod tests {
         // Measured: with 8 microbatches stashed a chunk runs 1.2x forward and 1.1x
         // backward its time with 2 stashed; with 1, as with 2.
         let mut p = profile(0.0, 0.0, 0.0, 0.0, 0.0);
-        let tp1 = p
-            .calibration
-            .layer_sets
-            .iter_mut()
-            .find(|s| s.tp == 1)
-            .unwrap();
+        let tp1 = tp1_set(&mut p);
         let at = |blocks, fwd, bwd| crate::profile::ChunkScale { blocks, fwd, bwd };
         tp1.stash_scale = vec![at(1, 1.0, 1.0), at(2, 1.0, 1.0), at(8, 1.2, 1.1)];
         // GPipe holds all 8 microbatches on each chunk of 4 blocks (F 4 s, B 8 s alone).
