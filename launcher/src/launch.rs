@@ -60,12 +60,16 @@ pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
 
 /// `mpiexec -n <world> <this strata> <subcommand>`, ready for the subcommand's own
 /// arguments: how every multi-rank verb starts its ranks. `requested` is the `--mpiexec`
-/// flag (default `mpiexec` on PATH). Returns the command and the mpiexec it runs.
+/// flag (default `mpiexec` on PATH). Returns the command and the mpiexec it runs. The
+/// transport's environment variables (`STRATA_WAIT`, `STRATA_P2P_FOLD`), which every rank
+/// inherits, are checked here, so a bad one is refused before any rank starts.
 pub(crate) fn mpiexec_command(
     requested: Option<&Path>,
     world: usize,
     subcommand: &str,
 ) -> Result<(Command, PathBuf), LaunchError> {
+    engine::comm::wait::WaitPolicy::from_env()?;
+    engine::comm::fold::Fold::from_env()?;
     let requested = requested.unwrap_or(Path::new("mpiexec"));
     let program = find_program(requested)
         .ok_or_else(|| LaunchError::MpiexecMissing(requested.display().to_string()))?;

@@ -509,6 +509,18 @@ const CASES: &[Case] = &[
         needles: &["STRATA_FAIL_AT", "outside this job's 2 ranks"],
         ..BASE
     },
+    Case {
+        name: "STRATA_WAIT unknown",
+        env: &[("STRATA_WAIT", "nap")],
+        needles: &["STRATA_WAIT", "hybrid"],
+        ..BASE
+    },
+    Case {
+        name: "STRATA_P2P_FOLD not a byte count",
+        env: &[("STRATA_P2P_FOLD", "4k")],
+        needles: &["STRATA_P2P_FOLD", "1024"],
+        ..BASE
+    },
     // --- checkpoints: train.resume, checkpoint.*, strata checkpoint ---
     Case {
         name: "resume from a missing path",
