@@ -10,7 +10,9 @@
 //!   for their answers), prints one line naming the silent rank, and calls `MPI_Abort`.
 //! * The same abort path serves fatal errors and panics of the main thread
 //!   ([`Aborter`]). When several ranks abort at once, each learns of the others from
-//!   their dump requests and only the lowest prints, so the job ends with one line.
+//!   their dump requests and only the lowest prints, so the job ends with one line; a
+//!   rank already asked to dump by another declares no silent peer of its own (the
+//!   asker, which may have printed already, names it).
 //! * [`Heartbeat::finish`] ends it: a non-blocking barrier on the heartbeat communicator
 //!   completes once every rank has finished, and until then every rank keeps beating, so
 //!   a rank that finishes early is never mistaken for a dead one.
@@ -426,7 +428,13 @@ impl Beat {
     }
 
     fn check_silent(&mut self) {
-        if self.abort.is_some() {
+        // Another rank is already stopping the job (it asked us to dump, and prints its
+        // own line): a silence noticed now is the same failure, seen a moment later, and a
+        // second abort would print a second line. Two watchers of one stopped rank notice
+        // within a tick of each other; the "lowest rank prints" rule cannot help when the
+        // higher one has already printed. If the asker never aborts, `check_abort` stops
+        // the job after ABORT_WAIT.
+        if self.abort.is_some() || self.asked.is_some() {
             return;
         }
         let limit = self.watch.deadlines().heartbeat;
