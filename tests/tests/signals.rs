@@ -10,6 +10,8 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use strata_tests::{
     assert_losses_match, read_losses, run_strata, scratch, strata_bin, tiny_config, write,
@@ -56,14 +58,34 @@ fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Reads `child`'s stderr on a thread as it arrives: the text so far, and the reader
+/// (done at end of file).
+fn tee_stderr(child: &mut Child) -> (Arc<Mutex<String>>, JoinHandle<()>) {
+    let mut stderr = child.stderr.take().unwrap();
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            let mut t = sink.lock().unwrap();
+            t.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (text, reader)
+}
+
 /// Waits for `child` to exit (killing it after `limit`); returns its exit code and stderr.
 fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String) {
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let tee = tee_stderr(&mut child);
+    finish_teed(child, tee, limit)
+}
+
+/// [`finish`] for a child whose stderr is already read by [`tee_stderr`].
+fn finish_teed(
+    mut child: Child,
+    (text, reader): (Arc<Mutex<String>>, JoinHandle<()>),
+    limit: Duration,
+) -> (Option<i32>, String) {
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -78,7 +100,9 @@ fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String) {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (status.code(), reader.join().unwrap())
+    reader.join().unwrap();
+    let text = text.lock().unwrap().clone();
+    (status.code(), text)
 }
 
 fn launch(args: &[&str], env: &[(&str, &str)]) -> Child {
@@ -234,12 +258,20 @@ fn fake_job(name: &str, mode: &str) -> (String, Vec<String>) {
 fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
     let (marker, args) = fake_job("sig-stubborn", "stubborn");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = launch(&args, &[]);
+    let mut child = launch(&args, &[]);
+    let tee = tee_stderr(&mut child);
     assert!(wait_until(Duration::from_secs(30), || !processes_with(
         &marker
     )
     .is_empty()));
     signal(&child, libc::SIGINT);
+    // Two signals that reach the launcher before it has handled the first are one signal
+    // (the kernel and the signal iterator both merge them): send the second only once the
+    // launcher has said it forwarded the first, however long a loaded machine takes.
+    let forwarded = wait_until(Duration::from_secs(30), || {
+        tee.0.lock().unwrap().contains("SIGINT received: forwarded")
+    });
+    assert!(forwarded, "{}", tee.0.lock().unwrap());
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !processes_with(&marker).is_empty(),
@@ -247,7 +279,7 @@ fn second_signal_kills_a_job_that_ignores_the_first_after_the_grace_period() {
     );
     let t = Instant::now();
     signal(&child, libc::SIGINT);
-    let (code, stderr) = finish(child, Duration::from_secs(30));
+    let (code, stderr) = finish_teed(child, tee, Duration::from_secs(30));
     assert!(
         t.elapsed() >= Duration::from_millis(900),
         "{:?}",
