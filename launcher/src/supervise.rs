@@ -224,8 +224,14 @@ mod tests {
             .args(["-c", "sleep 5 & wait"])
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let below = descendants(std::process::id() as libc::pid_t);
+        // Until sh has started its sleep: on a loaded machine that can take longer than
+        // any fixed pause, so look again until it shows (sleep 5 outlives the search).
+        let start = Instant::now();
+        let mut below = descendants(std::process::id() as libc::pid_t);
+        while below.len() < 2 && start.elapsed() < Duration::from_secs(4) {
+            std::thread::sleep(Duration::from_millis(20));
+            below = descendants(std::process::id() as libc::pid_t);
+        }
         assert!(below.contains(&(child.id() as libc::pid_t)), "{below:?}");
         assert!(below.len() >= 2, "sh and its sleep: {below:?}");
         kill_descendants();
