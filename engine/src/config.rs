@@ -236,8 +236,8 @@ pub struct ParallelConfig {
     /// or `full` (whole blocks from their inputs).
     #[serde(default, skip_serializing_if = "is_default")]
     pub recompute: Recompute,
-    /// Megatron sequence parallelism (tp > 1): norm and dropout regions split along the
-    /// sequence.
+    /// Megatron sequence parallelism (tp > 1): the norm and residual regions hold each tp
+    /// rank's contiguous block of a microbatch's token rows (needs `seq_len % tp == 0`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub sequence_parallel: bool,
     /// Largest data-parallel gradient bucket in MiB (PyTorch DDP's `bucket_cap_mb`): each
@@ -815,7 +815,8 @@ impl Config {
                 "model.seq_len",
                 format!(
                     "{seq_len} is not divisible by parallel.tp = {} with \
-                     parallel.sequence_parallel: each sequence is split into tp equal blocks",
+                     parallel.sequence_parallel: each microbatch's token rows are split into \
+                     tp equal blocks of shape [micro_batch_size, seq_len/tp, d_model]",
                     *p.tp
                 ),
                 "set model.seq_len to a multiple of parallel.tp, or remove \

@@ -2,7 +2,9 @@
 //! random `GPT2LMHeadModel` / `LlamaForCausalLM` saved with `save_pretrained` and loaded
 //! through `model.init_from` — Strata's logits, loss and the gradient of every parameter
 //! after one backward match transformers (PyTorch autograd) within 1e-4 relative in fp32,
-//! at (pp, tp, dp) = (1, 1, 1) and (2, 2, 2) gathered back to full shape.
+//! at (pp, tp, dp) = (1, 1, 1) and (2, 2, 2) gathered back to full shape, and with
+//! sequence parallelism at (2, 2, 1) on microbatches of 1 sequence (each tp rank's block
+//! is half a sequence) and at (2, 2, 2) on microbatches of 2.
 //!
 //! The models cover GPT-2 with its tanh GELU and tied head, LLaMA with grouped-query
 //! attention (4 query heads on 2 key/value heads, split over tp = 2), a non-default rotary
@@ -24,7 +26,14 @@ use strata_tests::{full_grads, run_local_with, scratch};
 
 const TOL: f64 = 1e-4;
 const SEQ: usize = 12;
-const LAYOUTS: [(usize, usize, usize); 2] = [(1, 1, 1), (2, 2, 2)];
+/// (pp, tp, dp), sequence parallelism, micro-batch size.
+type Layout = ((usize, usize, usize), bool, usize);
+const LAYOUTS: [Layout; 4] = [
+    ((1, 1, 1), false, 2),
+    ((2, 2, 2), false, 2),
+    ((2, 2, 1), true, 1),
+    ((2, 2, 2), true, 2),
+];
 
 fn hf_config(arch: &str) -> serde_json::Value {
     match arch {
@@ -38,16 +47,17 @@ fn hf_config(arch: &str) -> serde_json::Value {
     }
 }
 
-/// A Strata config that takes everything but the layout from the HF directory.
-fn strata_config(model: &Path, (pp, tp, dp): (usize, usize, usize), out: &Path) -> Config {
+/// A Strata config that takes everything but the layout from the HF directory (8
+/// sequences a step in every layout).
+fn strata_config(model: &Path, ((pp, tp, dp), sp, mbs): Layout, out: &Path) -> Config {
     let text = format!(
         "model: {{seq_len: {SEQ}, d_model: 32, n_heads: 4, n_layers: 4, d_ff: 48, init_from: {}}}
-parallel: {{pp: {pp}, tp: {tp}, dp: {dp}, microbatches: {}, micro_batch_size: 2, schedule: 1f1b}}
+parallel: {{pp: {pp}, tp: {tp}, dp: {dp}, microbatches: {}, micro_batch_size: {mbs}, schedule: 1f1b, sequence_parallel: {sp}}}
 train: {{steps: 1, lr: 1.0e-3, seed: 3, data: random, eval_every: 0}}
 output: {{dir: {}}}
 ",
         model.display(),
-        4 / dp,
+        8 / (dp * mbs),
         out.display()
     );
     Config::parse(&text, &out.join("config.yaml")).unwrap()
@@ -90,7 +100,7 @@ fn check_arch(arch: &str) {
         ]),
         &dir,
     );
-    let cfg = strata_config(&model, (1, 1, 1), &dir.join("run"));
+    let cfg = strata_config(&model, LAYOUTS[0], &dir.join("run"));
     // What a launched job parses (the resolved YAML) describes the same model.
     let again = Config::parse(&cfg.resolved_yaml().unwrap(), &cfg.source).unwrap();
     assert_eq!(again.model_spec().unwrap(), cfg.model_spec().unwrap());
@@ -107,7 +117,7 @@ fn check_arch(arch: &str) {
     let ref_loss = r["loss"].double_value(&[]);
     let windows = windows_of_rows(&inputs, &targets, SEQ);
     for layout in LAYOUTS {
-        let what = format!("{arch} (pp, tp, dp) = {layout:?}");
+        let what = format!("{arch} ((pp, tp, dp), sequence parallel, mbs) = {layout:?}");
         let cfg = strata_config(&model, layout, &dir.join("run"));
         let opts = RunOptions {
             capture_grads_at: Some(1),

@@ -3,8 +3,11 @@
 //! the losses and `grad_norm` of every step and every step-1 gradient (the norm weights'
 //! included: they are summed over tp before the optimizer) equal the same layout without
 //! it within the equivalence suite's tolerance (1e-5 relative). The only differences are
-//! summation orders: a norm weight's gradient is summed per sequence block, then over tp.
-//! Also: full recomputation on top of it, one run under mpiexec, and the config errors.
+//! summation orders: a norm weight's gradient is summed per block of token rows, then
+//! over tp. Micro-batch sizes that tp does not divide (1 and 3 sequences over tp = 2: a
+//! block is half a sequence, or straddles two) on one stage and on a pipeline, where the
+//! stages send blocks. Also: full and selective recomputation on top of it, one run under
+//! mpiexec, and the config errors.
 
 use engine::{Config, RunOptions, RunSummary};
 use std::path::Path;
@@ -29,17 +32,22 @@ fn config(
         .replace("virtual_stages:", &format!("{extra}virtual_stages:"))
 }
 
+/// A run of `config` with `micro_batch_size: mbs` (the suite's configs use 2).
 fn run(
     arch: &str,
     tie: bool,
     layout: (usize, usize, usize),
     schedule: &str,
     extra: &str,
+    mbs: usize,
 ) -> Vec<RunSummary> {
     let (pp, tp, dp) = layout;
     let tag = extra.replace([':', ',', ' '], "");
-    let out = scratch(&format!("sp-{arch}-{tie}-{pp}{tp}{dp}-{schedule}-{tag}"));
-    let text = config(arch, tie, layout, schedule, extra, &out);
+    let out = scratch(&format!(
+        "sp-{arch}-{tie}-{pp}{tp}{dp}-{schedule}-{tag}-mbs{mbs}"
+    ));
+    let text = config(arch, tie, layout, schedule, extra, &out)
+        .replace("micro_batch_size: 2", &format!("micro_batch_size: {mbs}"));
     let cfg = Config::parse(&text, Path::new("sp.yaml")).unwrap();
     let opts = RunOptions {
         capture_grads_at: Some(1),
@@ -50,14 +58,27 @@ fn run(
 
 /// Sequence parallelism on (plus `extra` keys) against off, on one layout.
 fn same_numbers(arch: &str, tie: bool, layout: (usize, usize, usize), schedule: &str, extra: &str) {
-    let what = format!("{arch} tied={tie} {schedule} (pp, tp, dp) = {layout:?} {extra}");
-    let off = run(arch, tie, layout, schedule, "");
+    same_numbers_at(arch, tie, layout, schedule, extra, 2);
+}
+
+/// [`same_numbers`] with microbatches of `mbs` sequences.
+fn same_numbers_at(
+    arch: &str,
+    tie: bool,
+    layout: (usize, usize, usize),
+    schedule: &str,
+    extra: &str,
+    mbs: usize,
+) {
+    let what = format!("{arch} tied={tie} {schedule} (pp, tp, dp) = {layout:?} mbs {mbs} {extra}");
+    let off = run(arch, tie, layout, schedule, "", mbs);
     let on = run(
         arch,
         tie,
         layout,
         schedule,
         &format!("sequence_parallel: true, {extra}"),
+        mbs,
     );
     let worst = assert_same_training(&what, &on, &off, STEPS, TOL);
     // Every tp rank holds the same (summed) gradient of a replicated norm weight.
@@ -93,6 +114,19 @@ fn llama_on_every_tp_layout() {
     same_numbers("llama", true, (1, 2, 1), "gpipe", "");
     same_numbers("llama", false, (2, 2, 1), "interleaved-1f1b", "");
     same_numbers("llama", true, (1, 2, 2), "1f1b", "");
+}
+
+/// tp = 2 with microbatches of 1 and 3 sequences: rank 0's block is the first half of a
+/// sequence, or a whole sequence and the first half of the next; with pp = 2 the stages
+/// send and receive those blocks.
+#[test]
+fn microbatches_that_tp_does_not_divide() {
+    same_numbers_at("gpt", false, (1, 2, 1), "1f1b", "", 1);
+    same_numbers_at("gpt", true, (2, 2, 1), "zb-h1", "", 3);
+    same_numbers_at("llama", false, (2, 2, 1), "1f1b", "", 1);
+    same_numbers_at("llama", true, (1, 2, 2), "gpipe", "", 3);
+    same_numbers_at("llama", false, (2, 2, 1), "gpipe", "recompute: full, ", 3);
+    same_numbers_at("gpt", false, (2, 2, 1), "1f1b", "recompute: selective, ", 1);
 }
 
 #[test]

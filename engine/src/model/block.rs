@@ -9,10 +9,12 @@
 //! On the tape a block is 2 × (norm → copy_to_tp_region → column-parallel work and the
 //! row-parallel partial → reduce_from_tp_region → residual): four tp collectives forward
 //! and four backward (two all-reduces each way), none at tp = 1. With sequence
-//! parallelism the norms and residuals run on `[b, s/p, d]` sequence blocks, and the
-//! regions are entered by an all-gather and left by a reduce-scatter instead
-//! ([`Tape::enter_tp_region`], [`Tape::leave_tp_region`]): the same bytes on the wire, the
-//! norm and element-wise activations divided by p.
+//! parallelism the norms and residuals (row-wise) run on this rank's block of contiguous
+//! token rows, `[r·b·s/p, (r+1)·b·s/p)` of the `[b·s, d]` activation, shaped
+//! `[b, s/p, d]` ([`super::sequence`]), and the regions are entered by an all-gather and
+//! left by a reduce-scatter instead, neither with a permuting copy: the same bytes on the
+//! wire, the norm and element-wise activations divided by p. Attention (rotary
+//! included) runs after the gather, on whole sequences.
 //!
 //! Selective recomputation (`parallel.recompute: selective`, [`Tape::selective`]): every
 //! non-matmul piece — the two norms, the attention core (SDPA: its output and
@@ -164,7 +166,7 @@ impl Block {
     /// keep) and [`Tape::rerun`] pieces between them (the norms, the attention core, the
     /// activation). Used for sequence parallelism (Megatron: each column-parallel input
     /// gathered without keeping it, each row-parallel product reduce-scattered without
-    /// keeping it; norms and residuals on this rank's `[b, s/p, d]` block) and for
+    /// keeping it; norms and residuals on this rank's block of token rows) and for
     /// selective recomputation (the rerun pieces are dropped after the forward and rerun
     /// in the backward: a block keeps its input, `x2`, and its linear outputs).
     fn forward_linear_nodes(

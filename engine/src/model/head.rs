@@ -7,8 +7,9 @@
 //!   exponentials and target logits, so the full logits are never gathered. Its gradient
 //!   is the analytic `(softmax − onehot) / tokens` on the local slice, seeded into the
 //!   tape at the logits.
-//! * Sequence parallelism: the final norm runs on this rank's sequence block, which is
-//!   all-gathered before the LM head (the vocabulary-parallel loss sees every token).
+//! * Sequence parallelism: the final norm (row-wise) runs on this rank's block of token
+//!   rows, which is all-gathered back into `[b, s, d]` before the LM head (the
+//!   vocabulary-parallel loss sees every token, in order, against `[b, s]` targets).
 //! * Tied embeddings: the head multiplies by this rank's rows of the word embedding,
 //!   `logits = h Eᵀ` (`E` stored `[V, d]`, used transposed).
 

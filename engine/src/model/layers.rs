@@ -12,12 +12,15 @@
 //! * [`VocabParallelEmbedding`]: rank `i` holds vocabulary rows `[i·V'/p, (i+1)·V'/p)` of the
 //!   vocabulary padded to `V'`; ids outside its range look up zeros and the partial
 //!   embeddings are summed by `reduce_from_tp_region`; with sequence parallelism the sum
-//!   (plus positions) is then scattered along the sequence (Megatron's embedding).
+//!   (plus positions, added while every token still knows its position) is then split
+//!   into this rank's block of token rows (Megatron's embedding).
 //!
-//! With sequence parallelism ([`super::tape`]) the column-parallel input enters through
-//! an all-gather along the sequence and the row-parallel partials leave through a
-//! reduce-scatter; the replicated parameters used on sequence blocks (norms, the bias
-//! added after the reduction) are marked [`super::params::Param::sequence_parallel`].
+//! With sequence parallelism ([`super::tape`], [`super::sequence`]: rank `r` holds rows
+//! `[r·b·s/p, (r+1)·b·s/p)` of the `[b·s, d]` activation, shaped `[b, s/p, d]`) the
+//! column-parallel input enters through an all-gather of the blocks and the row-parallel
+//! partials leave through a reduce-scatter; the replicated parameters used on blocks
+//! (norms, the bias added after the reduction: all row-wise) are marked
+//! [`super::params::Param::sequence_parallel`].
 //!
 //! Weights are stored `[in, out]` (`Y = XA`), so both splits slice without transposes.
 //! Under a split backward (zero bubble) a linear multiplies by its *detached* weight and

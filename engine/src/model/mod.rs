@@ -14,11 +14,14 @@
 //! * [`sequence`]: the sequence-parallel collectives (all-gather, reduce-scatter, split).
 //!
 //! Sequence parallelism ([`Model::with_sequence_parallel`], `parallel.sequence_parallel`,
-//! Megatron's `--sequence-parallel`, tp > 1): the embedding's output is scattered along the
-//! sequence, so the hidden state between layers, and between pipeline chunks, is this tp
-//! rank's `[b, s/p, d]` block; norms, residuals and biases added after a reduction run on
-//! it; each column-parallel layer's input is all-gathered and each row-parallel output
-//! reduce-scattered; the head gathers before the vocabulary-parallel loss. The replicated
+//! Megatron's `--sequence-parallel`, tp > 1): the embedding's output is split into tp
+//! blocks of contiguous token rows ([`sequence`]: rank `r` holds rows
+//! `[r·b·s/p, (r+1)·b·s/p)` of the `[b·s, d]` view, shaped `[b, s/p, d]`; any `b`, with
+//! `s % p == 0`), so the hidden state between layers, and between pipeline chunks, is this
+//! tp rank's block (what a pipeline stage sends and its receiver preallocates); norms,
+//! residuals and biases added after a reduction run on it (row-wise, so which rows does
+//! not matter); each column-parallel layer's input is all-gathered and each row-parallel
+//! output reduce-scattered; the head gathers before the vocabulary-parallel loss. The replicated
 //! parameters of the split regions get per-rank partial gradients
 //! ([`Param::sequence_parallel`]) that the trainer sums over tp before the optimizer.
 //!
@@ -234,7 +237,8 @@ impl Model {
         self
     }
 
-    /// True when this chunk's hidden inputs and outputs are `[b, s/p, d]` sequence blocks.
+    /// True when this chunk's hidden inputs and outputs are sequence-parallel blocks (this
+    /// rank's contiguous token rows, shaped `[b, s/p, d]`; see [`sequence`]).
     pub fn sequence_parallel(&self) -> bool {
         self.sequence_parallel
     }

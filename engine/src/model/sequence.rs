@@ -1,19 +1,34 @@
-//! The collectives of Megatron sequence parallelism on `[b, s, d]` activations: the
-//! sequence (dim 1) is split into `p` equal blocks over the tensor-parallel group, rank
-//! `r` holding tokens `[r·s/p, (r+1)·s/p)`.
+//! The collectives of Megatron sequence parallelism on `[b, s, d]` activations, with the
+//! split taken over the *flattened token rows*: seen as `[b·s, d]` (row `i·s + t` is
+//! token `t` of sequence `i`), a microbatch's rows are cut into `p` equal contiguous
+//! blocks over the tensor-parallel group, rank `r` holding rows `[r·n, (r+1)·n)`,
+//! `n = b·s/p`. A block is stored contiguously with the shape `[b, s/p, d]`: those `n`
+//! rows in order, so the shape is bookkeeping only (dim 1 of a block is *not* "tokens
+//! `r·s/p ..` of every sequence"; for `b = 1` it happens to be). This is Megatron's
+//! `[s, b, h]` trick for our `[b, s, d]` layout: a rank's block is one contiguous piece of
+//! the whole activation, so no collective needs a permuting copy.
 //!
-//! * [`all_gather`]: `[b, s/p, d]` blocks → the whole `[b, s, d]` on every rank;
-//! * [`reduce_scatter`]: `[b, s, d]` partial sums → rank `r`'s block of their sum;
-//! * [`split`]: a replicated `[b, s, d]` → rank `r`'s block (no communication).
+//! * [`all_gather`]: the `p` blocks, concatenated in rank order straight into the
+//!   caller's new `[b, s, d]` (no permute);
+//! * [`reduce_scatter`]: `[b, s, d]` partial sums → rank `r`'s block of their sum, the
+//!   collective reading the contiguous partials and writing the block (no permute);
+//! * [`split`]: a replicated `[b, s, d]` → rank `r`'s block, a view of its rows (no
+//!   communication, no copy when the input is contiguous).
 //!
-//! The communicator moves contiguous blocks, so the sequence blocks are put first
-//! (`[p, b, s/p, d]`) around each collective: the collective reads the input tensor's
-//! memory and writes the output tensor's (no host buffers), and the one permuting copy
-//! is libtorch's.
+//! Only row-wise work may run on blocks (per-token norms, residual adds, biases added
+//! after a reduction): it cannot tell which rows it got. Anything that needs a token's
+//! position or its sequence (attention, positions, the loss) runs on the gathered whole.
+//! The block's shape is the same as a `[b, s/p, d]` microbatch's, so code never infers
+//! "block or whole" from a shape; it asks the tape's (or model's) sequence-parallel flag.
 //!
-//! Invariant: `all_gather(split(x)) == x`, and `reduce_scatter` sums as the tensor-parallel
-//! all-reduce does (at tp = 2 one addition per element, so sequence parallelism changes
-//! no activation bit).
+//! Requirement: `s % p == 0` (checked by the config, `model.seq_len`); `b` is free (a
+//! microbatch of 1 or 3 sequences splits over tp = 2 as well).
+//!
+//! Invariant: `all_gather(split(x)) == x`, and `reduce_scatter` sums each element as the
+//! tensor-parallel all-reduce does (at tp = 2 one addition per element, and addition
+//! commutes, so sequence parallelism changes no activation bit). The replicated
+//! parameters' gradients are summed per block, then over tp, so they differ from the
+//! unsplit sum (and from another block layout) only in rounding.
 
 use super::Ctx;
 use crate::comm::Communicator;
@@ -62,7 +77,8 @@ fn with_slices(
     f(send, recv)
 }
 
-/// Gathers every rank's `[b, s/p, d]` block into `[b, s, d]`.
+/// Gathers every rank's `[b, s/p, d]` block (its contiguous rows, see the module docs)
+/// into `[b, s, d]`: block `r` lands at rows `[r·n, (r+1)·n)`, written by the collective.
 pub fn all_gather(t: &Tensor, tp: &mut dyn Communicator) -> Result<Tensor> {
     let p = tp.size() as i64;
     if p == 1 {
@@ -71,17 +87,13 @@ pub fn all_gather(t: &Tensor, tp: &mut dyn Communicator) -> Result<Tensor> {
     let c = "sequence-parallel all-gather";
     let (b, sl, d) = dims(t, "all-gather")?;
     let local = contiguous_f32(t, c)?;
-    let blocks = Tensor::f_empty([p, b, sl, d], (Kind::Float, local.device())).ctx(c)?;
-    with_slices(&local, &blocks, |send, recv| tp.all_gather_into(send, recv))?;
-    blocks
-        .f_permute([1, 0, 2, 3])
-        .and_then(|x| x.f_contiguous())
-        .and_then(|x| x.f_view([b, p * sl, d]))
-        .and_then(|x| x.f_to_kind(t.kind()))
-        .ctx(c)
+    let whole = Tensor::f_empty([b, p * sl, d], (Kind::Float, local.device())).ctx(c)?;
+    with_slices(&local, &whole, |send, recv| tp.all_gather_into(send, recv))?;
+    whole.f_to_kind(t.kind()).ctx(c)
 }
 
-/// Sums `[b, s, d]` over the group and returns this rank's `[b, s/p, d]` block.
+/// Sums `[b, s, d]` over the group and returns this rank's block of the sum (its rows
+/// `[r·n, (r+1)·n)` as `[b, s/p, d]`), reduce-scattered straight from the partials.
 pub fn reduce_scatter(t: &Tensor, tp: &mut dyn Communicator) -> Result<Tensor> {
     let p = tp.size() as i64;
     if p == 1 {
@@ -89,38 +101,39 @@ pub fn reduce_scatter(t: &Tensor, tp: &mut dyn Communicator) -> Result<Tensor> {
     }
     let c = "sequence-parallel reduce-scatter";
     let (b, s, d) = dims(t, "reduce-scatter")?;
-    if s % p != 0 {
-        return Err(Error::Internal(format!(
-            "a sequence of {s} tokens does not split over {p} ranks"
-        )));
-    }
-    let blocks = t
-        .f_view([b, p, s / p, d])
-        .and_then(|x| x.f_permute([1, 0, 2, 3]))
-        .ctx(c)?;
-    let blocks = contiguous_f32(&blocks, c)?;
-    let out = Tensor::f_empty([b, s / p, d], (Kind::Float, blocks.device())).ctx(c)?;
-    with_slices(&blocks, &out, |send, recv| {
+    let sl = block_len(s, p)?;
+    let whole = contiguous_f32(t, c)?;
+    let out = Tensor::f_empty([b, sl, d], (Kind::Float, whole.device())).ctx(c)?;
+    with_slices(&whole, &out, |send, recv| {
         tp.reduce_scatter_into(send, recv)
     })?;
     out.f_to_kind(t.kind()).ctx(c)
 }
 
-/// Rank `rank`'s `[b, s/p, d]` block of a replicated `[b, s, d]`.
+/// Rank `rank`'s block of a replicated `[b, s, d]`: rows `[rank·n, (rank+1)·n)` of its
+/// `[b·s, d]` view, shaped `[b, s/p, d]` (a view of `t` when `t` is contiguous).
 pub fn split(t: &Tensor, rank: usize, size: usize) -> Result<Tensor> {
     if size == 1 {
         return Ok(t.shallow_clone());
     }
-    let (_, s, _) = dims(t, "split")?;
-    if s % size as i64 != 0 {
+    let (b, s, d) = dims(t, "split")?;
+    let sl = block_len(s, size as i64)?;
+    let n = b * sl;
+    t.f_reshape([b * s, d])
+        .and_then(|rows| rows.f_narrow(0, rank as i64 * n, n))
+        .and_then(|x| x.f_view([b, sl, d]))
+        .ctx("sequence-parallel split")
+}
+
+/// `s / p`, the second dimension of a block.
+fn block_len(s: i64, p: i64) -> Result<i64> {
+    if s % p != 0 {
         return Err(Error::Internal(format!(
-            "a sequence of {s} tokens does not split over {size} ranks"
+            "a microbatch of sequences of {s} tokens does not split into {p} blocks of shape \
+             [b, s/{p}, d]"
         )));
     }
-    let n = s / size as i64;
-    t.f_narrow(1, rank as i64 * n, n)
-        .and_then(|x| x.f_contiguous())
-        .ctx("sequence-parallel split")
+    Ok(s / p)
 }
 
 #[cfg(test)]
@@ -128,30 +141,113 @@ mod tests {
     use super::*;
     use crate::comm::local::LocalComm;
 
-    #[test]
-    fn gather_scatter_and_split_agree() {
-        let x = Tensor::arange(2 * 6 * 3, (Kind::Float, tch::Device::Cpu)).view([2, 6, 3]);
-        let comms = LocalComm::group(3);
-        let handles: Vec<_> = comms
+    /// Runs `f(rank's communicator)` on `p` threads, one per rank of a local group.
+    fn on_ranks(p: usize, f: impl Fn(&mut LocalComm) + Send + Clone + 'static) {
+        let handles: Vec<_> = LocalComm::group(p)
             .into_iter()
             .map(|mut c| {
-                let x = x.copy();
-                std::thread::spawn(move || {
-                    let r = c.rank().0;
-                    let mine = split(&x, r, 3).unwrap();
-                    assert_eq!(mine.size(), vec![2, 2, 3]);
-                    let back = all_gather(&mine, &mut c).unwrap();
-                    assert!(back.equal(&x));
-                    // Every rank contributes (r + 1)·x: the sum is 6x, and each keeps its
-                    // block.
-                    let mine_x = x.f_mul_scalar((r + 1) as f64).unwrap();
-                    let rs = reduce_scatter(&mine_x, &mut c).unwrap();
-                    assert!(rs.equal(&split(&x, r, 3).unwrap().f_mul_scalar(6.0).unwrap()));
-                })
+                let f = f.clone();
+                std::thread::spawn(move || f(&mut c))
             })
             .collect();
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    /// A `[b, s, d]` of distinct values (integers: every sum below is exact).
+    fn tokens(b: i64, s: i64, d: i64) -> Tensor {
+        Tensor::arange(b * s * d, (Kind::Float, tch::Device::Cpu)).view([b, s, d])
+    }
+
+    /// Rank `r`'s block by definition: rows `[r·n, (r+1)·n)` of the `[b·s, d]` view.
+    fn rows_of(x: &Tensor, r: i64, p: i64) -> Tensor {
+        let (b, s, d) = dims(x, "test").unwrap();
+        let n = b * s / p;
+        x.reshape([b * s, d])
+            .narrow(0, r * n, n)
+            .reshape([b, s / p, d])
+    }
+
+    /// (b, s, p): microbatches divisible by p or not (1 and 3 sequences over 2 ranks), a
+    /// block straddling two sequences, and p = 3, 4.
+    const SHAPES: [(i64, i64, i64); 6] = [
+        (2, 6, 3),
+        (1, 8, 2),
+        (3, 4, 2),
+        (3, 6, 2),
+        (2, 8, 4),
+        (1, 6, 3),
+    ];
+
+    #[test]
+    fn split_takes_contiguous_rows_without_copying() {
+        for (b, s, p) in SHAPES {
+            let x = tokens(b, s, 5);
+            for r in 0..p {
+                let mine = split(&x, r as usize, p as usize).unwrap();
+                assert_eq!(mine.size(), vec![b, s / p, 5], "{b} {s} {p}");
+                assert!(
+                    mine.equal(&rows_of(&x, r, p)),
+                    "rank {r} of (b, s, p) = {b} {s} {p}"
+                );
+                // A view of the replicated activation: its rows start at r·n·d floats.
+                let offset = (r * b * s / p * 5) as usize * 4;
+                assert_eq!(mine.data_ptr() as usize, x.data_ptr() as usize + offset);
+            }
+        }
+    }
+
+    #[test]
+    fn all_gather_of_split_is_the_whole() {
+        for (b, s, p) in SHAPES {
+            on_ranks(p as usize, move |c| {
+                let (r, x) = (c.rank().0, tokens(b, s, 3));
+                let back = all_gather(&split(&x, r, p as usize).unwrap(), c).unwrap();
+                assert_eq!(back.size(), vec![b, s, 3]);
+                assert!(back.equal(&x), "rank {r} of (b, s, p) = {b} {s} {p}");
+            });
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_of_partial_sums_is_the_split_sum() {
+        for (b, s, p) in SHAPES {
+            on_ranks(p as usize, move |c| {
+                let x = tokens(b, s, 3);
+                // Every rank contributes (r + 1)·x: the sum is p(p + 1)/2 · x, and each
+                // keeps its rows of it.
+                let r = c.rank().0;
+                let partial = x.f_mul_scalar((r + 1) as f64).unwrap();
+                let mine = reduce_scatter(&partial, c).unwrap();
+                let total = x.f_mul_scalar((p * (p + 1) / 2) as f64).unwrap();
+                assert_eq!(mine.size(), vec![b, s / p, 3]);
+                assert!(
+                    mine.equal(&rows_of(&total, r as i64, p)),
+                    "rank {r} of (b, s, p) = {b} {s} {p}"
+                );
+            });
+        }
+    }
+
+    /// At tp = 2 the reduce-scatter adds each element once, as the all-reduce it replaces
+    /// does: bit-identical to splitting `a + b` (non-integer values, so rounding shows).
+    #[test]
+    fn reduce_scatter_at_tp2_is_bit_identical_to_the_sum() {
+        let part = |r: usize| {
+            let x = tokens(3, 4, 7).f_mul_scalar(0.37 + r as f64).unwrap();
+            x.f_sin().unwrap().f_mul_scalar(1.0e3).unwrap()
+        };
+        on_ranks(2, move |c| {
+            let (r, sum) = (c.rank().0, part(0).f_add(&part(1)).unwrap());
+            let mine = reduce_scatter(&part(r), c).unwrap();
+            assert!(mine.equal(&split(&sum, r, 2).unwrap()), "rank {r}");
+        });
+    }
+
+    #[test]
+    fn a_sequence_that_does_not_split_is_an_error() {
+        let x = tokens(2, 5, 3);
+        assert!(split(&x, 0, 2).is_err());
     }
 }

@@ -8,8 +8,12 @@
 //!   - `copy_to_tp_region`: identity forward, all-reduce of the gradient backward;
 //!   - `reduce_from_tp_region`: all-reduce forward, identity backward;
 //!   - with sequence parallelism ([`Tape::with_sequence_parallel`], Megatron's
-//!     `--sequence-parallel`), the regions outside the tp layers hold `[b, s/p, d]`:
-//!     `gather_from_sequence_parallel_region` (all-gather along the sequence forward,
+//!     `--sequence-parallel`), the regions outside the tp layers hold this rank's
+//!     sequence-parallel block: rows `[r·b·s/p, (r+1)·b·s/p)` of the activation's
+//!     `[b·s, d]` view, stored contiguously as `[b, s/p, d]` ([`super::sequence`]; only
+//!     row-wise work runs there, and the block's shape says nothing about which rows it
+//!     holds, so the tape's flag, never a shape, tells a block from a whole):
+//!     `gather_from_sequence_parallel_region` (all-gather of the blocks forward,
 //!     reduce-scatter backward) replaces `copy_to_tp_region` before a column-parallel
 //!     layer, `reduce_scatter_to_sequence_parallel_region` (reduce-scatter forward,
 //!     all-gather backward) replaces `reduce_from_tp_region` after a row-parallel one, and
@@ -173,26 +177,26 @@ enum Node {
         from: V,
         to: V,
     },
-    /// `gather_from_sequence_parallel_region`: `to` is the all-gather of `from` along the
-    /// sequence; backward reduce-scatters the gradient.
+    /// `gather_from_sequence_parallel_region`: `to` is the all-gather of the blocks `from`
+    /// (the whole `[b, s, d]`); backward reduce-scatters the gradient.
     GatherFromSp {
         from: V,
         to: V,
     },
-    /// `reduce_scatter_to_sequence_parallel_region`: `to` is this rank's sequence block of
+    /// `reduce_scatter_to_sequence_parallel_region`: `to` is this rank's block of
     /// `Σ_ranks from`; backward all-gathers the gradient.
     ReduceScatterToSp {
         from: V,
         to: V,
     },
-    /// `scatter_to_sequence_parallel_region`: `to` is this rank's sequence block of the
+    /// `scatter_to_sequence_parallel_region`: `to` is this rank's block of the
     /// replicated `from`; backward all-gathers the gradient.
     ScatterToSp {
         from: V,
         to: V,
     },
     /// Column-parallel linears on one input, without autograd: `outs[i] = X Aᵢ + bᵢ`.
-    /// `X` is `from` entered into the tp region: all-gathered along the sequence when
+    /// `X` is `from` entered into the tp region: the blocks all-gathered when
     /// `gather` (sequence parallelism; the gathered copy is not kept), else `from` itself.
     /// Backward: `dX = Σ dYᵢ Aᵢᵀ`, reduce-scattered (`gather`) or all-reduced (tp > 1)
     /// into `from`, and `dAᵢ += Xᵀ dYᵢ` with `X` gathered again, or rebuilt first when
@@ -203,7 +207,7 @@ enum Node {
         gather: bool,
     },
     /// A row-parallel linear, without autograd: `to` is `from·A (+ b)` summed over tp and,
-    /// when `scatter` (sequence parallelism), this rank's sequence block of the sum; the
+    /// when `scatter` (sequence parallelism), this rank's block of the sum; the
     /// partial product is not kept. Backward all-gathers the gradient `dP` (`scatter`),
     /// then `d from = dP Aᵀ` and `dA += fromᵀ dP` (`from` rebuilt first if dropped).
     RowLinear {
@@ -272,7 +276,7 @@ impl Dense {
 pub struct Tape {
     mode: Mode,
     split: bool,
-    /// Regions outside the tp layers hold sequence blocks (see the module docs).
+    /// Regions outside the tp layers hold sequence-parallel blocks (see the module docs).
     sequence_parallel: bool,
     /// Selective recomputation: [`Tape::rerun`] drops its outputs after use.
     selective: bool,
@@ -345,7 +349,8 @@ impl Tape {
     }
 
     /// The tape with sequence parallelism on or off (off when built): the caller's
-    /// hidden values outside the tp layers are then `[b, s/p, d]` sequence blocks.
+    /// hidden values outside the tp layers are then this rank's blocks of contiguous
+    /// token rows, shaped `[b, s/p, d]` (see [`super::sequence`]).
     pub fn with_sequence_parallel(mut self, on: bool) -> Tape {
         self.sequence_parallel = on;
         self
@@ -367,7 +372,8 @@ impl Tape {
         self.mode
     }
 
-    /// True when the regions outside the tp layers hold sequence blocks.
+    /// True when the regions outside the tp layers hold sequence-parallel blocks (the
+    /// only way to tell: a block has the shape of a `[b, s/p, d]` whole).
     pub fn sequence_parallel(&self) -> bool {
         self.sequence_parallel
     }
@@ -499,7 +505,7 @@ impl Tape {
     }
 
     /// `scatter_to_sequence_parallel_region` with sequence parallelism (this rank's block
-    /// of a replicated `[b, s, d]`), else the identity.
+    /// of a replicated `[b, s, d]`: a view of its rows), else the identity.
     pub fn scatter_to_sequence_parallel_region(
         &mut self,
         v: V,
@@ -548,7 +554,7 @@ impl Tape {
     }
 
     /// Column-parallel linears on one input `v` (see [`Node::ColumnLinears`]): `v` enters
-    /// the tp region (all-gathered along the sequence with sequence parallelism, the
+    /// the tp region (its blocks all-gathered with sequence parallelism, the
     /// gathered copy dropped at once as Megatron does) and `X Aᵢ + bᵢ` is returned for
     /// each layer, computed without autograd. Only on cut tapes (or forward-only ones).
     pub fn column_linears(

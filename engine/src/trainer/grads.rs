@@ -49,7 +49,7 @@ pub fn reduce(rank: &RankState, comms: &mut ParallelComms) -> Result<()> {
 
 /// Sums the gradients of the [`Param::sequence_parallel`] parameters over the tp group,
 /// in one all-reduce of their concatenation: each tp rank's gradient covers only its
-/// sequence block, and the sum is the whole sequence's (identical on every rank, so the
+/// block of token rows, and the sum is the whole microbatch's (identical on every rank, so the
 /// replicated parameters stay equal).
 pub fn sum_sequence_parallel_grads(
     params: &[Param],

@@ -49,8 +49,8 @@ pub struct RankState {
     /// Pruning masks from `train.resume` (empty unless it names a pruned checkpoint).
     pub masks: crate::compress::mask::Masks,
     hidden_shape: Vec<i64>,
-    /// The blocks each sequence is split into between chunks: tp under sequence
-    /// parallelism, else 1.
+    /// The blocks a microbatch's token rows are split into between chunks: tp under
+    /// sequence parallelism, else 1.
     seq_blocks: i64,
 }
 
@@ -209,8 +209,10 @@ impl RankState {
         })
     }
 
-    /// The shape of the hidden state between chunks: `[b, s, d]`, or this tp rank's
-    /// sequence block `[b, s/tp, d]` under sequence parallelism.
+    /// The shape of the hidden state between chunks: `[b, s, d]`, or under sequence
+    /// parallelism this tp rank's block, rows `[r·b·s/tp, (r+1)·b·s/tp)` of the `[b·s, d]`
+    /// view stored as `[b, s/tp, d]` (the same bytes as the whole's share; see
+    /// [`crate::model::sequence`]).
     fn wire_shape(&self) -> Vec<i64> {
         let mut shape = self.hidden_shape.clone();
         shape[1] /= self.seq_blocks;
