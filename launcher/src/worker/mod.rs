@@ -209,8 +209,11 @@ fn rank_main(path: &Path, sets: &crate::Sets) -> ExitCode {
             if !e.is_user_error() || rank.0 == 0 {
                 fail(e.to_string(), code);
             }
-            // Give rank 0 time to print before this rank's abort tears the job down.
-            std::thread::sleep(std::time::Duration::from_secs(2));
+            // Give rank 0 time to print before this rank's abort tears the job down. Rank
+            // 0's own abort (300 ms after its line) normally ends the job first, so this
+            // wait costs nothing; it is long because a starved rank 0 on a loaded machine
+            // must still get its line out (with 2 s the job could end silently).
+            std::thread::sleep(std::time::Duration::from_secs(10));
             world.abort(code);
         }
     };
