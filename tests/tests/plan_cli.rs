@@ -69,7 +69,7 @@ fn auto_plans_world_1024_quickly() {
             "2",
         ],
         &[],
-        LIMIT,
+        2 * LIMIT,
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
@@ -79,8 +79,10 @@ fn auto_plans_world_1024_quickly() {
     );
     // A guard against a search that blows up, not a benchmark: this process starts
     // libtorch (seconds on a loaded 2-core machine) while the profile test of this file
-    // runs mpiexec ranks next to it (alone it takes about 3 s, mostly loading libtorch).
-    assert!(run.elapsed < Duration::from_secs(30), "{:?}", run.elapsed);
+    // runs mpiexec ranks next to it (alone it takes about 3 s, mostly loading libtorch;
+    // 4.6 s measured at load average 7.5). The search itself is timed in-process by
+    // partitioner's world_1024_finds_layouts_that_fit_fast (well under a second).
+    assert!(run.elapsed < Duration::from_secs(60), "{:?}", run.elapsed);
 }
 
 #[test]
