@@ -55,15 +55,23 @@ pub fn apply(policy: AllocatorPolicy) -> Result<()> {
 /// Applies `policy`: without glibc only `system` is possible.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn apply(policy: AllocatorPolicy) -> Result<()> {
-    match policy {
-        AllocatorPolicy::System => Ok(()),
-        _ => Err(Error::Config {
+    match unsupported(policy) {
+        None => Ok(()),
+        Some(problem) => Err(Error::Config {
             path: String::new(),
             field: "train.allocator".into(),
-            problem: format!("{policy:?} tunes glibc's malloc, and this build does not use glibc"),
+            problem,
             fix: "set train.allocator: system".into(),
         }),
     }
+}
+
+/// Why this build cannot apply `policy`, or `None` when it can. Config validation asks
+/// before any rank starts, so [`apply`] in a worker never meets a policy it refuses.
+pub fn unsupported(policy: AllocatorPolicy) -> Option<String> {
+    let glibc = cfg!(all(target_os = "linux", target_env = "gnu"));
+    (!glibc && policy != AllocatorPolicy::System)
+        .then(|| format!("{policy:?} tunes glibc's malloc, and this build does not use glibc"))
 }
 
 /// Bytes this process holds in `mmap`ed blocks and in the heap (glibc's `mallinfo2`):
@@ -73,4 +81,25 @@ pub fn held_bytes() -> (usize, usize) {
     // SAFETY: mallinfo2 reads the allocator's statistics.
     let info = unsafe { libc::mallinfo2() };
     (info.hblkhd, info.arena)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [AllocatorPolicy; 3] = [
+        AllocatorPolicy::System,
+        AllocatorPolicy::Retain,
+        AllocatorPolicy::Release,
+    ];
+
+    /// `system` is always possible; the tuned policies exactly where glibc is.
+    #[test]
+    fn only_glibc_builds_take_the_tuned_policies() {
+        let glibc = cfg!(all(target_os = "linux", target_env = "gnu"));
+        for policy in ALL {
+            let ok = policy == AllocatorPolicy::System || glibc;
+            assert_eq!(unsupported(policy).is_none(), ok, "{policy:?}");
+        }
+    }
 }

@@ -535,6 +535,13 @@ impl Config {
                 ));
             }
         }
+        if let Some(problem) = crate::alloc::unsupported(t.allocator) {
+            return Err(self.field_error(
+                "train.allocator",
+                problem,
+                "set train.allocator: system".into(),
+            ));
+        }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
             return Err(self.field_error(
                 "train.weight_decay",

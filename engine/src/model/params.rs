@@ -163,15 +163,15 @@ impl ParamBuilder {
 /// Gives every parameter a defined, all-zero `.grad`, so that weight-gradient (`W`)
 /// actions can add into it; `0 + g` is exact, so B-based schedules are unaffected.
 pub fn init_grads(params: &[Param]) -> Result<()> {
-    for p in params {
-        p.tensor
-            .f_sum(Kind::Float)
-            .and_then(|s| s.f_mul_scalar(0.0))
-            .and_then(|s| s.f_backward())
-            .map_err(Error::torch(format!(
-                "initialising the gradient of {}",
-                p.name
-            )))?;
+    if params.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let zeros = params
+        .iter()
+        .map(|p| p.tensor.f_zeros_like())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::torch("initialising the parameters' gradients"))?;
+    // A leaf seeded with zeros accumulates them as its `.grad` (one backward, no graph).
+    let seeds: Vec<(&Tensor, &Tensor)> = params.iter().map(|p| &p.tensor).zip(&zeros).collect();
+    super::seeded::backward(&seeds, &[]).map(drop)
 }
