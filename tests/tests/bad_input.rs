@@ -382,6 +382,9 @@ const CASES: &[Case] = &[
         ..BASE
     },
     // --- memory ---
+    // Both cases must be refused on any machine CI may run on, so each asks for terabytes
+    // (9.4 TiB and 3.6 TiB), not for the 148 GiB and 225 GiB that a big runner could hold
+    // (it would then start the job instead of refusing it).
     Case {
         name: "plan exceeds the machine's memory",
         args: &[
@@ -389,6 +392,8 @@ const CASES: &[Case] = &[
             "{demo}",
             "--set",
             "model.seq_len=100000",
+            "--set",
+            "parallel.micro_batch_size=1024",
             "--set",
             "output.dir={dir}/run",
         ],
@@ -400,6 +405,8 @@ const CASES: &[Case] = &[
         args: &[
             "launch",
             "{configs}/llama-48.yaml",
+            "--set",
+            "parallel.dp=16",
             "--set",
             "output.dir={dir}/run",
         ],
