@@ -99,11 +99,26 @@ def _torch_run(args, lay: Layout, cfg: str, run_dir: str, mbs: int | None,
     cmd += ["--compile"] if args.torch_compile else []
     env = {"OMP_NUM_THREADS": str(lay.threads), "MKL_NUM_THREADS": str(lay.threads)}
     res = common.run(cmd, os.path.join(run_dir, "torch.log"), args.timeout, env)
+    retried = False
+    if not res.ok and _terminated(res.log):
+        # A torch.distributed.run rank now and then dies in C++ ("terminate called without
+        # an active exception", SIGABRT), seen right after start-up, before any result.
+        # That says nothing of the peer's speed: run it once more, and say so.
+        print(f"  {lay.name}: the PyTorch peer died in std::terminate ({res.log}); "
+              "running it once more", flush=True)
+        res = common.run(cmd, os.path.join(run_dir, "torch-retry.log"), args.timeout, env)
+        retried = True
     if not res.ok or not os.path.exists(out):
         return {"ok": False, "log": res.log, "tail": res.tail()}
     with open(out) as f:
         peer = json.load(f)
-    return dict(peer, ok=True, log=res.log)
+    return dict(peer, ok=True, log=res.log, retried=retried)
+
+
+def _terminated(log: str) -> bool:
+    """The peer's log shows a rank ended by libstdc++'s std::terminate."""
+    with open(log, errors="replace") as f:
+        return "terminate called without an active exception" in f.read()
 
 
 def tokens_per_s(run: dict, warmup: int) -> float | None:
@@ -203,7 +218,9 @@ def _progress(rep: int, lay: Layout, s: dict, t: dict, warmup: int) -> None:
             return "skipped"
         if not r["ok"]:
             return f"FAILED (log {r['log']})\n{r['tail']}"
-        return f"{common.fmt_num(tokens_per_s(r, warmup))} tok/s, step-1 loss {r['loss'][0]:.6f}"
+        again = " (run twice: the first died in std::terminate)" if r.get("retried") else ""
+        return (f"{common.fmt_num(tokens_per_s(r, warmup))} tok/s, "
+                f"step-1 loss {r['loss'][0]:.6f}{again}")
     print(f"rep {rep} {lay.name}: strata {one(s)} | torch {one(t)}", flush=True)
 
 
