@@ -52,37 +52,6 @@ pub fn apply(policy: AllocatorPolicy) -> Result<()> {
     Ok(())
 }
 
-/// Applies `policy` to a `strata profile` process. A training rank under
-/// [`AllocatorPolicy::System`] keeps its heap from step to step, so its steps fault in no
-/// new pages. The profile's timing loops instead free everything between repetitions,
-/// and glibc then trims the heap top, so each repetition of a large chunk would fault
-/// its pages in again.
-///
-/// Measured on gpt-tiny: a chunk holding 8 microbatches timed its forward at 1.09–1.24×
-/// one holding 2 under glibc's defaults (five profiles), and at 0.99–1.01× with trimming
-/// off (four). Meanwhile a GPipe run's forward (8 held) took the same 57 ms as a 1F1B
-/// run's. So under `system` the profile turns trimming off (`M_TRIM_THRESHOLD`, as
-/// `MALLOC_TRIM_THRESHOLD_` would), and the other policies are the runs' own.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn apply_for_profile(policy: AllocatorPolicy) -> Result<()> {
-    if policy != AllocatorPolicy::System {
-        return apply(policy);
-    }
-    // SAFETY: mallopt only changes the allocator's tuning parameters.
-    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) } != 1 {
-        return Err(Error::Internal(
-            "strata profile: glibc refused mallopt(M_TRIM_THRESHOLD)".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// [`apply`]: without glibc there is no trimming to turn off.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn apply_for_profile(policy: AllocatorPolicy) -> Result<()> {
-    apply(policy)
-}
-
 /// Applies `policy`: without glibc only `system` is possible.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn apply(policy: AllocatorPolicy) -> Result<()> {

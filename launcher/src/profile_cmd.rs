@@ -67,9 +67,8 @@ pub fn profile(args: &ProfileArgs) -> Result<(), LaunchError> {
     let path = args.config.as_path();
     let overrides = args.sets.parse()?;
     let cfg = Config::load_for_profile(path, &overrides)?;
-    // Layer timings and footprints under the heap the training ranks keep (see
-    // `apply_for_profile`).
-    engine::alloc::apply_for_profile(cfg.train.allocator)?;
+    // Layer timings and footprints under the allocator policy the training ranks use.
+    engine::alloc::apply(cfg.train.allocator)?;
     let shape = cfg.shape()?;
     let world = args.world.unwrap_or(cfg.world_size());
     if world == 0 {
@@ -143,7 +142,7 @@ pub fn worker(config: &Path, out: &Path, runs: usize, sets: &crate::Sets) -> Exi
         .parse()
         .and_then(|o| Config::load_for_profile(config, &o))
         .and_then(|cfg| {
-            engine::alloc::apply_for_profile(cfg.train.allocator)?;
+            engine::alloc::apply(cfg.train.allocator)?;
             let shape = cfg.shape()?;
             let sizes = micro_batch_sizes(&cfg);
             // Curves reach past the largest activation message (4x), within [64 KiB, 16 MiB].
