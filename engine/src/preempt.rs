@@ -48,22 +48,16 @@ pub fn preempted_message(step: usize, checkpoint: Option<&Path>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::local::LocalComm;
+    use crate::comm::local::on_ranks;
 
     #[test]
     fn one_rank_signalled_stops_every_rank() {
-        let handles: Vec<_> = LocalComm::group(3)
-            .into_iter()
-            .map(|mut c| {
-                std::thread::spawn(move || {
-                    let flag: StopFlag = Arc::new(AtomicBool::new(c.rank().0 == 2));
-                    let none = stop_agreed(None, &mut c).unwrap();
-                    (none, stop_agreed(Some(&flag), &mut c).unwrap())
-                })
-            })
-            .collect();
-        for h in handles {
-            assert_eq!(h.join().unwrap(), (false, true));
+        let ranks = on_ranks(3, |r, c| {
+            let flag: StopFlag = Arc::new(AtomicBool::new(r == 2));
+            Ok((stop_agreed(None, c)?, stop_agreed(Some(&flag), c)?))
+        });
+        for agreed in ranks {
+            assert_eq!(agreed.unwrap(), (false, true));
         }
     }
 }

@@ -2,7 +2,7 @@
 //! layout, read under another bit for bit, crash mid-save, corruption, pruning.
 
 use super::*;
-use crate::comm::local::LocalComm;
+use crate::comm::local::{on_ranks, LocalComm};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -169,28 +169,6 @@ fn meta(step: usize) -> SaveMeta {
         train_state: serde_json::json!({"step": step, "rng": [1, 2]}),
         extra: BTreeMap::new(),
     }
-}
-
-/// Runs `f(rank, comm)` on `n` in-process ranks; a failing rank poisons the others.
-fn on_ranks<T: Send + 'static>(
-    n: usize,
-    f: impl Fn(usize, &mut LocalComm) -> Result<T> + Send + Sync + Clone + 'static,
-) -> Vec<Result<T>> {
-    let handles: Vec<_> = LocalComm::group(n)
-        .into_iter()
-        .enumerate()
-        .map(|(r, mut comm)| {
-            let f = f.clone();
-            std::thread::spawn(move || {
-                let out = f(r, &mut comm);
-                if out.is_err() {
-                    comm.poison();
-                }
-                out
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// Saves `globals(salt)` under layout A on 2 ranks; `fault` makes rank 1 die mid-save.

@@ -284,6 +284,31 @@ fn f32s(bytes: &[u8], from: Rank, len: usize) -> Result<impl Iterator<Item = f32
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
 }
 
+/// Runs `f(rank, comm)` on `n` in-process ranks, one thread each, and returns every
+/// rank's result in rank order; a rank that fails poisons the group, so its peers stop
+/// waiting for it instead of hanging. For tests.
+#[cfg(test)]
+pub(crate) fn on_ranks<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize, &mut LocalComm) -> Result<T> + Send + Sync + Clone + 'static,
+) -> Vec<Result<T>> {
+    let handles: Vec<_> = LocalComm::group(n)
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut comm)| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let out = f(r, &mut comm);
+                if out.is_err() {
+                    comm.poison();
+                }
+                out
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,21 +139,7 @@ fn block_len(s: i64, p: i64) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::local::LocalComm;
-
-    /// Runs `f(rank's communicator)` on `p` threads, one per rank of a local group.
-    fn on_ranks(p: usize, f: impl Fn(&mut LocalComm) + Send + Clone + 'static) {
-        let handles: Vec<_> = LocalComm::group(p)
-            .into_iter()
-            .map(|mut c| {
-                let f = f.clone();
-                std::thread::spawn(move || f(&mut c))
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-    }
+    use crate::comm::local::on_ranks;
 
     /// A `[b, s, d]` of distinct values (integers: every sum below is exact).
     fn tokens(b: i64, s: i64, d: i64) -> Tensor {
@@ -201,32 +187,35 @@ mod tests {
     #[test]
     fn all_gather_of_split_is_the_whole() {
         for (b, s, p) in SHAPES {
-            on_ranks(p as usize, move |c| {
-                let (r, x) = (c.rank().0, tokens(b, s, 3));
-                let back = all_gather(&split(&x, r, p as usize).unwrap(), c).unwrap();
+            let ranks = on_ranks(p as usize, move |r, c| {
+                let x = tokens(b, s, 3);
+                let back = all_gather(&split(&x, r, p as usize)?, c)?;
                 assert_eq!(back.size(), vec![b, s, 3]);
                 assert!(back.equal(&x), "rank {r} of (b, s, p) = {b} {s} {p}");
+                Ok(())
             });
+            ranks.into_iter().for_each(Result::unwrap);
         }
     }
 
     #[test]
     fn reduce_scatter_of_partial_sums_is_the_split_sum() {
         for (b, s, p) in SHAPES {
-            on_ranks(p as usize, move |c| {
+            let ranks = on_ranks(p as usize, move |r, c| {
                 let x = tokens(b, s, 3);
                 // Every rank contributes (r + 1)·x: the sum is p(p + 1)/2 · x, and each
                 // keeps its rows of it.
-                let r = c.rank().0;
                 let partial = x.f_mul_scalar((r + 1) as f64).unwrap();
-                let mine = reduce_scatter(&partial, c).unwrap();
+                let mine = reduce_scatter(&partial, c)?;
                 let total = x.f_mul_scalar((p * (p + 1) / 2) as f64).unwrap();
                 assert_eq!(mine.size(), vec![b, s / p, 3]);
                 assert!(
                     mine.equal(&rows_of(&total, r as i64, p)),
                     "rank {r} of (b, s, p) = {b} {s} {p}"
                 );
+                Ok(())
             });
+            ranks.into_iter().for_each(Result::unwrap);
         }
     }
 
@@ -238,11 +227,13 @@ mod tests {
             let x = tokens(3, 4, 7).f_mul_scalar(0.37 + r as f64).unwrap();
             x.f_sin().unwrap().f_mul_scalar(1.0e3).unwrap()
         };
-        on_ranks(2, move |c| {
-            let (r, sum) = (c.rank().0, part(0).f_add(&part(1)).unwrap());
-            let mine = reduce_scatter(&part(r), c).unwrap();
-            assert!(mine.equal(&split(&sum, r, 2).unwrap()), "rank {r}");
+        let ranks = on_ranks(2, move |r, c| {
+            let sum = part(0).f_add(&part(1)).unwrap();
+            let mine = reduce_scatter(&part(r), c)?;
+            assert!(mine.equal(&split(&sum, r, 2)?), "rank {r}");
+            Ok(())
         });
+        ranks.into_iter().for_each(Result::unwrap);
     }
 
     #[test]
