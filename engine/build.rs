@@ -30,11 +30,12 @@ fn build_mpi_shim() {
 }
 
 /// Compiles the C++ shims for what tch does not bind (libtorch post-accumulate-grad hooks,
-/// a backward seeded with given gradients), against the libtorch headers tch links
+/// a backward seeded with given gradients) and Strata's causal-attention kernel, against the libtorch headers tch links
 /// (`LIBTORCH`).
 fn build_torch_shims() {
     println!("cargo:rerun-if-changed=src/dp/grad_hook.cpp");
     println!("cargo:rerun-if-changed=src/model/seeded_backward.cpp");
+    println!("cargo:rerun-if-changed=src/model/causal_attention.cpp");
     let root = std::env::var("LIBTORCH")
         .map(PathBuf::from)
         .ok()
@@ -48,10 +49,12 @@ fn build_torch_shims() {
         .cpp(true)
         .file("src/dp/grad_hook.cpp")
         .file("src/model/seeded_backward.cpp")
+        .file("src/model/causal_attention.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag_if_supported("-std=c++17")
         .flag_if_supported("-w")
+        .flag_if_supported("-Wno-psabi")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .compile("strata_torch_shims");
     println!(

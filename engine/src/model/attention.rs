@@ -14,9 +14,13 @@
 //!   are appended to the block's cache and the queries attend to every filled slot, under
 //!   the step's causal and padding mask.
 //!
+//! * The attention itself is [`super::causal_kernel`] where it applies (fp32 on the CPU,
+//!   causal, no padding mask) and libtorch's `scaled_dot_product_attention` otherwise.
+//!
 //! Invariant: heads are never mixed across ranks; the output `[b, s, hq·hd]` is the rank's
 //! slice of the merged heads, ready for the row-parallel output projection.
 
+use super::causal_kernel;
 use super::kv::Cached;
 use super::Ctx;
 use crate::error::Result;
@@ -168,8 +172,13 @@ pub fn causal_attention(
     }
     let group = heads.q / heads.kv;
     let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
-    Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, causal, None, false)
-        .ctx("attention")?
+    let heads_out = if mask.is_none() && causal && causal_kernel::eligible(&q, &k, &v) {
+        causal_kernel::causal_attention(&q, &k, &v)?
+    } else {
+        Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, causal, None, false)
+            .ctx("attention")?
+    };
+    heads_out
         .f_transpose(1, 2)
         .and_then(|t| t.f_contiguous())
         .and_then(|t| t.f_view([b, s, heads.q * heads.dim]))

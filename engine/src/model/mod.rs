@@ -54,6 +54,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod causal_kernel;
 pub mod head;
 pub mod kv;
 pub mod layers;
