@@ -19,7 +19,13 @@
 //!   per-device FLOPs; without a profile, `FLOPs / device_tflops`. `k_F`, `k_B` are the
 //!   measured chunk ratios: a chunk as the executor runs it (embedding, `n` blocks and
 //!   the head in one model, two microbatches stashed before their backwards) over the
-//!   sum of its layers timed one at a time, with every rank doing the same at once. They
+//!   sum of its layers timed one at a time, with every rank doing the same at once. The
+//!   chunks run on a warm heap, as a training rank's do from step to step: the first
+//!   repetition keeps one more forward of the largest chunk alive at its peak, so glibc
+//!   cannot trim the heap top between repetitions and fault the stash in again (without
+//!   it the profile read a 4- and 8-block chunk's forward at 1.16x and 1.23x its layers
+//!   and 8 stashed microbatches at 1.24x 2, where the runs showed about 1.04x, 1.08x and
+//!   1.0x). They
 //!   depend on the chunk's depth `n` (its blocks): a deeper chunk holds more weights,
 //!   autograd graph and stashed activations, and runs each block slower. The profile
 //!   measures `k(n)` at `n = 1, 2, 4, …` and the model's blocks, at the config's

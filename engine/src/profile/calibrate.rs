@@ -251,11 +251,8 @@ fn tp1_layer_set(
         )?;
         split = Some(split_scale(shape, mbs, &curve_opts, &mut single)?);
         let stashes = chunk::stash_depths(o.max_stash);
-        let once = ProfileOptions {
-            runs: curve_opts.runs.min(2),
-            ..curve_opts
-        };
-        stash = stash_curve(shape, mbs, &once, &stashes, &mut single)?;
+        // As many repetitions as the depth curve: with two, the median is the larger.
+        stash = stash_curve(shape, mbs, &curve_opts, &stashes, &mut single)?;
         let reference = shape.n_layers.clamp(1, chunk::REFERENCE_BLOCKS);
         depths
             .iter()

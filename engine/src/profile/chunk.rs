@@ -7,6 +7,16 @@
 //! and on the zero-bubble split backward (`I` then `W`), whose parts do not
 //! add up to the fused backward.
 //!
+//! The chunks run on a warm heap, as a training rank's do. A rank keeps its heap from
+//! step to step, but a profile loop that frees everything between repetitions lets glibc
+//! trim the heap top (past twice its dynamic mmap threshold), so each repetition would
+//! fault its stash's pages in again: the forward, which allocates the stash, read up to
+//! 1.24x a training rank's. So the first repetition keeps one more microbatch's forward
+//! of the chunk with the largest stash alive at its peak ([`Pin`]): it sits at the heap
+//! top until the timings end, and the repetitions below it reuse their pages. No malloc
+//! setting changes (a `mallopt` would freeze glibc's dynamic mmap threshold). The
+//! zero-bubble split compares two backwards of one chunk and is not pinned.
+//!
 //! Invariant: every timing is the median over `opts.runs` repetitions after
 //! `opts.warmup`, per microbatch; with tp > 1 every rank of the tp group calls these
 //! together (the shard's collectives go through `tp`).
@@ -42,14 +52,35 @@ fn chunk_model(shape: &ModelShape, blocks: usize, tp_rank: TpRank) -> Result<Mod
     Model::new(&ModelSpec::new(shape.clone()), &layers, 0, tp_rank)
 }
 
+/// One extra forward held from the peak of the first repetition to the end of the
+/// timings, so that glibc cannot trim the heap under it (see the module docs).
+#[derive(Default)]
+pub struct Pin(Option<Forward>);
+
+impl Pin {
+    /// Whether the pin is already held.
+    pub fn held(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// The index of the chunk among `chunks` ((blocks, stashed microbatches)) whose
+/// repetition reaches the highest heap: the most blocks times microbatches held.
+pub fn largest_stash(chunks: &[(usize, usize)]) -> Option<usize> {
+    (0..chunks.len()).max_by_key(|&i| (chunks[i].0 * chunks[i].1, i))
+}
+
 /// One repetition: `depth` forwards, then their backwards (and with `split` the weight
-/// work after all of them, as zero-bubble runs `W` late); seconds per microbatch.
+/// work after all of them, as zero-bubble runs `W` late); seconds per microbatch. With
+/// an empty `pin`, one more forward, run between the timed forwards and backwards at the
+/// heap's peak, fills it.
 fn one_rep(
     model: &Model,
     tokens: &tch::Tensor,
     depth: usize,
     split: bool,
     tp: &mut dyn Communicator,
+    pin: Option<&mut Pin>,
 ) -> Result<ChunkTiming> {
     let t0 = Instant::now();
     let mut stash: Vec<Forward> = Vec::with_capacity(depth);
@@ -57,6 +88,10 @@ fn one_rep(
         stash.push(model.forward(tokens, Some(tokens), tp, Pass::Train { split })?);
     }
     let t1 = Instant::now();
+    if let Some(pin) = pin.filter(|p| !p.held()) {
+        pin.0 = Some(model.forward(tokens, Some(tokens), tp, Pass::Train { split })?);
+    }
+    let t1b = Instant::now();
     let mut work = WeightWork::default();
     while let Some(out) = stash.pop() {
         work.extend(model.backward(out, Grad::LossScale(1.0), tp)?.1);
@@ -67,15 +102,15 @@ fn one_rep(
     let per = |a: Instant, b: Instant| (b - a).as_secs_f64() / depth.max(1) as f64;
     Ok(ChunkTiming {
         fwd_s: per(t0, t1),
-        bwd_s: per(t1, t2),
+        bwd_s: per(t1b, t2),
         weight_s: if split { per(t2, t3) } else { 0.0 },
     })
 }
 
 /// Times chunks of each (blocks, stashed microbatches) in `chunks` on tp rank `tp_rank`
 /// (see the module docs), one repetition of every chunk in turn, so that a machine whose
-/// speed drifts moves them alike; `split` runs the zero-bubble backward. One timing per
-/// chunk.
+/// speed drifts moves them alike, on a heap pinned at the largest chunk's peak ([`Pin`]);
+/// `split` runs the zero-bubble backward. One timing per chunk.
 pub fn time_chunks(
     shape: &ModelShape,
     micro_batch_size: usize,
@@ -91,9 +126,11 @@ pub fn time_chunks(
         .collect::<Result<Vec<_>>>()?;
     let tokens = random_tokens(shape, micro_batch_size, 8)?;
     let mut reps = vec![Vec::with_capacity(opts.runs); models.len()];
+    let (mut pin, pinned) = (Pin::default(), largest_stash(chunks));
     for rep in 0..opts.warmup + opts.runs {
-        for ((model, depth), times) in models.iter().zip(reps.iter_mut()) {
-            let t = one_rep(model, &tokens, *depth, split, tp)?;
+        for (i, ((model, depth), times)) in models.iter().zip(reps.iter_mut()).enumerate() {
+            let at_peak = (Some(i) == pinned).then_some(&mut pin);
+            let t = one_rep(model, &tokens, *depth, split, tp, at_peak)?;
             if rep >= opts.warmup {
                 times.push(t);
             }
@@ -213,8 +250,8 @@ pub fn split_scale(
     let tokens = random_tokens(shape, micro_batch_size, 8)?;
     let (mut i, mut w) = (Vec::new(), Vec::new());
     for rep in 0..opts.warmup + opts.runs {
-        let fused = one_rep(&model, &tokens, STASH, false, tp)?;
-        let split = one_rep(&model, &tokens, STASH, true, tp)?;
+        let fused = one_rep(&model, &tokens, STASH, false, tp, None)?;
+        let split = one_rep(&model, &tokens, STASH, true, tp, None)?;
         if rep >= opts.warmup {
             i.push(ratio(split.bwd_s, fused.bwd_s));
             w.push(ratio(split.weight_s, fused.bwd_s));
@@ -273,4 +310,55 @@ pub fn stash_curve(
         .collect();
     curve.sort_by_key(|c| c.blocks);
     Ok(curve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::local::LocalComm;
+
+    #[test]
+    fn the_pin_goes_to_the_chunk_holding_the_most() {
+        assert_eq!(largest_stash(&[(4, 2), (4, 1), (4, 8)]), Some(2));
+        assert_eq!(largest_stash(&[(1, 2), (2, 2), (8, 2), (4, 2)]), Some(2));
+        // Ties: the later chunk, so the pin is taken after every equal peak.
+        assert_eq!(largest_stash(&[(2, 4), (4, 2)]), Some(1));
+        assert_eq!(largest_stash(&[]), None);
+    }
+
+    #[test]
+    fn the_first_repetition_fills_the_pin_and_no_later_one_refills_it() -> Result<()> {
+        let shape = ModelShape::gpt(8, 4, 8, 2, 2, 16);
+        let model = chunk_model(&shape, 2, TpRank::SINGLE)?;
+        let tokens = random_tokens(&shape, 2, 8)?;
+        let mut tp = LocalComm::group(1).pop().expect("one rank");
+        let mut pin = Pin::default();
+        one_rep(&model, &tokens, STASH, false, &mut tp, Some(&mut pin))?;
+        assert!(pin.held());
+        let held = pin.0.as_ref().map(|f| f.output.data_ptr());
+        one_rep(&model, &tokens, STASH, false, &mut tp, Some(&mut pin))?;
+        assert_eq!(pin.0.as_ref().map(|f| f.output.data_ptr()), held);
+        // The pinned forward stays a live graph: its backward still runs.
+        let out = pin.0.take().expect("held");
+        model.backward(out, Grad::LossScale(1.0), &mut tp)?;
+        Ok(())
+    }
+
+    #[test]
+    fn pinned_timings_cover_every_chunk() -> Result<()> {
+        let shape = ModelShape::gpt(8, 4, 8, 2, 2, 16);
+        let opts = ProfileOptions {
+            warmup: 1,
+            runs: 2,
+            threads: 1,
+        };
+        let mut tp = LocalComm::group(1).pop().expect("one rank");
+        let chunks = [(1, 2), (2, 3), (2, 1)];
+        let t = time_chunks(&shape, 2, &opts, &chunks, false, TpRank::SINGLE, &mut tp)?;
+        assert_eq!(t.len(), chunks.len());
+        assert!(t
+            .iter()
+            .all(|c| c.fwd_s > 0.0 && c.bwd_s > 0.0 && c.weight_s == 0.0));
+        Ok(())
+    }
 }

@@ -33,8 +33,9 @@ pub struct LayerSet {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub collectives: bool,
     /// A chunk as the executor runs it (embedding, blocks and head in one model, two
-    /// microbatches stashed before their backwards) against the sum of its layers timed
-    /// one at a time: (forward, backward) ratios, when measured.
+    /// microbatches stashed before their backwards, on a heap kept warm from repetition
+    /// to repetition as a training rank's is) against the sum of its layers timed one at
+    /// a time: (forward, backward) ratios, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_scale: Option<(f64, f64)>,
     /// The same ratios measured at several chunk depths (blocks per chunk), when
