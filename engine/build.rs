@@ -36,6 +36,7 @@ fn build_torch_shims() {
     println!("cargo:rerun-if-changed=src/dp/grad_hook.cpp");
     println!("cargo:rerun-if-changed=src/model/seeded_backward.cpp");
     println!("cargo:rerun-if-changed=src/model/causal_attention.cpp");
+    println!("cargo:rerun-if-changed=src/model/shim_error.h");
     let root = std::env::var("LIBTORCH")
         .map(PathBuf::from)
         .ok()

@@ -25,8 +25,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <vector>
+
+#include "shim_error.h"
 
 extern "C" void sgemm_(const char *transa, const char *transb, const int *m, const int *n,
                        const int *k, const float *alpha, const float *a, const int *lda,
@@ -271,8 +272,9 @@ Dims dims_of(const at::Tensor &q) {
   return Dims{s, q.size(3), 1.0f / std::sqrt(static_cast<float>(q.size(3))), (s + kW - 1) / kW * kW};
 }
 
-std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor v) {
-  q = unit_last(q), k = unit_last(k), v = unit_last(v);
+// q, k, v with a unit last stride (see `unit_last`).
+std::vector<at::Tensor> attention_forward(const at::Tensor &q, const at::Tensor &k,
+                                          const at::Tensor &v) {
   const Dims d = dims_of(q);
   at::Tensor o = heads_last(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), d.s}, q.options());
@@ -322,14 +324,6 @@ struct CausalAttention : public torch::autograd::Function<CausalAttention> {
   }
 };
 
-void write_error(char *err, size_t err_len, const char *what) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
 } // namespace
 
 // Causal attention of fp32 CPU tensors q, k, v of shape [b, h, s, hd] (any strides whose
@@ -339,24 +333,18 @@ void write_error(char *err, size_t err_len, const char *what) {
 // one shape or libtorch throws.
 extern "C" int strata_causal_attention(void *q, void *k, void *v, void **out, char *err,
                                        size_t err_len) {
-  try {
+  return strata_shim::guarded(err, err_len, [&]() -> int {
     const at::Tensor &tq = *static_cast<at::Tensor *>(q);
     const at::Tensor &tk = *static_cast<at::Tensor *>(k);
     const at::Tensor &tv = *static_cast<at::Tensor *>(v);
     for (const at::Tensor *t : {&tq, &tk, &tv}) {
       if (t->dim() != 4 || t->scalar_type() != at::kFloat || !t->device().is_cpu() ||
           t->sizes() != tq.sizes()) {
-        write_error(err, err_len, "causal attention wants fp32 CPU [b, h, s, hd] q, k, v of one shape");
+        strata_shim::write_error(err, err_len, "causal attention wants fp32 CPU [b, h, s, hd] q, k, v of one shape");
         return 1;
       }
     }
     *out = new at::Tensor(CausalAttention::apply(tq, tk, tv));
     return 0;
-  } catch (const std::exception &e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  } catch (...) {
-    write_error(err, err_len, "unknown libtorch exception");
-    return 1;
-  }
+  });
 }

@@ -11,8 +11,8 @@
 //! applies, and everything else (other dtypes, devices, masks, long sequences) keeps
 //! using libtorch's SDPA.
 
-use crate::error::{Error, Result};
-use std::ffi::{c_char, c_void, CStr};
+use crate::error::Result;
+use std::ffi::{c_char, c_void};
 use tch::{Device, Kind, Tensor};
 
 /// The longest sequence the kernel takes: it keeps two `s × s` fp32 score matrices per
@@ -47,28 +47,21 @@ pub fn eligible(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// merging the heads copies nothing.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let mut out: *mut c_void = std::ptr::null_mut();
-    let mut err = [0 as c_char; 512];
-    // SAFETY: q, k and v are live tch `torch::Tensor *` borrowed for the call; `out`
-    // receives a fresh `new torch::Tensor` on success; `err` is a writable buffer of the
-    // length passed, NUL-terminated by the shim.
-    let rc = unsafe {
-        strata_causal_attention(
-            q.as_ptr() as *mut c_void,
-            k.as_ptr() as *mut c_void,
-            v.as_ptr() as *mut c_void,
-            &mut out,
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    if rc != 0 {
-        // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
-        let why = unsafe { CStr::from_ptr(err.as_ptr()) };
-        return Err(Error::Internal(format!(
-            "causal attention kernel: {}",
-            why.to_string_lossy()
-        )));
-    }
+    super::shim::call("causal attention kernel", |err, err_len| {
+        // SAFETY: q, k and v are live tch `torch::Tensor *` borrowed for the call; `out`
+        // receives a fresh `new torch::Tensor` on success; `err` is a writable buffer of
+        // `err_len` bytes.
+        unsafe {
+            strata_causal_attention(
+                q.as_ptr() as *mut c_void,
+                k.as_ptr() as *mut c_void,
+                v.as_ptr() as *mut c_void,
+                &mut out,
+                err,
+                err_len,
+            )
+        }
+    })?;
     // SAFETY: on success `out` is a fresh `new torch::Tensor` the shim hands over.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }

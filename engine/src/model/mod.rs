@@ -62,6 +62,7 @@ pub mod params;
 pub mod seeded;
 pub mod sequence;
 pub mod sharding;
+pub mod shim;
 pub mod tape;
 
 use crate::comm::Communicator;

@@ -10,7 +10,7 @@
 //! returned tensors are owned by Rust (freed by tch's `Drop`).
 
 use crate::error::{Error, Result};
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use tch::Tensor;
 
 extern "C" {
@@ -41,30 +41,23 @@ pub fn backward(seeds: &[(&Tensor, &Tensor)], inputs: &[&Tensor]) -> Result<Vec<
     let grads: Vec<&Tensor> = seeds.iter().map(|(_, g)| *g).collect();
     let (mut outs, mut grads, mut ins) = (ptrs(&outs), ptrs(&grads), ptrs(inputs));
     let mut results: Vec<*mut c_void> = vec![std::ptr::null_mut(); inputs.len()];
-    let mut err = [0 as c_char; 512];
-    // SAFETY: every pointer is a live tch `torch::Tensor *` borrowed for the call;
-    // `results` has room for one pointer per input; `err` is a writable NUL-terminated
-    // buffer of the length passed.
-    let rc = unsafe {
-        strata_seeded_backward(
-            outs.as_mut_ptr(),
-            grads.as_mut_ptr(),
-            outs.len(),
-            ins.as_mut_ptr(),
-            ins.len(),
-            results.as_mut_ptr(),
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    if rc != 0 {
-        // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
-        let why = unsafe { CStr::from_ptr(err.as_ptr()) };
-        return Err(Error::Internal(format!(
-            "seeded backward: {}",
-            why.to_string_lossy()
-        )));
-    }
+    super::shim::call("seeded backward", |err, err_len| {
+        // SAFETY: every pointer is a live tch `torch::Tensor *` borrowed for the call;
+        // `results` has room for one pointer per input; `err` is a writable buffer of
+        // `err_len` bytes.
+        unsafe {
+            strata_seeded_backward(
+                outs.as_mut_ptr(),
+                grads.as_mut_ptr(),
+                outs.len(),
+                ins.as_mut_ptr(),
+                ins.len(),
+                results.as_mut_ptr(),
+                err,
+                err_len,
+            )
+        }
+    })?;
     Ok(results
         .into_iter()
         // SAFETY: on success each entry is a fresh `new torch::Tensor` the shim hands over.

@@ -11,27 +11,17 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <vector>
 
-namespace {
+#include "shim_error.h"
 
-void write_error(char *err, size_t err_len, const char *what) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-} // namespace
+using strata_shim::write_error;
 
 // Returns 0 on success; 1 with a message in `err` when libtorch throws (shapes that do
 // not match their outputs, an input that does not require grad, a graph already freed).
 extern "C" int strata_seeded_backward(void **outputs, void **grads, size_t n, void **inputs,
                                       size_t m, void **results, char *err, size_t err_len) {
-  try {
+  return strata_shim::guarded(err, err_len, [&]() -> int {
     torch::autograd::edge_list roots;
     torch::autograd::variable_list seeds;
     roots.reserve(n);
@@ -67,11 +57,5 @@ extern "C" int strata_seeded_backward(void **outputs, void **grads, size_t n, vo
       results[j] = new torch::autograd::Variable(got[j]);
     }
     return 0;
-  } catch (const std::exception &e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  } catch (...) {
-    write_error(err, err_len, "unknown libtorch exception");
-    return 1;
-  }
+  });
 }
