@@ -285,18 +285,29 @@ pub enum LrSchedule {
 
 /// `train.allocator`: how a rank's process keeps the memory libtorch frees (see
 /// [`crate::alloc`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AllocatorPolicy {
     /// Freed memory stays in the heap for the next step: no page faults per step;
-    /// resident memory stays at the step's high-water mark.
+    /// resident memory stays at the step's high-water mark. The default where glibc is
+    /// (it measured faster than `system` on most gpt-tiny layouts: README, "Memory").
     Retain,
     /// Blocks of 256 KiB or more go back to the system when freed: resident memory
     /// follows the live tensors; every step faults its activations' pages in again.
     Release,
-    /// glibc's defaults and any `MALLOC_*` environment variables.
-    #[default]
+    /// glibc's defaults and any `MALLOC_*` environment variables; the default of a
+    /// build without glibc, where the other two do not exist.
     System,
+}
+
+impl Default for AllocatorPolicy {
+    fn default() -> AllocatorPolicy {
+        if crate::alloc::unsupported(AllocatorPolicy::Retain).is_none() {
+            AllocatorPolicy::Retain
+        } else {
+            AllocatorPolicy::System
+        }
+    }
 }
 
 /// `train`: optimisation and data.
@@ -334,11 +345,12 @@ pub struct TrainConfig {
     /// libtorch intra-op threads per rank.
     #[serde(default = "one")]
     pub threads: Count,
-    /// How each rank's process keeps the memory libtorch frees: `system` (default:
-    /// glibc's defaults and `MALLOC_*` variables), `release` (returned to the system, so
-    /// resident memory follows the live tensors as `strata plan` counts them, at the
-    /// cost of faulting pages in every step) or `retain` (reused by the next step without
-    /// page faults). Applied by the worker at start.
+    /// How each rank's process keeps the memory libtorch frees: `retain` (default:
+    /// reused by the next step without page faults; resident memory stays at the step's
+    /// high-water mark), `release` (returned to the system, so resident memory follows
+    /// the live tensors as `strata plan` counts them, at the cost of faulting pages in
+    /// every step) or `system` (glibc's defaults and `MALLOC_*` variables). Applied by
+    /// the worker and `strata profile` at start.
     #[serde(default)]
     pub allocator: AllocatorPolicy,
     /// Print a progress line every this many steps.
