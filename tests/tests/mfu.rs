@@ -26,7 +26,7 @@ fn mfu_is_model_flops_over_step_time_and_the_peak() {
         .as_ref()
         .expect("rank 0 reports what MFU is against");
     assert_eq!(f.flops_per_step, flops_per_step);
-    assert_eq!(f.source, PeakSource::Hardware);
+    assert_eq!(f.source, PeakSource::Hardware { default: false });
     assert_eq!(f.peak_per_rank, 0.5e12);
     assert_eq!(s.mfu.len(), 2);
     for (i, &tps) in s.tokens_per_s.iter().enumerate() {

@@ -91,7 +91,13 @@ fn progress_is_plain_lines_when_piped_and_a_live_bar_on_a_terminal() {
     let cfg = write(&dir, "cfg.yaml", &text);
     let cfg = cfg.to_str().unwrap();
     let limit = Duration::from_secs(120);
-    let run = run_strata(&["launch", cfg], &[("STRATA_PROGRESS", "lines")], limit);
+    // A configured peak: the line shows MFU against it.
+    let peak = "parallel.hardware.device_tflops=0.5";
+    let run = run_strata(
+        &["launch", cfg, "--set", peak],
+        &[("STRATA_PROGRESS", "lines")],
+        limit,
+    );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     // The first step, every log_every-th, and the last (evaluated) one.
     assert_eq!(
@@ -117,15 +123,19 @@ fn progress_is_plain_lines_when_piped_and_a_live_bar_on_a_terminal() {
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(progress_steps(&run.stderr).is_empty(), "{}", run.stderr);
-    // The finished bar: position, loss, last val loss, tokens/s, MFU and ETA, redrawn in
-    // place (ANSI line clears).
+    // The finished bar: position, loss, last val loss, tokens/s and ETA, redrawn in place
+    // (ANSI line clears); no MFU against the default peak, a GPU figure (0.1% on a CPU).
     let bar = run
         .stderr
         .split(['\r', '\n'])
         .rfind(|l| l.contains("5/5"))
         .unwrap_or_else(|| panic!("no finished bar in {:?}", run.stderr));
-    for needle in ["train [", "| loss ", "| val ", " tok/s", "| MFU ", "| ETA "] {
+    for needle in ["train [", "| loss ", "| val ", " tok/s", "| ETA "] {
         assert!(bar.contains(needle), "`{needle}` missing from {bar:?}");
     }
+    assert!(
+        !bar.contains("MFU"),
+        "MFU against the default peak in {bar:?}"
+    );
     assert!(run.stderr.contains("\x1b[2K"), "{:?}", run.stderr);
 }

@@ -15,6 +15,9 @@
 //!   scaled linearly to `train.threads` when the profile used another thread count; else
 //!   `parallel.hardware.device_tflops` (default 100, a GPU figure, stated as such in the
 //!   run's first lines).
+//! * The progress line shows MFU only against a measured peak or a `device_tflops` set to
+//!   something other than the default ([`FlopsModel::peak_is_known`]): against the
+//!   default GPU figure a CPU run would read 0.1%. `metrics.jsonl` always records it.
 //!
 //! Invariant: `mfu = flops_per_s_per_rank / peak_flops_per_rank`.
 
@@ -27,8 +30,8 @@ use partitioner::{LayerGraph, Plan, Profile};
 pub enum PeakSource {
     /// `strata profile`'s sgemm peak, measured at `threads` libtorch threads per rank.
     Profile { threads: usize },
-    /// `parallel.hardware.device_tflops` (configured or its default).
-    Hardware,
+    /// `parallel.hardware.device_tflops`; `default` when it is the built-in default.
+    Hardware { default: bool },
 }
 
 /// The fixed numbers behind a run's MFU.
@@ -72,10 +75,11 @@ impl FlopsModel {
                 m.flops_per_s * threads as f64 / m.threads as f64,
                 PeakSource::Profile { threads: m.threads },
             ),
-            None => (
-                cfg.parallel.hardware.device_tflops * 1e12,
-                PeakSource::Hardware,
-            ),
+            None => {
+                let tflops = cfg.parallel.hardware.device_tflops;
+                let default = tflops == partitioner::Hardware::default().device_tflops;
+                (tflops * 1e12, PeakSource::Hardware { default })
+            }
         };
         Ok(FlopsModel {
             flops_per_step: model_flops_per_step(plan).map_err(plan_err)?,
@@ -95,6 +99,12 @@ impl FlopsModel {
         (per_rank, per_rank / self.peak_per_rank)
     }
 
+    /// Whether the peak is this machine's: measured by `strata profile`, or a
+    /// `device_tflops` the config set (a value other than the built-in default).
+    pub fn peak_is_known(&self) -> bool {
+        self.source != PeakSource::Hardware { default: true }
+    }
+
     /// The run's line saying what MFU is measured against.
     pub fn describe(&self) -> String {
         let peak = format!("{:.1} GFLOP/s per rank", self.peak_per_rank / 1e9);
@@ -109,9 +119,15 @@ impl FlopsModel {
                  scaled to train.threads = {}",
                 self.threads
             ),
-            PeakSource::Hardware => "parallel.hardware.device_tflops, not a measured peak \
-                 (set parallel.profile to a `strata profile` output)"
-                .into(),
+            PeakSource::Hardware { default: false } => {
+                "parallel.hardware.device_tflops, not a measured peak".into()
+            }
+            PeakSource::Hardware { default: true } => {
+                "the default parallel.hardware.device_tflops (a GPU figure, not a measured \
+                 peak: the progress line leaves MFU out; set parallel.profile to a `strata \
+                 profile` output)"
+                    .into()
+            }
         };
         format!(
             "mfu: {:.3} GFLOP of model FLOPs per step, against {peak}, {what}",
@@ -145,7 +161,8 @@ output: {dir: /tmp/strata-flops-test}
         let f = FlopsModel::new(&cfg, &plan).unwrap();
         // 3 × forward × (2 microbatches × 2 replicas).
         assert_eq!(f.flops_per_step, 3.0 * FWD * 4.0);
-        assert_eq!(f.source, PeakSource::Hardware);
+        assert_eq!(f.source, PeakSource::Hardware { default: true });
+        assert!(!f.peak_is_known());
         assert_eq!(f.peak_per_rank, 100e12);
         let (per_rank, mfu) = f.rate(2.0);
         assert_eq!(per_rank, f.flops_per_step / 2.0 / 4.0);
@@ -155,6 +172,16 @@ output: {dir: /tmp/strata-flops-test}
             "{}",
             f.describe()
         );
+    }
+
+    #[test]
+    fn a_configured_device_peak_is_known() {
+        let mut cfg = Config::parse(TINY, Path::new("/tmp/flops.yaml")).unwrap();
+        cfg.parallel.hardware.device_tflops = 50.0;
+        let f = FlopsModel::new(&cfg, &cfg.plan().unwrap()).unwrap();
+        assert_eq!(f.source, PeakSource::Hardware { default: false });
+        assert!(f.peak_is_known());
+        assert_eq!(f.peak_per_rank, 50e12);
     }
 
     #[test]
@@ -185,6 +212,7 @@ output: {dir: /tmp/strata-flops-test}
         cfg.parallel.profile = Some(path.display().to_string());
         let f = FlopsModel::new(&cfg, &plan).unwrap();
         assert_eq!(f.source, PeakSource::Profile { threads: 2 });
+        assert!(f.peak_is_known());
         // Measured at 2 threads, run at train.threads = 3.
         assert_eq!(f.peak_per_rank, 75e9);
         assert!(f.describe().contains("scaled to train.threads = 3"));

@@ -231,8 +231,9 @@ fn lines_up_to(path: &Path, step: usize) -> String {
         .collect()
 }
 
-/// The progress display's view of a step's record.
-pub fn progress(r: &StepRecord) -> StepProgress {
+/// The progress display's view of a step's record; MFU only when `show_mfu` (a known
+/// peak: [`super::flops::FlopsModel::peak_is_known`]).
+pub fn progress(r: &StepRecord, show_mfu: bool) -> StepProgress {
     StepProgress {
         step: r.step,
         loss: r.loss,
@@ -242,6 +243,6 @@ pub fn progress(r: &StepRecord) -> StepProgress {
         step_s: r.step_s,
         max_bubble: r.ranks.iter().map(|m| m.bubble).fold(0.0, f64::max),
         flops_per_s_per_rank: r.flops_per_s_per_rank,
-        mfu: Some(r.mfu),
+        mfu: show_mfu.then_some(r.mfu),
     }
 }

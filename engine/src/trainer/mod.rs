@@ -223,7 +223,7 @@ pub fn train(cfg: &Config, comms: &mut ParallelComms, opts: &RunOptions) -> Resu
         if let Some(file) = metrics_file.as_mut() {
             file.write(&record)?;
         }
-        progress.step(&metrics::progress(&record));
+        progress.step(&metrics::progress(&record, flops.peak_is_known()));
         if let Some(line) = saved.filter(|_| opts.verbose) {
             progress.println(&line);
         }
